@@ -1,0 +1,370 @@
+//! [`QuicTransport`]: one quinn endpoint per agent, for gossip datagrams and control streams.
+//!
+//! Connections are opened on demand, cached by peer address, and closed by quinn's idle
+//! timeout. Incoming connections must either present a CA-signed certificate (members) or use
+//! the join ALPN (joiners, who are served the join exchange and nothing else). A datagram too
+//! large for the path goes on a unidirectional stream instead of being dropped.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::mpsc;
+
+use crate::identity::{NODE_DNS_SUFFIX, NodeId, NodeIdentity};
+use crate::tls::{JOIN_ALPN, MEMBER_ALPN, NodeCredentials, TlsError, node_id_of};
+use crate::transport::{Inbound, Transport};
+use crate::wire::{self, ControlRequest, ControlResponse};
+
+/// How long a connection may stay silent before quinn closes it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a control exchange.
+pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Datagrams queued per peer while its connection is being set up.
+const PENDING_LIMIT: usize = 64;
+
+/// QUIC transport failures.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TLS configuration failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// quinn refused the crypto configuration.
+    #[error("QUIC configuration: {0}")]
+    Config(String),
+    /// The peer could not be reached or the handshake failed.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The exchange broke off or timed out.
+    #[error("control exchange with {addr} failed: {reason}")]
+    Exchange {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Who sent a control request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// A member, named by its certificate.
+    Member(NodeId),
+    /// A node without a certificate, asking to join.
+    Joiner(SocketAddr),
+}
+
+/// Serves control requests. Implemented by the agent.
+pub trait ControlService: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(&self, caller: Caller, request: ControlRequest) -> Pin<Box<dyn Future<Output = ControlResponse> + Send + '_>>;
+}
+
+enum Slot {
+    Connecting(Vec<Bytes>),
+    Ready(quinn::Connection),
+}
+
+struct Shared {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    slots: Mutex<BTreeMap<SocketAddr, Slot>>,
+    inbound: mpsc::Sender<Inbound>,
+    control: Arc<dyn ControlService>,
+}
+
+/// The real transport: QUIC with mutual TLS.
+#[derive(Clone)]
+pub struct QuicTransport {
+    shared: Arc<Shared>,
+}
+
+/// quinn's transport settings for every blx connection.
+pub fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut tc = quinn::TransportConfig::default();
+    tc.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits")));
+    tc.keep_alive_interval(None);
+    tc.datagram_receive_buffer_size(Some(1 << 20));
+    tc.max_concurrent_bidi_streams(16u32.into());
+    tc.max_concurrent_uni_streams(64u32.into());
+    Arc::new(tc)
+}
+
+/// A client configuration from rustls, with blx's transport settings.
+pub fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, QuicError> {
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Config(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(transport_config());
+    Ok(client)
+}
+
+impl QuicTransport {
+    /// Binds the endpoint and starts accepting connections. Datagrams from members go to
+    /// `inbound`; control requests go to `control`.
+    pub fn bind(
+        addr: SocketAddr,
+        creds: &NodeCredentials,
+        inbound: mpsc::Sender<Inbound>,
+        control: Arc<dyn ControlService>,
+    ) -> Result<Self, QuicError> {
+        let crypto = QuicServerConfig::try_from(creds.server_config()?).map_err(|e| QuicError::Config(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport_config());
+        let socket = std::net::UdpSocket::bind(addr).map_err(|source| QuicError::Bind { addr, source })?;
+        let runtime = quinn::default_runtime().ok_or_else(|| QuicError::Config("no async runtime".into()))?;
+        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+            .map_err(|source| QuicError::Bind { addr, source })?;
+        let client = client_config(creds.member_client_config()?)?;
+        let shared = Arc::new(Shared { endpoint, client, slots: Mutex::new(BTreeMap::new()), inbound, control });
+        tokio::spawn(accept_loop(shared.clone()));
+        Ok(QuicTransport { shared })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.shared.endpoint.local_addr()
+    }
+
+    /// Sends one control request to a member and waits for the answer.
+    pub async fn request(&self, to: SocketAddr, id: Option<NodeId>, request: &ControlRequest) -> Result<ControlResponse, QuicError> {
+        let conn = self.connection(to, id).await?;
+        exchange(&conn, request).await
+    }
+
+    /// Closes every connection, telling peers, and waits briefly for them to hear it.
+    pub async fn shutdown(&self) {
+        self.shared.endpoint.close(0u32.into(), b"agent stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+    }
+
+    async fn connection(&self, addr: SocketAddr, id: Option<NodeId>) -> Result<quinn::Connection, QuicError> {
+        if let Some(Slot::Ready(conn)) = lock(&self.shared.slots).get(&addr) {
+            if conn.close_reason().is_none() {
+                return Ok(conn.clone());
+            }
+        }
+        let conn = dial(&self.shared, addr, id).await?;
+        adopt(&self.shared, conn.clone(), addr);
+        Ok(conn)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Transport for QuicTransport {
+    fn send(&self, to: &NodeIdentity, bytes: Bytes) {
+        let mut slots = lock(&self.shared.slots);
+        match slots.get_mut(&to.addr) {
+            Some(Slot::Ready(conn)) if conn.close_reason().is_none() => {
+                send_on(conn, bytes);
+                return;
+            }
+            Some(Slot::Connecting(queue)) => {
+                if queue.len() < PENDING_LIMIT {
+                    queue.push(bytes);
+                }
+                return;
+            }
+            _ => {}
+        }
+        slots.insert(to.addr, Slot::Connecting(vec![bytes]));
+        drop(slots);
+        let shared = self.shared.clone();
+        let (addr, id) = (to.addr, (!to.id.is_unknown()).then_some(to.id));
+        tokio::spawn(async move {
+            match dial(&shared, addr, id).await {
+                Ok(conn) => adopt(&shared, conn, addr),
+                Err(e) => {
+                    tracing::debug!(error = %e, "gossip dial failed");
+                    let mut slots = lock(&shared.slots);
+                    if matches!(slots.get(&addr), Some(Slot::Connecting(_))) {
+                        slots.remove(&addr);
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn send_on(conn: &quinn::Connection, bytes: Bytes) {
+    match conn.send_datagram(bytes.clone()) {
+        Ok(()) => {}
+        Err(quinn::SendDatagramError::TooLarge) => {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                if let Ok(mut stream) = conn.open_uni().await {
+                    let _ = stream.write_all(&bytes).await;
+                    let _ = stream.finish();
+                }
+            });
+        }
+        Err(e) => tracing::debug!(error = %e, "datagram not sent"),
+    }
+}
+
+async fn dial(shared: &Shared, addr: SocketAddr, id: Option<NodeId>) -> Result<quinn::Connection, QuicError> {
+    let name = id.map(|i| i.dns_name()).unwrap_or_else(|| NODE_DNS_SUFFIX.to_string());
+    let connecting = shared
+        .endpoint
+        .connect_with(shared.client.clone(), addr, &name)
+        .map_err(|e| QuicError::Connect { addr, reason: e.to_string() })?;
+    connecting.await.map_err(|e| QuicError::Connect { addr, reason: e.to_string() })
+}
+
+/// Caches a member connection, flushes what was queued for it, and serves it.
+fn adopt(shared: &Arc<Shared>, conn: quinn::Connection, addr: SocketAddr) {
+    let Some(peer) = peer_id(&conn) else {
+        conn.close(1u32.into(), b"no node certificate");
+        return;
+    };
+    {
+        let mut slots = lock(&shared.slots);
+        let keep_existing = matches!(slots.get(&addr), Some(Slot::Ready(c)) if c.close_reason().is_none() && c.stable_id() != conn.stable_id());
+        if !keep_existing {
+            if let Some(Slot::Connecting(queue)) = slots.insert(addr, Slot::Ready(conn.clone())) {
+                for bytes in queue {
+                    send_on(&conn, bytes);
+                }
+            }
+        }
+    }
+    tokio::spawn(serve_member(shared.clone(), conn, peer));
+}
+
+fn peer_id(conn: &quinn::Connection) -> Option<NodeId> {
+    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    node_id_of(certs.first()?)
+}
+
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+}
+
+async fn accept_loop(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::debug!(error = %e, "incoming handshake failed");
+                    return;
+                }
+            };
+            match alpn(&conn).as_deref() {
+                Some(MEMBER_ALPN) => {
+                    let addr = conn.remote_address();
+                    adopt(&shared, conn, addr);
+                }
+                Some(JOIN_ALPN) => serve_joiner(shared, conn).await,
+                _ => conn.close(1u32.into(), b"unknown protocol"),
+            }
+        });
+    }
+}
+
+async fn serve_member(shared: Arc<Shared>, conn: quinn::Connection, peer: NodeId) {
+    let addr = conn.remote_address();
+    loop {
+        tokio::select! {
+            datagram = conn.read_datagram() => match datagram {
+                Ok(bytes) => deliver(&shared, peer, addr, bytes),
+                Err(_) => break,
+            },
+            uni = conn.accept_uni() => match uni {
+                Ok(mut stream) => {
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        let read = tokio::time::timeout(CONTROL_TIMEOUT, stream.read_to_end(wire::MAX_STREAM_MESSAGE)).await;
+                        if let Ok(Ok(bytes)) = read {
+                            deliver(&shared, peer, addr, bytes.into());
+                        }
+                    });
+                }
+                Err(_) => break,
+            },
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => {
+                    tokio::spawn(serve_control(shared.clone(), Caller::Member(peer), send, recv));
+                }
+                Err(_) => break,
+            },
+        }
+    }
+    let mut slots = lock(&shared.slots);
+    if matches!(slots.get(&addr), Some(Slot::Ready(c)) if c.stable_id() == conn.stable_id()) {
+        slots.remove(&addr);
+    }
+}
+
+fn deliver(shared: &Shared, from: NodeId, addr: SocketAddr, bytes: Bytes) {
+    if shared.inbound.try_send(Inbound { from, addr, bytes }).is_err() {
+        tracing::debug!("inbound queue full; datagram dropped");
+    }
+}
+
+async fn serve_joiner(shared: Arc<Shared>, conn: quinn::Connection) {
+    let caller = Caller::Joiner(conn.remote_address());
+    let served = tokio::time::timeout(CONTROL_TIMEOUT, async {
+        if let Ok((send, recv)) = conn.accept_bi().await {
+            serve_control(shared, caller, send, recv).await;
+        }
+    })
+    .await;
+    if served.is_err() {
+        conn.close(2u32.into(), b"join timed out");
+    }
+}
+
+async fn serve_control(shared: Arc<Shared>, caller: Caller, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let response = match tokio::time::timeout(CONTROL_TIMEOUT, recv.read_to_end(wire::MAX_CONTROL_MESSAGE)).await {
+        Ok(Ok(bytes)) => match wire::decode_control_request(&bytes) {
+            Ok(ControlRequest::Join(req)) => shared.control.handle(caller, ControlRequest::Join(req)).await,
+            Ok(other) => match caller {
+                Caller::Member(_) => shared.control.handle(caller, other).await,
+                Caller::Joiner(_) => ControlResponse::Failed("only a join request may be sent without a node certificate".into()),
+            },
+            Err(e) => ControlResponse::Failed(format!("bad request: {e}")),
+        },
+        Ok(Err(e)) => ControlResponse::Failed(format!("bad request: {e}")),
+        Err(_) => ControlResponse::Failed("request timed out".into()),
+    };
+    let _ = send.write_all(&wire::encode_control(&response)).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(CONTROL_TIMEOUT, send.stopped()).await;
+}
+
+/// One request, one response, on a fresh bidirectional stream.
+pub async fn exchange(conn: &quinn::Connection, request: &ControlRequest) -> Result<ControlResponse, QuicError> {
+    let addr = conn.remote_address();
+    let err = |reason: String| QuicError::Exchange { addr, reason };
+    tokio::time::timeout(CONTROL_TIMEOUT, async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
+        send.write_all(&wire::encode_control(request)).await.map_err(|e| err(e.to_string()))?;
+        send.finish().map_err(|e| err(e.to_string()))?;
+        let bytes = recv.read_to_end(wire::MAX_CONTROL_MESSAGE).await.map_err(|e| err(e.to_string()))?;
+        wire::decode_control_response(&bytes).map_err(|e| err(e.to_string()))
+    })
+    .await
+    .map_err(|_| err("timed out".into()))?
+}

@@ -1,0 +1,156 @@
+//! The state machine on an in-memory network in virtual time: no sockets, no clock.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::SeedableRng;
+
+use super::*;
+
+struct Net {
+    now: Instant,
+    nodes: BTreeMap<NodeId, Swim>,
+    dead: BTreeSet<NodeId>,
+    by_addr: BTreeMap<SocketAddr, NodeId>,
+}
+
+impl Net {
+    fn new(n: u8) -> Net {
+        let now = Instant::now();
+        let mut net = Net { now, nodes: BTreeMap::new(), dead: BTreeSet::new(), by_addr: BTreeMap::new() };
+        for i in 1..=n {
+            let id = NodeId([i; 16]);
+            let addr: SocketAddr = format!("10.0.0.{i}:7946").parse().unwrap();
+            let identity = NodeIdentity { id, addr, generation: 1 };
+            let meta = NodeMeta { name: format!("n{i}"), ..Default::default() };
+            let swim = Swim::new(identity, meta, SwimConfig::lan(), StdRng::seed_from_u64(u64::from(i)), now);
+            net.by_addr.insert(addr, id);
+            net.nodes.insert(id, swim);
+        }
+        net
+    }
+
+    fn join_all_to_first(&mut self) {
+        let first = *self.nodes.values().next().unwrap().identity();
+        let now = self.now;
+        for swim in self.nodes.values_mut().skip(1) {
+            swim.join([first.addr], now);
+        }
+    }
+
+    /// Delivers every queued packet, then advances to the next deadline.
+    fn step(&mut self) {
+        let mut packets = Vec::new();
+        for (id, swim) in &mut self.nodes {
+            while let Some((to, bytes)) = swim.poll_transmit() {
+                packets.push((*id, to.addr, bytes));
+            }
+            while swim.poll_event().is_some() {}
+        }
+        for (from, to, bytes) in packets {
+            let Some(dst) = self.by_addr.get(&to).copied() else { continue };
+            if self.dead.contains(&dst) || self.dead.contains(&from) {
+                continue;
+            }
+            let now = self.now;
+            let _ = self.nodes.get_mut(&dst).unwrap().handle_packet(from, &bytes, now);
+        }
+        let next = self
+            .nodes
+            .iter()
+            .filter(|(id, _)| !self.dead.contains(id))
+            .filter_map(|(_, s)| s.poll_deadline())
+            .min();
+        if let Some(at) = next {
+            self.now = self.now.max(at);
+            let now = self.now;
+            for (id, swim) in &mut self.nodes {
+                if !self.dead.contains(id) {
+                    swim.handle_deadline(now);
+                }
+            }
+        }
+    }
+
+    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Net) -> bool) -> Duration {
+        let start = self.now;
+        while !done(self) {
+            assert!(self.now - start < limit, "condition not met within {limit:?}");
+            self.step();
+        }
+        self.now - start
+    }
+
+    fn all_see(&self, who: NodeId, state: MemberState) -> bool {
+        self.nodes
+            .iter()
+            .filter(|(id, _)| **id != who && !self.dead.contains(id))
+            .all(|(_, s)| s.members().get(&who).is_some_and(|m| m.state == state))
+    }
+
+    fn converged(&self) -> bool {
+        let n = self.nodes.len();
+        self.nodes.values().all(|s| {
+            s.members().values().filter(|m| m.state == MemberState::Alive && m.meta.is_some()).count() == n
+        })
+    }
+}
+
+#[test]
+fn five_nodes_converge_with_metadata() {
+    let mut net = Net::new(5);
+    net.join_all_to_first();
+    let took = net.run_until(Duration::from_secs(10), Net::converged);
+    tracing::info!(?took, "converged");
+    for swim in net.nodes.values() {
+        let names: Vec<_> = swim.members().values().map(|m| m.meta.as_ref().unwrap().name.clone()).collect();
+        assert_eq!(names, ["n1", "n2", "n3", "n4", "n5"]);
+    }
+}
+
+#[test]
+fn a_silent_node_is_declared_down_by_all() {
+    let mut net = Net::new(5);
+    net.join_all_to_first();
+    net.run_until(Duration::from_secs(10), Net::converged);
+    let victim = NodeId([5; 16]);
+    net.dead.insert(victim);
+    let took = net.run_until(Duration::from_secs(10), |n| n.all_see(victim, MemberState::Down));
+    assert!(took < Duration::from_secs(5), "detection took {took:?}");
+}
+
+#[test]
+fn a_leaving_node_is_left_not_down() {
+    let mut net = Net::new(4);
+    net.join_all_to_first();
+    net.run_until(Duration::from_secs(10), Net::converged);
+    let leaver = NodeId([4; 16]);
+    let now = net.now;
+    net.nodes.get_mut(&leaver).unwrap().leave(now);
+    net.run_until(Duration::from_secs(5), |n| n.all_see(leaver, MemberState::Left));
+}
+
+#[test]
+fn a_packet_from_someone_else_is_refused() {
+    let mut net = Net::new(2);
+    net.join_all_to_first();
+    net.run_until(Duration::from_secs(10), Net::converged);
+    let a = NodeId([1; 16]);
+    let b = NodeId([2; 16]);
+    let now = net.now;
+    // b's announce packet, delivered as if it came over a connection with a's certificate.
+    let mut swim = net.nodes.remove(&b).unwrap();
+    swim.join([SocketAddr::from(([10, 0, 0, 1], 7946))], now);
+    let (_, bytes) = swim.poll_transmit().unwrap();
+    let err = net.nodes.get_mut(&a).unwrap().handle_packet(NodeId([9; 16]), &bytes, now).unwrap_err();
+    assert!(matches!(err, PacketError::Spoofed { .. }), "{err}");
+}
+
+#[test]
+fn the_same_seed_gives_the_same_history() {
+    let trace = || {
+        let mut net = Net::new(4);
+        net.join_all_to_first();
+        net.run_until(Duration::from_secs(10), Net::converged)
+    };
+    assert_eq!(trace(), trace());
+}

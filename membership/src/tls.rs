@@ -1,0 +1,350 @@
+//! The cluster CA, node certificates and the rustls configurations of every QUIC connection.
+//!
+//! Every node certificate is signed by the cluster CA and names the node by
+//! [`NodeId::dns_name`] plus the shared name [`NODE_DNS_SUFFIX`]. Members dial each other by id
+//! (so a certificate is bound to the id gossip announces) and dial seeds by the shared name.
+//! A joiner has no certificate yet: it dials with [`JOIN_ALPN`], pins the CA by the fingerprint
+//! in its token, and may do nothing on that connection but ask to join.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::identity::{NODE_DNS_SUFFIX, NodeId};
+
+/// ALPN of member-to-member connections (gossip, control RPC). Both sides hold node certificates.
+pub const MEMBER_ALPN: &[u8] = b"blx/1";
+/// ALPN of a joiner's connection: no client certificate, and only a join request is served.
+pub const JOIN_ALPN: &[u8] = b"blx-join/1";
+
+/// Failures building or using certificates and TLS configurations.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// rcgen could not generate, parse or sign a certificate or key.
+    #[error("certificate error: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// rustls refused a configuration.
+    #[error("TLS configuration error: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A certificate signing request named something other than the joining node.
+    #[error("certificate request is malformed: {0}")]
+    BadRequest(String),
+}
+
+/// The ring crypto provider, shared by every configuration.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// SHA-256 of a DER certificate: what a join token pins.
+pub fn fingerprint(cert_der: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, cert_der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+/// The cluster certificate authority: created by the first agent, held by the authority node.
+pub struct ClusterCa {
+    cert_der: CertificateDer<'static>,
+    key: KeyPair,
+}
+
+impl fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterCa").field("fingerprint", &hex(&self.fingerprint())).finish()
+    }
+}
+
+impl ClusterCa {
+    /// Creates a new CA with a fresh P-256 key.
+    pub fn generate(cluster_name: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, format!("blx cluster CA {cluster_name}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let cert = params.self_signed(&key)?;
+        Ok(ClusterCa { cert_der: cert.der().clone(), key })
+    }
+
+    /// Rebuilds a CA from its certificate and PKCS#8 key, both PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let cert_der = pem_to_der(cert_pem)?;
+        Ok(ClusterCa { cert_der, key })
+    }
+
+    /// The CA certificate in PEM.
+    pub fn cert_pem(&self) -> String {
+        der_to_pem("CERTIFICATE", &self.cert_der)
+    }
+
+    /// The CA key in PEM (PKCS#8). Secret.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    /// SHA-256 of the CA certificate.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        fingerprint(&self.cert_der)
+    }
+
+    /// Issues a certificate for `node` from a certificate signing request, ignoring whatever
+    /// names the request asks for: the CA decides what a node is called.
+    pub fn sign_request(&self, csr_der: &[u8], node: NodeId) -> Result<CertificateDer<'static>, TlsError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
+            .map_err(|e| TlsError::BadRequest(e.to_string()))?;
+        let params = node_params(node)?;
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        Ok(params.signed_by(&csr.public_key, &issuer)?.der().clone())
+    }
+
+    /// Issues a certificate for `node` with a fresh key: what the first agent gives itself.
+    pub fn issue_node(&self, node: NodeId) -> Result<NodeCredentials, TlsError> {
+        let key = KeyPair::generate()?;
+        let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
+        let cert = node_params(node)?.signed_by(&key, &issuer)?;
+        Ok(NodeCredentials { id: node, cert_der: cert.der().clone(), ca_der: self.cert_der.clone(), key_der: key.serialize_der() })
+    }
+}
+
+fn node_params(node: NodeId) -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(vec![node.dns_name(), NODE_DNS_SUFFIX.to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, node.dns_name());
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    Ok(params)
+}
+
+/// A key and a certificate signing request made by a joiner, before it holds a certificate.
+pub struct PendingKey {
+    key: KeyPair,
+    /// DER of the certificate signing request to send with the join request.
+    pub csr_der: Vec<u8>,
+}
+
+impl PendingKey {
+    /// Generates a key and a request for `node`.
+    pub fn generate(node: NodeId) -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let csr = node_params(node)?.serialize_request(&key)?;
+        Ok(PendingKey { csr_der: csr.der().to_vec(), key })
+    }
+
+    /// Completes the credentials with the certificate the cluster granted.
+    pub fn into_credentials(self, node: NodeId, cert_der: Vec<u8>, ca_der: Vec<u8>) -> NodeCredentials {
+        NodeCredentials { id: node, cert_der: cert_der.into(), ca_der: ca_der.into(), key_der: self.key.serialize_der() }
+    }
+}
+
+/// What a node needs to take part in the cluster: its certificate, its key and the CA.
+#[derive(Clone)]
+pub struct NodeCredentials {
+    /// The node this certificate names.
+    pub id: NodeId,
+    /// The node certificate, signed by the CA.
+    pub cert_der: CertificateDer<'static>,
+    /// The cluster CA certificate.
+    pub ca_der: CertificateDer<'static>,
+    /// The node's private key, PKCS#8 DER. Secret.
+    pub key_der: Vec<u8>,
+}
+
+impl fmt::Debug for NodeCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeCredentials").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl NodeCredentials {
+    /// The fingerprint of the cluster CA these credentials belong to.
+    pub fn ca_fingerprint(&self) -> [u8; 32] {
+        fingerprint(&self.ca_der)
+    }
+
+    fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+    }
+
+    fn chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.cert_der.clone(), self.ca_der.clone()]
+    }
+
+    fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca_der.clone())?;
+        Ok(Arc::new(roots))
+    }
+
+    /// The server side of every connection: members must present a CA-signed certificate (a
+    /// certificate from anywhere else fails the handshake); joiners may present none, and are
+    /// then served nothing but the join exchange.
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain(), self.key())?;
+        config.alpn_protocols = vec![MEMBER_ALPN.to_vec(), JOIN_ALPN.to_vec()];
+        Ok(config)
+    }
+
+    /// The client side of member-to-member connections: mutual TLS against the cluster CA.
+    pub fn member_client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots()?, provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(self.chain(), self.key())?;
+        config.alpn_protocols = vec![MEMBER_ALPN.to_vec()];
+        Ok(config)
+    }
+}
+
+/// The client side of a joiner's connection: no client certificate; the server must present a
+/// chain that ends in the CA whose fingerprint the token carries.
+pub fn join_client_config(ca_fingerprint: [u8; 32]) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { fingerprint: ca_fingerprint, provider: provider() }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![JOIN_ALPN.to_vec()];
+    Ok(config)
+}
+
+/// The message rustls reports when a server's chain does not end in the pinned CA.
+pub const PIN_MISMATCH: &str = "server certificate is not issued by the CA this token names";
+
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    fingerprint: [u8; 32],
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| fingerprint(c) == self.fingerprint)
+            .ok_or_else(|| rustls::Error::General(PIN_MISMATCH.into()))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let shared = ServerName::try_from(NODE_DNS_SUFFIX).map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], &shared, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The node id a verified peer certificate names, if it names one.
+pub fn node_id_of(cert_der: &[u8]) -> Option<NodeId> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|name| match name {
+        x509_parser::extensions::GeneralName::DNSName(dns) => NodeId::from_dns_name(dns),
+        _ => None,
+    })
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// PEM-encodes DER.
+pub fn der_to_pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+/// Decodes the first PEM block.
+pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
+    use base64::Engine;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .map_err(|e| TlsError::BadRequest(format!("bad PEM: {e}")))?;
+    Ok(der.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signed_request_names_the_node_the_ca_chose() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let node = NodeId([7; 16]);
+        let pending = PendingKey::generate(node).unwrap();
+        let cert = ca.sign_request(&pending.csr_der, node).unwrap();
+        assert_eq!(node_id_of(&cert), Some(node));
+        let creds = pending.into_credentials(node, cert.to_vec(), ca.cert_der().to_vec());
+        assert!(creds.server_config().is_ok());
+        assert!(creds.member_client_config().is_ok());
+        assert!(ca.sign_request(b"garbage", node).is_err());
+    }
+
+    #[test]
+    fn ca_survives_a_pem_round_trip() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let again = ClusterCa::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap();
+        assert_eq!(ca.fingerprint(), again.fingerprint());
+        let creds = again.issue_node(NodeId([1; 16])).unwrap();
+        assert_eq!(node_id_of(&creds.cert_der), Some(NodeId([1; 16])));
+    }
+}
