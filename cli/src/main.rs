@@ -1,1 +1,47 @@
-fn main() {}
+//! The `blx` binary: parse arguments, set up logging, run one command, map its error to an
+//! exit code. Everything else lives in the modules.
+
+mod agent;
+mod api;
+mod args;
+mod client;
+mod control;
+mod duration;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLX_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,blx=info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("blx: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(args::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blx: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// 3: the cluster refused us; 4: no agent or cluster could be reached; 1: anything else.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(join) = e.downcast_ref::<blx_membership::join::JoinError>() {
+        return match join {
+            blx_membership::join::JoinError::Refused(_) | blx_membership::join::JoinError::WrongCluster(_) => 3,
+            _ => 4,
+        };
+    }
+    if e.downcast_ref::<client::Unreachable>().is_some() {
+        return 4;
+    }
+    1
+}

@@ -63,7 +63,7 @@ pub async fn request_join(addr: SocketAddr, token: &JoinToken, node: NodeId) -> 
     let request = ControlRequest::Join(JoinRequest { token_id: token.id, secret: token.secret, node, csr_der: pending.csr_der.clone() });
     let response = exchange(&conn, &request).await.map_err(|e| proto(e.to_string()))?;
     conn.close(0u32.into(), b"joined");
-    endpoint.wait_idle().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), endpoint.wait_idle()).await;
     match response {
         ControlResponse::Joined(grant) => {
             let credentials = pending.into_credentials(node, grant.cert_der, grant.ca_der);

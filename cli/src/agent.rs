@@ -1,0 +1,251 @@
+//! The agent assembly: data dir, admission (bootstrap or join), the QUIC endpoint, SWIM,
+//! mDNS and the HTTP API, wired together and run until SIGINT, SIGTERM or `blx leave`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use blx_membership::discovery;
+use blx_membership::join::{JoinError, request_join};
+use blx_membership::meta::{Capacity, NodeMeta, Role};
+use blx_membership::quic::QuicTransport;
+use blx_membership::store::DataDir;
+use blx_membership::tls::{ClusterCa, NodeCredentials, hex};
+use blx_membership::token::{JoinToken, TokenAuthority};
+use blx_membership::{Membership, NodeIdentity, Swim, SwimConfig};
+use rand::SeedableRng;
+use tokio::sync::{Notify, mpsc};
+
+use crate::args::AgentArgs;
+use crate::control::{AgentControl, Authority, now_unix, random};
+
+const PEERS: &str = "peers";
+/// How long a joiner browses mDNS for its cluster.
+const MDNS_WAIT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    // Check everything the operator typed before touching the data dir.
+    let token = args.token.as_deref().map(str::parse::<JoinToken>).transpose()?;
+    if let Some(name) = &args.name {
+        blx_membership::meta::validate_name(name)?;
+    }
+    if !args.api.ip().is_loopback() && args.api_token.is_none() {
+        bail!("--api {} is reachable beyond this host: set --api-token (or BLX_API_TOKEN)", args.api);
+    }
+    let advertise = advertise_addr(&args)?;
+
+    let dir = DataDir::open(&args.data_dir)?;
+    let id = dir.node_id(random())?;
+    let mut seeds = args.seeds.clone();
+    let creds = match dir.credentials(id)? {
+        Some(creds) => {
+            if token.is_some() {
+                tracing::info!("this data dir already belongs to a cluster; the token is not needed and was ignored");
+            }
+            seeds.extend(load_peers(&dir));
+            creds
+        }
+        None => match &token {
+            Some(token) => {
+                let (creds, members) = join_cluster(&args, token, id).await?;
+                seeds.extend(members);
+                dir.save_credentials(&creds)?;
+                creds
+            }
+            None if !args.seeds.is_empty() => bail!("joining through --seed needs a join token (--token or `blx join TOKEN`)"),
+            None => bootstrap(&dir, &args, id)?,
+        },
+    };
+    let generation = dir.next_generation()?;
+    let authority = dir
+        .cluster_ca()?
+        .map(|ca| Authority { tokens: TokenAuthority::new(dir.token_store(), ca.fingerprint()), ca });
+
+    let mut meta = NodeMeta {
+        name: args.name.clone().unwrap_or_else(|| default_name(id)),
+        labels: args.labels.iter().cloned().collect(),
+        capacity: host_capacity(),
+        ..Default::default()
+    };
+    meta.zone = meta.labels.get("zone").cloned();
+    if authority.is_some() {
+        meta.roles.insert(Role::Authority);
+    }
+    meta.endpoints.insert("api".into(), args.api);
+    meta.validate()?;
+
+    let control = Arc::new(AgentControl::new(authority));
+    let (inbound_tx, inbound_rx) = mpsc::channel(4096);
+    let transport = QuicTransport::bind(args.bind, &creds, inbound_tx, control.clone())?;
+    let identity = NodeIdentity { id, addr: advertise, generation };
+    let rng = rand::rngs::StdRng::from_seed(random());
+    let swim = Swim::new(identity, meta, SwimConfig::lan(), rng, tokio::time::Instant::now());
+    let membership = Membership::spawn(swim, Arc::new(transport.clone()), inbound_rx);
+    control.attach(membership.clone(), transport.clone());
+    seeds.retain(|s| *s != advertise);
+    if !seeds.is_empty() {
+        membership.join(seeds).await?;
+    }
+
+    let _mdns = if args.no_mdns {
+        None
+    } else {
+        match discovery::Announcer::start(id, advertise, &creds.ca_fingerprint()) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                tracing::warn!(error = %e, "mDNS announcements are off");
+                None
+            }
+        }
+    };
+
+    let shutdown = Arc::new(Notify::new());
+    let api = crate::api::serve(
+        args.api,
+        crate::api::ApiState {
+            membership: membership.clone(),
+            control: control.clone(),
+            shutdown: shutdown.clone(),
+            api_token: args.api_token.clone(),
+            self_id: id,
+            cluster: hex(&creds.ca_fingerprint()),
+        },
+    )
+    .await?;
+    tracing::info!(node = %id, name = %membership.members()[&id].meta.as_ref().map(|m| m.name.as_str()).unwrap_or(""), gossip = %advertise, api = %args.api, "agent running");
+    let peers_task = tokio::spawn(save_peers_periodically(dir.clone(), membership.clone()));
+
+    let leave_requested = wait_for_stop(&shutdown).await;
+    if leave_requested {
+        tracing::info!("leaving the cluster");
+    } else {
+        tracing::info!("stopping: leaving the cluster first");
+    }
+    membership.leave().await.ok();
+    peers_task.abort();
+    save_peers(&dir, &membership);
+    api.abort();
+    transport.shutdown().await;
+    Ok(())
+}
+
+/// Resolves when a signal arrives (false) or the API asked to leave (true).
+async fn wait_for_stop(shutdown: &Notify) -> bool {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return { shutdown.notified().await; true },
+    };
+    tokio::select! {
+        _ = shutdown.notified() => true,
+        _ = tokio::signal::ctrl_c() => false,
+        _ = term.recv() => false,
+    }
+}
+
+fn bootstrap(dir: &DataDir, args: &AgentArgs, id: blx_membership::NodeId) -> anyhow::Result<NodeCredentials> {
+    let ca = ClusterCa::generate(&hex(&random::<4>()))?;
+    let creds = ca.issue_node(id)?;
+    dir.save_ca_key(&ca)?;
+    dir.save_credentials(&creds)?;
+    let mut tokens = TokenAuthority::new(dir.token_store(), ca.fingerprint());
+    let token = tokens.issue(now_unix(), args.bootstrap_token_ttl.as_secs(), random())?;
+    eprintln!("blx: bootstrapped a new cluster (CA {}).", &hex(&ca.fingerprint())[..16]);
+    eprintln!("blx: join other agents with this token (valid {}s):", args.bootstrap_token_ttl.as_secs());
+    println!("{token}");
+    Ok(creds)
+}
+
+async fn join_cluster(args: &AgentArgs, token: &JoinToken, id: blx_membership::NodeId) -> anyhow::Result<(NodeCredentials, Vec<SocketAddr>)> {
+    let targets = if !args.seeds.is_empty() {
+        args.seeds.clone()
+    } else if args.no_mdns {
+        bail!("no --seed given and mDNS is off (--no-mdns): nowhere to find the cluster");
+    } else {
+        tracing::info!("looking for the cluster on the LAN (mDNS)");
+        let found = discovery::find_cluster(&token.ca_fingerprint, MDNS_WAIT).await?;
+        if found.is_empty() {
+            bail!("no agent of this token's cluster answered on the LAN within {}s: pass --seed IP:PORT", MDNS_WAIT.as_secs());
+        }
+        found
+    };
+    let mut last: Option<JoinError> = None;
+    for addr in targets {
+        match request_join(addr, token, id).await {
+            Ok(joined) => {
+                tracing::info!(through = %addr, "joined the cluster");
+                let mut members = joined.members;
+                members.push(addr);
+                return Ok((joined.credentials, members));
+            }
+            Err(e @ JoinError::Refused(_)) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "join attempt failed");
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("no address to join through")))
+}
+
+fn advertise_addr(args: &AgentArgs) -> anyhow::Result<SocketAddr> {
+    if let Some(a) = args.advertise {
+        if a.ip().is_unspecified() {
+            bail!("--advertise must be a concrete address, not {a}");
+        }
+        return Ok(a);
+    }
+    if !args.bind.ip().is_unspecified() {
+        return Ok(args.bind);
+    }
+    let ip = if_addrs::get_if_addrs()
+        .context("listing network interfaces")?
+        .into_iter()
+        .map(|i| i.ip())
+        .find(|ip| matches!(ip, IpAddr::V4(_)) && !ip.is_loopback())
+        .context("--bind is a wildcard and no non-loopback IPv4 address was found: pass --advertise")?;
+    Ok(SocketAddr::new(ip, args.bind.port()))
+}
+
+fn default_name(id: blx_membership::NodeId) -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| blx_membership::meta::validate_name(h).is_ok())
+        .unwrap_or_else(|| format!("node-{}", id.short()))
+}
+
+fn host_capacity() -> Capacity {
+    let vcpus = std::thread::available_parallelism().map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX)).unwrap_or(1);
+    let memory_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map(|kib| kib / 1024)
+        .unwrap_or(0);
+    Capacity { vcpus, memory_mib, disk_gib: 0 }
+}
+
+fn load_peers(dir: &DataDir) -> Vec<SocketAddr> {
+    std::fs::read_to_string(dir.path().join(PEERS))
+        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn save_peers(dir: &DataDir, membership: &Membership) {
+    let text: String = membership.members().values().map(|m| format!("{}\n", m.identity.addr)).collect();
+    if let Err(e) = dir.write(PEERS, text.as_bytes()) {
+        tracing::warn!(error = %e, "could not save the peer list");
+    }
+}
+
+/// Keeps the addresses of known members in the data dir, so a restart can rejoin by itself.
+async fn save_peers_periodically(dir: DataDir, membership: Membership) {
+    let mut watch = membership.watch();
+    loop {
+        if watch.changed().await.is_err() {
+            return;
+        }
+        save_peers(&dir, &membership);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}

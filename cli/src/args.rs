@@ -1,0 +1,171 @@
+//! Command-line surface: flags, subcommands, and dispatch to the agent or the client.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+
+use crate::{agent, client};
+
+/// blx: run microVMs on a fleet of machines.
+#[derive(Parser, Debug)]
+#[command(name = "blx", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run an agent in the foreground. With an empty data dir and no token it bootstraps a new
+    /// cluster and prints a join token.
+    Agent(AgentArgs),
+    /// Run an agent that joins the cluster TOKEN names (found by --seed or on the LAN by mDNS).
+    Join {
+        /// A join token from `blx token create` or from the first agent's output.
+        #[arg(value_name = "TOKEN")]
+        join_token: String,
+        #[command(flatten)]
+        agent: AgentArgs,
+    },
+    /// List the cluster's members as this agent sees them.
+    Members {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Make the agent leave the cluster gracefully and stop.
+    Leave {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Manage join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a join token and print it alone on stdout.
+    Create {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// How long the token admits nodes: 90s, 15m, 1h, 7d (at most a year).
+        #[arg(long, default_value = "24h", value_parser = crate::duration::parse_ttl)]
+        ttl: std::time::Duration,
+    },
+    /// List join tokens (ids and status; secrets are never stored).
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Revoke a join token by id.
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The token id (16 hex digits, from `blx token list`).
+        id: String,
+    },
+}
+
+/// How to print results.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for programs.
+    Json,
+}
+
+/// Where the agent's HTTP API is.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ApiArgs {
+    /// The agent's HTTP API address.
+    #[arg(long, env = "BLX_API", default_value = "127.0.0.1:7947")]
+    pub(crate) api: SocketAddr,
+    /// Bearer token for an agent whose API listens beyond loopback.
+    #[arg(long, env = "BLX_API_TOKEN", hide_env_values = true)]
+    pub(crate) api_token: Option<String>,
+}
+
+/// Flags of `blx agent` and `blx join`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct AgentArgs {
+    /// Where the agent keeps its identity, certificates and state.
+    #[arg(long, env = "BLX_DATA_DIR", default_value = "/var/lib/blx")]
+    pub(crate) data_dir: PathBuf,
+    /// UDP address of the QUIC endpoint (gossip and cluster traffic).
+    #[arg(long, default_value = "0.0.0.0:7946")]
+    pub(crate) bind: SocketAddr,
+    /// Address other nodes reach this one at, when --bind is a wildcard (default: the first
+    /// non-loopback IPv4 address).
+    #[arg(long)]
+    pub(crate) advertise: Option<SocketAddr>,
+    /// HTTP API address. Loopback unless --api-token is set.
+    #[arg(long, default_value = "127.0.0.1:7947")]
+    pub(crate) api: SocketAddr,
+    /// Bearer token required by the HTTP API; needed when --api is not loopback.
+    #[arg(long, env = "BLX_API_TOKEN", hide_env_values = true)]
+    pub(crate) api_token: Option<String>,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    pub(crate) name: Option<String>,
+    /// Gossip address of a member to join through (repeatable).
+    #[arg(long = "seed", value_name = "IP:PORT")]
+    pub(crate) seeds: Vec<SocketAddr>,
+    /// Join token, for a data dir that has not joined yet.
+    #[arg(long, env = "BLX_TOKEN", hide_env_values = true)]
+    pub(crate) token: Option<String>,
+    /// Node label `key=value` (repeatable); `zone=...` sets the failure zone.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub(crate) labels: Vec<(String, String)>,
+    /// Do not announce or browse over mDNS.
+    #[arg(long)]
+    pub(crate) no_mdns: bool,
+    /// How long a fresh cluster's first join token is valid.
+    #[arg(long, default_value = "24h", value_parser = crate::duration::parse_ttl)]
+    pub(crate) bootstrap_token_ttl: std::time::Duration,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    blx_membership::meta::parse_label(s).map_err(|e| e.to_string())
+}
+
+pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Agent(args) => agent::run(args).await,
+        Command::Join { join_token, mut agent } => {
+            agent.token = Some(join_token);
+            agent::run(agent).await
+        }
+        Command::Members { api, output } => client::members(&api, output).await,
+        Command::Leave { api } => client::leave(&api).await,
+        Command::Token(TokenCommand::Create { api, ttl }) => client::token_create(&api, ttl).await,
+        Command::Token(TokenCommand::List { api, output }) => client::token_list(&api, output).await,
+        Command::Token(TokenCommand::Revoke { api, id }) => client::token_revoke(&api, &id).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "blx", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
