@@ -1,1 +1,248 @@
-//! placeholder
+//! Harness for blx integration tests: real `blx` processes on loopback addresses, driven
+//! through the real CLI, with conditions awaited (never slept on).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+/// The `blx` binary under test: `$BLX_BIN`, or `blx` beside the test binary's target dir.
+pub fn blx_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BLX_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("blx");
+    assert!(bin.exists(), "{} not found: run `cargo build -p blx` first (make test does)", bin.display());
+    bin
+}
+
+/// A distinct 127.x.y.0/24 block per test, so tests can run in parallel on the same ports.
+pub fn subnet() -> [u8; 3] {
+    static NEXT: AtomicU8 = AtomicU8::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let pid = std::process::id();
+    [127, 100 + (pid % 100) as u8, n]
+}
+
+/// A member as `blx members --output json` prints it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MemberView {
+    /// Node id.
+    pub id: String,
+    /// Node name.
+    pub name: String,
+    /// Gossip address.
+    pub addr: SocketAddr,
+    /// alive, suspect, down or left.
+    pub state: String,
+    /// foca incarnation.
+    pub incarnation: u16,
+    /// Restart generation.
+    pub generation: u64,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// One agent process.
+pub struct Agent {
+    /// Its name.
+    pub name: String,
+    /// Gossip address.
+    pub gossip: SocketAddr,
+    /// HTTP API address.
+    pub api: SocketAddr,
+    /// Data dir.
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts `blx agent` with these extra arguments.
+    pub fn start(root: &Path, name: &str, ip: Ipv4Addr, extra: &[String]) -> Agent {
+        let data_dir = root.join(name);
+        let gossip = SocketAddr::from((ip, 7946));
+        let api = SocketAddr::from((ip, 7947));
+        let log = root.join(format!("{name}.log"));
+        let mut agent = Agent { name: name.into(), gossip, api, data_dir, child: None, log };
+        agent.spawn(extra);
+        agent
+    }
+
+    fn spawn(&mut self, extra: &[String]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let out = self.log.with_extension("out");
+        let child = Command::new(blx_bin())
+            .arg("agent")
+            .arg("--data-dir").arg(&self.data_dir)
+            .arg("--bind").arg(self.gossip.to_string())
+            .arg("--api").arg(self.api.to_string())
+            .arg("--name").arg(&self.name)
+            .arg("--no-mdns")
+            .args(extra)
+            .env("BLX_LOG", "info,blx_membership=debug")
+            .stdout(std::fs::File::create(out).expect("out file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn blx agent");
+        self.child = Some(child);
+    }
+
+    /// Restarts a stopped agent with the same data dir and no token.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "agent {} still running", self.name);
+        self.spawn(&[]);
+    }
+
+    /// What the agent printed on stdout (the bootstrap token).
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.log.with_extension("out")).unwrap_or_default()
+    }
+
+    /// The agent's log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    self.child = None;
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// Runs a `blx` client command against this agent.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(blx_bin()).args(args).arg("--api").arg(self.api.to_string()).stdin(Stdio::null()).output().expect("run blx")
+    }
+
+    /// The member table, or None if the agent does not answer.
+    pub fn members(&self) -> Option<Vec<MemberView>> {
+        let out = self.cli(&["members", "--output", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// The state this agent reports for `name`, if it lists it.
+    pub fn state_of(&self, name: &str) -> Option<String> {
+        self.members()?.into_iter().find(|m| m.name == name).map(|m| m.state)
+    }
+
+    /// Creates a token through this agent's API.
+    pub fn token(&self, ttl: &str) -> String {
+        let out = self.cli(&["token", "create", "--ttl", ttl]);
+        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `cond` every 50 ms until it holds, or panics after `within` with `what`.
+pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        if cond() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A cluster of agents under one temporary directory.
+pub struct Cluster {
+    /// The agents, first is the bootstrap agent.
+    pub agents: Vec<Agent>,
+    /// The bootstrap token.
+    pub token: String,
+    net: [u8; 3],
+    /// Root of all data dirs (kept on failure for inspection when BLX_KEEP is set).
+    pub root: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Bootstraps one agent and waits for its token.
+    pub fn bootstrap() -> Cluster {
+        let root = tempfile::Builder::new().prefix("blx-it-").tempdir().expect("tempdir");
+        let net = subnet();
+        let first = Agent::start(root.path(), "n1", Ipv4Addr::new(net[0], net[1], net[2], 1), &[]);
+        let mut token = String::new();
+        wait_until(Duration::from_secs(20), "the first agent prints a token", || {
+            token = first.stdout().trim().to_string();
+            !token.is_empty()
+        });
+        Cluster { agents: vec![first], token, net, root }
+    }
+
+    /// The IP the agent with this 1-based index uses.
+    pub fn ip(&self, index: u8) -> Ipv4Addr {
+        Ipv4Addr::new(self.net[0], self.net[1], self.net[2], index)
+    }
+
+    /// Starts agent `n<k>` joining through the first agent with the bootstrap token.
+    pub fn join(&mut self) -> &Agent {
+        let k = self.agents.len() as u8 + 1;
+        let args = vec!["--token".to_string(), self.token.clone(), "--seed".to_string(), self.agents[0].gossip.to_string()];
+        let agent = Agent::start(self.root.path(), &format!("n{k}"), self.ip(k), &args);
+        self.agents.push(agent);
+        self.agents.last().expect("just pushed")
+    }
+
+    /// Runs `blx join` for a node that should be refused; returns its output.
+    pub fn try_join(&self, name: &str, token: &str) -> Output {
+        let ip = self.ip(200);
+        Command::new(blx_bin())
+            .arg("join").arg(token)
+            .arg("--data-dir").arg(self.root.path().join(name))
+            .arg("--bind").arg(format!("{ip}:7946"))
+            .arg("--api").arg(format!("{ip}:7947"))
+            .arg("--name").arg(name)
+            .arg("--seed").arg(self.agents[0].gossip.to_string())
+            .arg("--no-mdns")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run blx join")
+    }
+
+    /// Waits until every listed agent sees exactly `n` alive members.
+    pub fn wait_alive(&self, n: usize, within: Duration) {
+        wait_until(within, &format!("every agent sees {n} alive"), || {
+            self.agents.iter().filter(|a| a.child.is_some()).all(|a| {
+                a.members().is_some_and(|ms| ms.iter().filter(|m| m.state == "alive").count() == n)
+            })
+        });
+    }
+
+    /// Dumps every agent's log (for a failing test).
+    pub fn logs(&self) -> String {
+        self.agents.iter().map(|a| format!("--- {} ---\n{}", a.name, a.log())).collect()
+    }
+}

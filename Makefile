@@ -1,0 +1,29 @@
+# blx: the two commands of the README, and a few helpers.
+#   make run    set up, build, and run a local 3-agent cluster
+#   make test   set up, build, and run the whole test suite
+
+# Reuse a target directory outside the clone when one exists; otherwise build in ./target.
+CARGO_TARGET_DIR ?= $(if $(wildcard $(HOME)/.cache/blx-target),$(HOME)/.cache/blx-target,$(CURDIR)/target)
+export CARGO_TARGET_DIR
+BLX_BIN := $(CARGO_TARGET_DIR)/debug/blx
+export BLX_BIN
+
+.PHONY: run test bench build fuzz
+
+run:
+	scripts/setup.sh run
+	cargo build -p blx
+	scripts/local-cluster.sh $(BLX_BIN)
+
+test:
+	scripts/setup.sh test
+	cargo build -p blx
+	cargo test --workspace --no-fail-fast
+
+bench:
+	scripts/setup.sh bench
+	cargo build --release -p blx
+	scripts/bench-membership.sh $(CARGO_TARGET_DIR)/release/blx
+
+fuzz:
+	scripts/fuzz.sh

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs a 3-agent blx cluster on loopback (127.0.0.11-13), each with its own data dir under
+# .blx/local, and prints its member table. Stays up until Ctrl-C when run from a terminal.
+#   scripts/local-cluster.sh path/to/blx
+set -euo pipefail
+blx=${1:?usage: $0 path/to/blx}
+root=.blx/local
+rm -rf "$root"; mkdir -p "$root"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT INT TERM
+start() { # name ip [extra args...]
+  local name=$1 ip=$2; shift 2
+  "$blx" agent --data-dir "$root/$name" --bind "$ip:7946" --api "$ip:7947" --name "$name" --no-mdns "$@" \
+    >"$root/$name.out" 2>"$root/$name.log" &
+  pids+=($!)
+}
+start n1 127.0.0.11 --label zone=a
+for _ in $(seq 100); do [ -s "$root/n1.out" ] && break; sleep 0.1; done
+token=$(head -n1 "$root/n1.out")
+[ -n "$token" ] || { echo "the first agent printed no token; see $root/n1.log" >&2; exit 1; }
+start n2 127.0.0.12 --token "$token" --seed 127.0.0.11:7946 --label zone=b
+start n3 127.0.0.13 --token "$token" --seed 127.0.0.11:7946 --label zone=c
+for _ in $(seq 200); do
+  [ "$("$blx" members --api 127.0.0.11:7947 2>/dev/null | grep -c ' alive ')" = 3 ] && break; sleep 0.1
+done
+echo "== blx: 3 agents on loopback; member table from n1 (blx members --api 127.0.0.11:7947):"
+"$blx" members --api 127.0.0.11:7947
+echo "== join token (blx join TOKEN --seed 127.0.0.11:7946 ...):"
+echo "$token"
+if [ -t 0 ]; then
+  echo "== running; logs in $root/*.log; Ctrl-C stops the cluster"
+  wait
+fi

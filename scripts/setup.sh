@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs the Debian packages blx needs, only those missing (idempotent).
+#   scripts/setup.sh run|test|bench
+set -euo pipefail
+case "${1:-run}" in
+  run)   pkgs=(iproute2) ;;
+  test)  pkgs=(iproute2 nftables) ;;
+  bench) pkgs=(iproute2 nftables serf bc) ;;
+  *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
+esac
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+command -v cargo >/dev/null || { echo "blx needs Rust (cargo) 1.88 or newer: https://rustup.rs" >&2; exit 1; }
+[ ${#missing[@]} -eq 0 ] && exit 0
+sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "blx setup: installing ${missing[*]}" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
