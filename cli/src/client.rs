@@ -60,7 +60,7 @@ pub(crate) async fn members(api: &ApiArgs, output: Output) -> anyhow::Result<()>
                 .iter()
                 .map(|m| {
                     let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    vec![m.name.clone(), m.id[..8].to_string(), m.addr.to_string(), m.state.clone(), m.incarnation.to_string(), labels.join(",")]
+                    vec![m.name.clone(), m.id.clone(), m.addr.to_string(), m.state.clone(), m.incarnation.to_string(), labels.join(",")]
                 })
                 .collect();
             print_table(&["NAME", "ID", "ADDRESS", "STATE", "INC", "LABELS"], &rows);

@@ -7,19 +7,20 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// A node's permanent id: 128 random bits chosen when its data dir is created.
+/// A node's permanent id: 64 random bits chosen when its data dir is created. Every SWIM packet
+/// carries two ids, so they are kept short; collisions in a cluster of thousands are negligible.
 ///
 /// The id is also the name in the node's certificate (see [`NodeId::dns_name`]), so a TLS
 /// handshake binds a connection to the id that gossip announces.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct NodeId(pub [u8; 16]);
+pub struct NodeId(pub [u8; 8]);
 
 impl NodeId {
     /// The all-zero id, used for a seed whose id is not known yet.
-    pub const UNKNOWN: NodeId = NodeId([0; 16]);
+    pub const UNKNOWN: NodeId = NodeId([0; 8]);
 
     /// Makes an id from random bytes supplied by the caller.
-    pub fn from_random(bytes: [u8; 16]) -> Self {
+    pub fn from_random(bytes: [u8; 8]) -> Self {
         NodeId(bytes)
     }
 
@@ -33,7 +34,7 @@ impl NodeId {
         self.to_string()[..8].to_string()
     }
 
-    /// The DNS name carried by this node's certificate: `<32 hex digits>.node.blx`.
+    /// The DNS name carried by this node's certificate: `<16 hex digits>.node.blx`.
     pub fn dns_name(&self) -> String {
         format!("{self}.{NODE_DNS_SUFFIX}")
     }
@@ -66,7 +67,7 @@ impl fmt::Debug for NodeId {
 
 /// A string that is not 32 hex digits.
 #[derive(Debug, thiserror::Error)]
-#[error("a node id is 32 hex digits, got {0:?}")]
+#[error("a node id is 16 hex digits, got {0:?}")]
 pub struct ParseNodeIdError(String);
 
 impl FromStr for NodeId {
@@ -74,10 +75,10 @@ impl FromStr for NodeId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || ParseNodeIdError(s.chars().take(64).collect());
-        if s.len() != 32 || !s.is_ascii() {
+        if s.len() != 16 || !s.is_ascii() {
             return Err(err());
         }
-        let mut out = [0u8; 16];
+        let mut out = [0u8; 8];
         for (i, byte) in out.iter_mut().enumerate() {
             *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| err())?;
         }
@@ -136,17 +137,17 @@ mod tests {
 
     #[test]
     fn node_id_round_trips_through_text_and_dns_name() {
-        let id = NodeId::from_random([0xab; 16]);
+        let id = NodeId::from_random([0xab; 8]);
         assert_eq!(id.to_string().parse::<NodeId>().unwrap(), id);
         assert_eq!(NodeId::from_dns_name(&id.dns_name()), Some(id));
         assert_eq!(NodeId::from_dns_name("node.blx"), None);
         assert!("xyz".parse::<NodeId>().is_err());
-        assert!("é".repeat(16).parse::<NodeId>().is_err());
+        assert!("é".repeat(8).parse::<NodeId>().is_err());
     }
 
     #[test]
     fn a_renewed_identity_wins_the_address() {
-        let old = NodeIdentity { id: NodeId([1; 16]), addr: "127.0.0.1:1".parse().unwrap(), generation: 3 };
+        let old = NodeIdentity { id: NodeId([1; 8]), addr: "127.0.0.1:1".parse().unwrap(), generation: 3 };
         let new = old.renew().unwrap();
         assert!(new.win_addr_conflict(&old));
         assert!(!old.win_addr_conflict(&new));

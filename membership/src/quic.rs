@@ -22,7 +22,9 @@ use crate::transport::{Inbound, Transport};
 use crate::wire::{self, ControlRequest, ControlResponse};
 
 /// How long a connection may stay silent before quinn closes it.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Long enough that members who probe each other only every few seconds keep their
+/// connection (a new handshake costs about 5 KB of certificates).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest wait for a control exchange.
 pub const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Datagrams queued per peer while its connection is being set up.
@@ -105,6 +107,8 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     tc.datagram_receive_buffer_size(Some(1 << 20));
     tc.max_concurrent_bidi_streams(16u32.into());
     tc.max_concurrent_uni_streams(64u32.into());
+    // Gossip packets are far below the minimum MTU, so probing for a larger one only costs.
+    tc.mtu_discovery_config(None);
     Arc::new(tc)
 }
 
@@ -130,7 +134,11 @@ impl QuicTransport {
         server.transport_config(transport_config());
         let socket = std::net::UdpSocket::bind(addr).map_err(|source| QuicError::Bind { addr, source })?;
         let runtime = quinn::default_runtime().ok_or_else(|| QuicError::Config("no async runtime".into()))?;
-        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+        // 4-byte connection ids (quinn's default is 8): every gossip packet carries one, and
+        // an agent has at most a few thousand connections to tell apart.
+        let mut config = quinn::EndpointConfig::default();
+        config.cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(4)));
+        let endpoint = quinn::Endpoint::new(config, Some(server), socket, runtime)
             .map_err(|source| QuicError::Bind { addr, source })?;
         let client = client_config(creds.member_client_config()?)?;
         let shared = Arc::new(Shared { endpoint, client, slots: Mutex::new(BTreeMap::new()), inbound, control });
@@ -237,15 +245,13 @@ fn adopt(shared: &Arc<Shared>, conn: quinn::Connection, addr: SocketAddr) {
         conn.close(1u32.into(), b"no node certificate");
         return;
     };
-    {
-        let mut slots = lock(&shared.slots);
-        let keep_existing = matches!(slots.get(&addr), Some(Slot::Ready(c)) if c.close_reason().is_none() && c.stable_id() != conn.stable_id());
-        if !keep_existing {
-            if let Some(Slot::Connecting(queue)) = slots.insert(addr, Slot::Ready(conn.clone())) {
-                for bytes in queue {
-                    send_on(&conn, bytes);
-                }
-            }
+    // The newest handshake wins the slot: a peer that restarted on the same address dials us
+    // afresh, and the connection we held to its previous process would swallow datagrams until
+    // the idle timeout (its new endpoint cannot reset a connection it never knew). Both sides
+    // read from every connection, so two live ones for a pair do no harm.
+    if let Some(Slot::Connecting(queue)) = lock(&shared.slots).insert(addr, Slot::Ready(conn.clone())) {
+        for bytes in queue {
+            send_on(&conn, bytes);
         }
     }
     tokio::spawn(serve_member(shared.clone(), conn, peer));

@@ -98,7 +98,7 @@ impl DataDir {
     }
 
     /// The node id, created from `random` the first time.
-    pub fn node_id(&self, random: [u8; 16]) -> Result<NodeId, DataDirError> {
+    pub fn node_id(&self, random: [u8; 8]) -> Result<NodeId, DataDirError> {
         if let Some(text) = self.read_text(NODE_ID)? {
             return text.trim().parse().map_err(|e: crate::identity::ParseNodeIdError| DataDirError::Corrupt { path: self.file(NODE_ID), reason: e.to_string() });
         }
@@ -201,8 +201,8 @@ mod tests {
     fn identity_and_tokens_persist_across_opens() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::open(tmp.path()).unwrap();
-        let id = dir.node_id([4; 16]).unwrap();
-        assert_eq!(DataDir::open(tmp.path()).unwrap().node_id([5; 16]).unwrap(), id);
+        let id = dir.node_id([4; 8]).unwrap();
+        assert_eq!(DataDir::open(tmp.path()).unwrap().node_id([5; 8]).unwrap(), id);
         assert_eq!(dir.next_generation().unwrap(), 1);
         assert_eq!(dir.next_generation().unwrap(), 2);
 

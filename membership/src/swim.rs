@@ -45,8 +45,9 @@ pub struct SwimConfig {
     pub suspect_to_down_after: Duration,
     /// How long a down or left member is remembered before it is reaped.
     pub remove_down_after: Duration,
-    /// How often each update is piggybacked.
-    pub max_transmissions: NonZeroU8,
+    /// How often each update is piggybacked, at least; the node raises it as the cluster grows
+    /// (4 × log10(members + 1), as memberlist does).
+    pub min_transmissions: NonZeroU8,
     /// How often to re-announce to a few members, so partitions heal.
     pub periodic_announce: Duration,
     /// Longest wait between announces while no member is reachable.
@@ -62,8 +63,8 @@ impl SwimConfig {
             indirect_probes: NonZeroUsize::new(3).expect("non-zero"),
             suspect_to_down_after: Duration::from_millis(1200),
             remove_down_after: Duration::from_secs(3600),
-            max_transmissions: NonZeroU8::new(8).expect("non-zero"),
-            periodic_announce: Duration::from_secs(15),
+            min_transmissions: NonZeroU8::new(3).expect("non-zero"),
+            periodic_announce: Duration::from_secs(30),
             max_reannounce_backoff: Duration::from_secs(30),
         }
     }
@@ -79,14 +80,21 @@ impl SwimConfig {
         Ok(())
     }
 
-    fn foca(&self) -> foca::Config {
+    /// Transmissions per update for a cluster of `members`.
+    pub fn transmissions_for(&self, members: usize) -> NonZeroU8 {
+        let scaled = (4.0 * ((members + 1) as f64).log10()).ceil();
+        let scaled = if scaled >= 255.0 { 255 } else { scaled as u8 };
+        NonZeroU8::new(scaled).unwrap_or(self.min_transmissions).max(self.min_transmissions)
+    }
+
+    fn foca(&self, members: usize) -> foca::Config {
         let mut c = foca::Config::new_lan(std::num::NonZeroU32::new(16).expect("non-zero"));
         c.probe_period = self.probe_period;
         c.probe_rtt = self.probe_rtt;
         c.num_indirect_probes = self.indirect_probes;
         c.suspect_to_down_after = self.suspect_to_down_after;
         c.remove_down_after = Some(self.remove_down_after);
-        c.max_transmissions = self.max_transmissions;
+        c.max_transmissions = self.transmissions_for(members);
         c.max_packet_size = NonZeroUsize::new(MAX_PACKET).expect("non-zero");
         c.notify_down_members = true;
         c.periodic_announce = Some(foca::PeriodicParams {
@@ -250,6 +258,7 @@ pub struct Swim {
     outbox: VecDeque<(NodeIdentity, Bytes)>,
     events: VecDeque<MemberEvent>,
     seeds: BTreeSet<SocketAddr>,
+    tuned_for: usize,
     reannounce_backoff: Duration,
     reannounce_armed: bool,
     left: bool,
@@ -259,7 +268,7 @@ impl Swim {
     /// A node that knows nobody yet. `rng` is the only randomness foca gets.
     pub fn new(identity: NodeIdentity, meta: NodeMeta, config: SwimConfig, rng: StdRng, now: Instant) -> Self {
         let table = Arc::new(Mutex::new(MetaTable::default()));
-        let foca = Foca::with_custom_broadcast(identity, config.foca(), rng, PostcardCodec, MetaBroadcasts(table.clone()));
+        let foca = Foca::with_custom_broadcast(identity, config.foca(1), rng, PostcardCodec, MetaBroadcasts(table.clone()));
         let mut swim = Swim {
             foca,
             runtime: AccumulatingRuntime::new(),
@@ -273,6 +282,7 @@ impl Swim {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             seeds: BTreeSet::new(),
+            tuned_for: 1,
             reannounce_backoff: Duration::from_millis(500),
             reannounce_armed: false,
             left: false,
@@ -523,6 +533,13 @@ impl Swim {
     /// Brings the member table in line with foca and the metadata table after any input.
     fn after_input(&mut self, now: Instant) {
         self.drain_runtime(now);
+        let size = self.foca.num_members() + 1;
+        if self.config.transmissions_for(size) != self.config.transmissions_for(self.tuned_for) {
+            if let Err(e) = self.foca.set_config(self.config.foca(size)) {
+                tracing::warn!(error = %e, "could not retune foca");
+            }
+        }
+        self.tuned_for = size;
         // Suspicion, refutation and incarnations: foca does not notify these; read them.
         let foca_view: BTreeMap<NodeId, (NodeIdentity, State, u16)> = self
             .foca

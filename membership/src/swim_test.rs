@@ -18,7 +18,7 @@ impl Net {
         let now = Instant::now();
         let mut net = Net { now, nodes: BTreeMap::new(), dead: BTreeSet::new(), by_addr: BTreeMap::new() };
         for i in 1..=n {
-            let id = NodeId([i; 16]);
+            let id = NodeId([i; 8]);
             let addr: SocketAddr = format!("10.0.0.{i}:7946").parse().unwrap();
             let identity = NodeIdentity { id, addr, generation: 1 };
             let meta = NodeMeta { name: format!("n{i}"), ..Default::default() };
@@ -112,7 +112,7 @@ fn a_silent_node_is_declared_down_by_all() {
     let mut net = Net::new(5);
     net.join_all_to_first();
     net.run_until(Duration::from_secs(10), Net::converged);
-    let victim = NodeId([5; 16]);
+    let victim = NodeId([5; 8]);
     net.dead.insert(victim);
     let took = net.run_until(Duration::from_secs(10), |n| n.all_see(victim, MemberState::Down));
     assert!(took < Duration::from_secs(5), "detection took {took:?}");
@@ -123,7 +123,7 @@ fn a_leaving_node_is_left_not_down() {
     let mut net = Net::new(4);
     net.join_all_to_first();
     net.run_until(Duration::from_secs(10), Net::converged);
-    let leaver = NodeId([4; 16]);
+    let leaver = NodeId([4; 8]);
     let now = net.now;
     net.nodes.get_mut(&leaver).unwrap().leave(now);
     net.run_until(Duration::from_secs(5), |n| n.all_see(leaver, MemberState::Left));
@@ -134,14 +134,14 @@ fn a_packet_from_someone_else_is_refused() {
     let mut net = Net::new(2);
     net.join_all_to_first();
     net.run_until(Duration::from_secs(10), Net::converged);
-    let a = NodeId([1; 16]);
-    let b = NodeId([2; 16]);
+    let a = NodeId([1; 8]);
+    let b = NodeId([2; 8]);
     let now = net.now;
     // b's announce packet, delivered as if it came over a connection with a's certificate.
     let mut swim = net.nodes.remove(&b).unwrap();
     swim.join([SocketAddr::from(([10, 0, 0, 1], 7946))], now);
     let (_, bytes) = swim.poll_transmit().unwrap();
-    let err = net.nodes.get_mut(&a).unwrap().handle_packet(NodeId([9; 16]), &bytes, now).unwrap_err();
+    let err = net.nodes.get_mut(&a).unwrap().handle_packet(NodeId([9; 8]), &bytes, now).unwrap_err();
     assert!(matches!(err, PacketError::Spoofed { .. }), "{err}");
 }
 

@@ -329,7 +329,7 @@ mod tests {
     #[test]
     fn a_signed_request_names_the_node_the_ca_chose() {
         let ca = ClusterCa::generate("t").unwrap();
-        let node = NodeId([7; 16]);
+        let node = NodeId([7; 8]);
         let pending = PendingKey::generate(node).unwrap();
         let cert = ca.sign_request(&pending.csr_der, node).unwrap();
         assert_eq!(node_id_of(&cert), Some(node));
@@ -344,7 +344,7 @@ mod tests {
         let ca = ClusterCa::generate("t").unwrap();
         let again = ClusterCa::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap();
         assert_eq!(ca.fingerprint(), again.fingerprint());
-        let creds = again.issue_node(NodeId([1; 16])).unwrap();
-        assert_eq!(node_id_of(&creds.cert_der), Some(NodeId([1; 16])));
+        let creds = again.issue_node(NodeId([1; 8])).unwrap();
+        assert_eq!(node_id_of(&creds.cert_der), Some(NodeId([1; 8])));
     }
 }

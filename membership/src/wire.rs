@@ -219,7 +219,7 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let update = MetaUpdate { id: NodeId([3; 16]), version: 7, meta: NodeMeta { name: "n".into(), ..Default::default() } };
+        let update = MetaUpdate { id: NodeId([3; 8]), version: 7, meta: NodeMeta { name: "n".into(), ..Default::default() } };
         assert_eq!(decode_datagram(&encode_meta(&update)).unwrap(), Datagram::Meta(update.clone()));
         assert_eq!(decode_meta_broadcast(&encode_meta_broadcast(&update)).unwrap(), update);
         assert_eq!(decode_datagram(&encode_swim(b"xyz")).unwrap(), Datagram::Swim(b"xyz"));
