@@ -33,7 +33,7 @@ count_bytes() { # first_port last_port seconds -> total bytes sent from those UD
 kill_all() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
 
 # ---- blx -------------------------------------------------------------------------------------
-BLX_GOSSIP=19000; BLX_API=19500
+BLX_GOSSIP=${BLX_GOSSIP:-19000}; BLX_API=${BLX_API:-19500}
 blx_members() { "$blx" members --api "127.0.0.1:$((BLX_API+$1))" -o json 2>/dev/null || echo "[]"; }
 blx_count() { blx_members "$1" | grep -c "\"state\": \"$2\"" || true; }
 blx_start() { # i [args...]

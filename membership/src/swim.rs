@@ -60,8 +60,8 @@ impl SwimConfig {
         SwimConfig {
             probe_period: Duration::from_millis(500),
             probe_rtt: Duration::from_millis(200),
-            indirect_probes: NonZeroUsize::new(3).expect("non-zero"),
-            suspect_to_down_after: Duration::from_millis(1200),
+            indirect_probes: NonZeroUsize::new(5).expect("non-zero"),
+            suspect_to_down_after: Duration::from_millis(1500),
             remove_down_after: Duration::from_secs(3600),
             min_transmissions: NonZeroU8::new(3).expect("non-zero"),
             periodic_announce: Duration::from_secs(30),
