@@ -96,13 +96,11 @@ async fn run<T: Transport>(
         if **table.borrow() != *swim.members() {
             table.send_replace(Arc::new(swim.members().clone()));
         }
-        if let Some((_, at)) = &leaving {
-            if Instant::now() >= *at {
-                if let Some((done, _)) = leaving.take() {
+        if let Some((_, at)) = &leaving
+            && Instant::now() >= *at
+                && let Some((done, _)) = leaving.take() {
                     let _ = done.send(());
                 }
-            }
-        }
         let far = Instant::now() + Duration::from_secs(3600);
         let mut deadline = swim.poll_deadline().unwrap_or(far);
         if let Some((_, at)) = &leaving {

@@ -164,11 +164,10 @@ impl QuicTransport {
     }
 
     async fn connection(&self, addr: SocketAddr, id: Option<NodeId>) -> Result<quinn::Connection, QuicError> {
-        if let Some(Slot::Ready(conn)) = lock(&self.shared.slots).get(&addr) {
-            if conn.close_reason().is_none() {
+        if let Some(Slot::Ready(conn)) = lock(&self.shared.slots).get(&addr)
+            && conn.close_reason().is_none() {
                 return Ok(conn.clone());
             }
-        }
         let conn = dial(&self.shared, addr, id).await?;
         adopt(&self.shared, conn.clone(), addr);
         Ok(conn)

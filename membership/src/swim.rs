@@ -82,8 +82,9 @@ impl SwimConfig {
 
     /// Transmissions per update for a cluster of `members`.
     pub fn transmissions_for(&self, members: usize) -> NonZeroU8 {
-        let scaled = (4.0 * ((members + 1) as f64).log10()).ceil();
-        let scaled = if scaled >= 255.0 { 255 } else { scaled as u8 };
+        let scaled = (4.0 * ((members + 1) as f64).log10()).ceil().clamp(1.0, 255.0);
+        #[allow(clippy::cast_possible_truncation)] // clamped to 1..=255 just above
+        let scaled = scaled as u8;
         NonZeroU8::new(scaled).unwrap_or(self.min_transmissions).max(self.min_transmissions)
     }
 
@@ -391,11 +392,10 @@ impl Swim {
             }
             match entry.remove() {
                 Wakeup::Foca(TimerSlot(seq)) => {
-                    if let Some(timer) = self.foca_timers.remove(&seq) {
-                        if let Err(e) = self.foca.handle_timer(timer, &mut self.runtime) {
+                    if let Some(timer) = self.foca_timers.remove(&seq)
+                        && let Err(e) = self.foca.handle_timer(timer, &mut self.runtime) {
                             tracing::debug!(error = %e, "foca timer");
                         }
-                    }
                 }
                 Wakeup::Reannounce => {
                     self.reannounce_armed = false;
@@ -534,11 +534,10 @@ impl Swim {
     fn after_input(&mut self, now: Instant) {
         self.drain_runtime(now);
         let size = self.foca.num_members() + 1;
-        if self.config.transmissions_for(size) != self.config.transmissions_for(self.tuned_for) {
-            if let Err(e) = self.foca.set_config(self.config.foca(size)) {
+        if self.config.transmissions_for(size) != self.config.transmissions_for(self.tuned_for)
+            && let Err(e) = self.foca.set_config(self.config.foca(size)) {
                 tracing::warn!(error = %e, "could not retune foca");
             }
-        }
         self.tuned_for = size;
         // Suspicion, refutation and incarnations: foca does not notify these; read them.
         let foca_view: BTreeMap<NodeId, (NodeIdentity, State, u16)> = self

@@ -121,12 +121,11 @@ impl Agent {
     pub fn wait_exit(&mut self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(_)) = c.try_wait() {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(_)) = c.try_wait() {
                     self.child = None;
                     return true;
                 }
-            }
             std::thread::sleep(Duration::from_millis(50));
         }
         false
@@ -209,7 +208,7 @@ impl Cluster {
 
     /// Starts agent `n<k>` joining through the first agent with the bootstrap token.
     pub fn join(&mut self) -> &Agent {
-        let k = self.agents.len() as u8 + 1;
+        let k = u8::try_from(self.agents.len() + 1).expect("fewer than 255 agents");
         let args = vec!["--token".to_string(), self.token.clone(), "--seed".to_string(), self.agents[0].gossip.to_string()];
         let agent = Agent::start(self.root.path(), &format!("n{k}"), self.ip(k), &args);
         self.agents.push(agent);

@@ -169,7 +169,7 @@ fn strangers_cannot_gossip_and_garbage_changes_nothing() {
                 seed ^= seed << 13;
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
-                seed as u8
+                seed.to_le_bytes()[0]
             })
             .collect();
         let _ = sock.send_to(&bytes, n1.gossip);
