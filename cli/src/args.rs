@@ -3,20 +3,19 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
-
-use crate::{agent, client};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// blx: run microVMs on a fleet of machines.
 #[derive(Parser, Debug)]
 #[command(name = "blx", version, about, propagate_version = true)]
 pub(crate) struct Cli {
     #[command(subcommand)]
-    command: Command,
+    pub(crate) command: Command,
 }
 
+/// Every `blx` subcommand.
 #[derive(Subcommand, Debug)]
-enum Command {
+pub(crate) enum Command {
     /// Run an agent in the foreground. With an empty data dir and no token it bootstraps a new
     /// cluster and prints a join token.
     Agent(AgentArgs),
@@ -51,8 +50,9 @@ enum Command {
     },
 }
 
+/// `blx token ...`.
 #[derive(Subcommand, Debug)]
-enum TokenCommand {
+pub(crate) enum TokenCommand {
     /// Create a join token and print it alone on stdout.
     Create {
         #[command(flatten)]
@@ -141,28 +141,10 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     blx_membership::meta::parse_label(s).map_err(|e| e.to_string())
 }
 
-pub(crate) async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Agent(args) => agent::run(args).await,
-        Command::Join { join_token, mut agent } => {
-            agent.token = Some(join_token);
-            agent::run(agent).await
-        }
-        Command::Members { api, output } => client::members(&api, output).await,
-        Command::Leave { api } => client::leave(&api).await,
-        Command::Token(TokenCommand::Create { api, ttl }) => client::token_create(&api, ttl).await,
-        Command::Token(TokenCommand::List { api, output }) => client::token_list(&api, output).await,
-        Command::Token(TokenCommand::Revoke { api, id }) => client::token_revoke(&api, &id).await,
-        Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "blx", &mut std::io::stdout());
-            Ok(())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     #[test]
     fn the_command_line_definition_is_consistent() {

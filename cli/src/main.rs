@@ -23,11 +23,30 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(args::run(cli)) {
+    match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blx: {e:#}");
             ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+async fn run(cli: args::Cli) -> anyhow::Result<()> {
+    match cli.command {
+        args::Command::Agent(args) => agent::run(args).await,
+        args::Command::Join { join_token, mut agent } => {
+            agent.token = Some(join_token);
+            agent::run(agent).await
+        }
+        args::Command::Members { api, output } => client::members(&api, output).await,
+        args::Command::Leave { api } => client::leave(&api).await,
+        args::Command::Token(args::TokenCommand::Create { api, ttl }) => client::token_create(&api, ttl).await,
+        args::Command::Token(args::TokenCommand::List { api, output }) => client::token_list(&api, output).await,
+        args::Command::Token(args::TokenCommand::Revoke { api, id }) => client::token_revoke(&api, &id).await,
+        args::Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut <args::Cli as clap::CommandFactory>::command(), "blx", &mut std::io::stdout());
+            Ok(())
         }
     }
 }
