@@ -154,3 +154,21 @@ fn the_same_seed_gives_the_same_history() {
     };
     assert_eq!(trace(), trace());
 }
+
+#[test]
+fn a_member_down_past_the_reap_time_is_forgotten() {
+    let mut net = Net::new(3);
+    for swim in net.nodes.values_mut() {
+        swim.config.remove_down_after = Duration::from_secs(5);
+        let cfg = swim.config.foca(3);
+        swim.foca.set_config(cfg).unwrap();
+    }
+    net.join_all_to_first();
+    net.run_until(Duration::from_secs(10), Net::converged);
+    let victim = NodeId([3; 8]);
+    net.dead.insert(victim);
+    net.run_until(Duration::from_secs(10), |n| n.all_see(victim, MemberState::Down));
+    net.run_until(Duration::from_secs(20), |n| {
+        n.nodes.iter().filter(|(id, _)| **id != victim).all(|(_, s)| !s.members().contains_key(&victim))
+    });
+}

@@ -64,6 +64,10 @@ fn expired_revoked_forged_garbled_and_foreign_tokens_are_refused() {
     let out = n1.cli(&["token", "revoke", "0000000000000000"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no token"), "{}", String::from_utf8_lossy(&out.stderr));
 
+    tracing::info!("--- shell completions are generated");
+    let out = std::process::Command::new(blx_tests::blx_bin()).args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("token"));
+
     tracing::info!("--- the good token still works after all that");
     let mut cluster = cluster;
     cluster.join();
