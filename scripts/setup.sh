@@ -3,9 +3,9 @@
 #   scripts/setup.sh run|test|bench
 set -euo pipefail
 case "${1:-run}" in
-  run)   pkgs=(iproute2) ;;
-  test)  pkgs=(iproute2 nftables) ;;
-  bench) pkgs=(iproute2 nftables serf bc) ;;
+  run)   pkgs=(iproute2 clang libclang-dev) ;;
+  test)  pkgs=(iproute2 nftables clang libclang-dev) ;;
+  bench) pkgs=(iproute2 nftables serf bc clang libclang-dev etcd-server etcd-client wrk) ;;
   *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
 esac
 missing=()

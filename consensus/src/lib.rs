@@ -1,5 +1,23 @@
-//! blx consensus: the cluster's replicated state on openraft and RocksDB.
+//! blx consensus: the cluster's replicated state and the autopilot that manages the Raft
+//! voter set by itself.
 //!
-//! Not built yet. It will own the openraft type config, `Command` and `ClusterState`, the
-//! RocksDB log store and state machine, Raft RPC over the membership crate's QUIC endpoint,
-//! and the autopilot controller that promotes learners and replaces dead voters.
+//! ```text
+//!  API / CLI ──Command──▶ validate ──▶ Raft log (openraft) ──▶ apply ──▶ ClusterState
+//!                                                                   (kv, config + history)
+//!  membership events ──▶ autopilot::plan(nodes, raft, config) ──▶ add_learner / change_membership
+//! ```
+//!
+//! Both [`state`] and [`autopilot`] are pure: no IO, no clock, ordered collections only, so the
+//! simulator runs them as they are. Not here yet: the RocksDB log store and state machine, Raft
+//! RPC over QUIC, and the agent wiring (see the consensus issue).
+
+pub mod autopilot;
+pub mod state;
+pub mod machine;
+pub mod mem;
+pub mod network;
+pub mod node;
+pub mod rocks;
+
+#[cfg(test)]
+mod store_suite;

@@ -1,0 +1,115 @@
+//! The openraft type configuration and the state machine core that every store shares: apply
+//! log entries to [`ClusterState`], and encode or decode the whole of it as a snapshot.
+
+use std::io::Cursor;
+
+use openraft::{AnyError, EntryPayload, LogId, StorageError, StorageIOError, StoredMembership};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Applied, ClusterState, Command, CommandError};
+
+/// What applying a command answers: the result, or why it was refused.
+pub type Response = Result<Applied, CommandError>;
+
+openraft::declare_raft_types!(
+    /// blx's Raft types: commands in, responses out, u64 node ids, gossip address as the node.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+);
+
+/// One log entry.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// A node as Raft knows it.
+pub type Node = openraft::BasicNode;
+/// Membership as the state machine stores it.
+pub type Membership = StoredMembership<u64, Node>;
+/// Storage failures, as openraft wants them.
+pub type StoreError = StorageError<u64>;
+
+/// The format version byte of every stored record.
+pub const RECORD_VERSION: u8 = 1;
+
+/// Everything a snapshot holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineData {
+    /// The last entry applied.
+    pub last_applied: Option<LogId<u64>>,
+    /// The last membership applied.
+    pub last_membership: Membership,
+    /// The cluster state.
+    pub state: ClusterState,
+}
+
+impl MachineData {
+    /// Applies entries in order; a refused command is answered with its error and changes
+    /// nothing, like any other deterministic outcome.
+    pub fn apply(&mut self, entries: impl IntoIterator<Item = Entry>) -> Vec<Response> {
+        entries
+            .into_iter()
+            .map(|entry| {
+                self.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => Ok(Applied::Nothing),
+                    EntryPayload::Normal(cmd) => self.state.apply(entry.log_id.index, &cmd),
+                    EntryPayload::Membership(m) => {
+                        self.last_membership = StoredMembership::new(Some(entry.log_id), m);
+                        Ok(Applied::Nothing)
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// The snapshot bytes: a version byte, then postcard.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Reads snapshot bytes made by [`MachineData::encode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        decode(bytes).map_err(|e| StorageIOError::read_snapshot(None, AnyError::error(e)).into())
+    }
+}
+
+/// Encodes a stored record: version byte, then postcard.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = vec![RECORD_VERSION];
+    out.extend(postcard::to_allocvec(value).unwrap_or_default());
+    out
+}
+
+/// Decodes a stored record made by [`encode`].
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    match bytes.split_first() {
+        Some((&RECORD_VERSION, body)) => postcard::from_bytes(body).map_err(|e| e.to_string()),
+        Some((v, _)) => Err(format!("unknown record version {v}")),
+        None => Err("empty record".into()),
+    }
+}
+
+/// A snapshot as a store keeps it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredSnapshot {
+    /// Which log position it covers.
+    pub meta: openraft::SnapshotMeta<u64, Node>,
+    /// [`MachineData::encode`] bytes.
+    pub data: Vec<u8>,
+}
+
+impl StoredSnapshot {
+    /// As openraft hands snapshots around.
+    pub fn to_snapshot(&self) -> openraft::Snapshot<TypeConfig> {
+        openraft::Snapshot { meta: self.meta.clone(), snapshot: Box::new(Cursor::new(self.data.clone())) }
+    }
+}
+
+/// Builds the snapshot of `data`, naming it after its last applied entry and `seq`.
+pub fn snapshot_of(data: &MachineData, seq: u64) -> StoredSnapshot {
+    let snapshot_id = match data.last_applied {
+        Some(last) => format!("{}-{}-{seq}", last.leader_id, last.index),
+        None => format!("--{seq}"),
+    };
+    let meta = openraft::SnapshotMeta { last_log_id: data.last_applied, last_membership: data.last_membership.clone(), snapshot_id };
+    StoredSnapshot { meta, data: data.encode() }
+}

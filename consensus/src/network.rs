@@ -1,0 +1,147 @@
+//! Raft RPC: openraft's append-entries, vote and install-snapshot as request/response byte
+//! exchanges over an [`RpcTransport`]. The agent backs the transport with the membership
+//! crate's mutual-TLS QUIC endpoint (a bidirectional stream per RPC); this crate never sees
+//! a socket.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
+use openraft::{AnyError, Raft};
+use serde::{Deserialize, Serialize};
+
+use crate::machine::{Node, TypeConfig, decode, encode};
+
+/// A Raft RPC on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRequest {
+    /// Append entries (and heartbeats).
+    Append(AppendEntriesRequest<TypeConfig>),
+    /// Request a vote.
+    Vote(VoteRequest<u64>),
+    /// One chunk of a snapshot.
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+/// The answer to a [`RaftRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftReply {
+    /// To `Append`.
+    Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    /// To `Vote`.
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    /// To `Snapshot`.
+    Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    /// The request did not decode.
+    Malformed(String),
+}
+
+/// Carries one request to a node and brings back its answer.
+pub trait RpcTransport: Send + Sync + 'static {
+    /// Sends `payload` to the node `target` at `addr`, waiting at most `timeout`.
+    fn call(&self, target: u64, addr: SocketAddr, payload: Vec<u8>, timeout: Duration) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>>;
+}
+
+/// openraft's network factory over an [`RpcTransport`].
+pub struct Network<T> {
+    transport: Arc<T>,
+}
+
+impl<T> Network<T> {
+    /// A factory sending through `transport`.
+    pub fn new(transport: Arc<T>) -> Self {
+        Network { transport }
+    }
+}
+
+/// The connection to one peer.
+pub struct Peer<T> {
+    target: u64,
+    addr: Option<SocketAddr>,
+    transport: Arc<T>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Failure(String);
+
+impl<T: RpcTransport> RaftNetworkFactory<TypeConfig> for Network<T> {
+    type Network = Peer<T>;
+
+    async fn new_client(&mut self, target: u64, node: &Node) -> Peer<T> {
+        Peer { target, addr: node.addr.parse().ok(), transport: self.transport.clone() }
+    }
+}
+
+impl<T: RpcTransport> Peer<T> {
+    async fn exchange<E: std::error::Error>(&self, request: RaftRequest, option: &RPCOption) -> Result<RaftReply, RPCError<u64, Node, E>> {
+        let addr = self.addr.ok_or_else(|| RPCError::Unreachable(Unreachable::new(&Failure(format!("node {} has no valid address", self.target)))))?;
+        let bytes = self
+            .transport
+            .call(self.target, addr, encode(&request), option.hard_ttl())
+            .await
+            .map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e))))?;
+        match decode::<RaftReply>(&bytes) {
+            Ok(RaftReply::Malformed(e)) => Err(RPCError::Network(NetworkError::new(&Failure(format!("peer could not decode our request: {e}"))))),
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&Failure(format!("bad reply: {e}"))))),
+        }
+    }
+
+    fn wrong<E: std::error::Error>() -> RPCError<u64, Node, E> {
+        RPCError::Network(NetworkError::new(&Failure("reply of the wrong kind".into())))
+    }
+}
+
+impl<T: RpcTransport> RaftNetwork<TypeConfig> for Peer<T> {
+    async fn append_entries(&mut self, rpc: AppendEntriesRequest<TypeConfig>, option: RPCOption) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Node, RaftError<u64>>> {
+        match self.exchange(RaftRequest::Append(rpc), &option).await? {
+            RaftReply::Append(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            _ => Err(Self::wrong()),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, Node, RaftError<u64, InstallSnapshotError>>> {
+        match self.exchange(RaftRequest::Snapshot(rpc), &option).await? {
+            RaftReply::Snapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            _ => Err(Self::wrong()),
+        }
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RPCError<u64, Node, RaftError<u64>>> {
+        match self.exchange(RaftRequest::Vote(rpc), &option).await? {
+            RaftReply::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            _ => Err(Self::wrong()),
+        }
+    }
+}
+
+/// Decodes a Raft RPC from the wire; what the RPC fuzz target exercises.
+pub fn decode_request(bytes: &[u8]) -> Result<RaftRequest, String> {
+    decode(bytes)
+}
+
+/// The server side: hands one encoded request to the local Raft and encodes its answer.
+pub async fn serve(raft: &Raft<TypeConfig>, payload: &[u8]) -> Vec<u8> {
+    let reply = match decode_request(payload) {
+        Ok(RaftRequest::Append(rpc)) => RaftReply::Append(raft.append_entries(rpc).await),
+        Ok(RaftRequest::Vote(rpc)) => RaftReply::Vote(raft.vote(rpc).await),
+        Ok(RaftRequest::Snapshot(rpc)) => RaftReply::Snapshot(raft.install_snapshot(rpc).await),
+        Err(e) => RaftReply::Malformed(e),
+    };
+    encode(&reply)
+}
+
+/// Keeps `AnyError` in the public signature family for callers building errors.
+pub fn any_error(e: impl std::fmt::Display) -> AnyError {
+    AnyError::error(e.to_string())
+}

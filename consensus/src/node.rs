@@ -1,0 +1,207 @@
+//! One node's Raft: openraft on the RocksDB stores, plus what the agent asks of it: writes
+//! (answered here on the leader, or told where the leader is), linearizable or stale reads,
+//! status, and the autopilot task that runs while this node leads.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Raft, ServerState};
+use serde::Serialize;
+
+use crate::autopilot::{NodeView, RaftView, plan};
+use crate::machine::{Node, Response, StoreError, TypeConfig};
+use crate::network::{Network, RpcTransport};
+use crate::rocks::RocksStateMachine;
+use crate::state::{ClusterState, Command};
+
+/// Failures of the consensus layer as the agent sees them.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    /// RocksDB or the state machine failed.
+    #[error("storage: {0}")]
+    Storage(#[from] StoreError),
+    /// openraft refused its configuration or stopped.
+    #[error("raft: {0}")]
+    Raft(String),
+    /// This node does not lead; the write or read must go to the leader.
+    #[error("not the leader")]
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<u64>,
+    },
+}
+
+/// What `blx status` shows.
+#[derive(Clone, Debug, Serialize)]
+pub struct Status {
+    /// This node's Raft id.
+    pub id: u64,
+    /// The leader, if known.
+    pub leader: Option<u64>,
+    /// The current term.
+    pub term: u64,
+    /// Index of the last applied entry.
+    pub applied_index: u64,
+    /// Index of the last log entry.
+    pub last_log_index: u64,
+    /// Leader, follower, learner or candidate.
+    pub role: String,
+    /// Voter ids.
+    pub voters: BTreeSet<u64>,
+    /// Learner ids.
+    pub learners: BTreeSet<u64>,
+}
+
+/// One node's consensus.
+#[derive(Clone)]
+pub struct ConsensusNode {
+    /// The openraft handle.
+    pub raft: Raft<TypeConfig>,
+    machine: RocksStateMachine,
+    id: u64,
+}
+
+/// openraft timing for a LAN.
+pub fn raft_config() -> Result<openraft::Config, ConsensusError> {
+    let config = openraft::Config {
+        cluster_name: "blx".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
+        max_payload_entries: 64,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
+        max_in_snapshot_log_to_keep: 1000,
+        snapshot_max_chunk_size: 1024 * 1024,
+        ..Default::default()
+    };
+    config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))
+}
+
+impl ConsensusNode {
+    /// Opens the RocksDB stores under `dir` and starts Raft.
+    pub async fn start<T: RpcTransport>(id: u64, dir: &Path, config: openraft::Config, transport: Arc<T>) -> Result<Self, ConsensusError> {
+        let (log, machine) = crate::rocks::open(dir)?;
+        let raft = Raft::new(id, Arc::new(config), Network::new(transport), log, machine.clone())
+            .await
+            .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        Ok(ConsensusNode { raft, machine, id })
+    }
+
+    /// Makes this node the single voter of a new group. Only the cluster's first agent calls
+    /// it, once; on a node that already has state it does nothing.
+    pub async fn initialize(&self, addr: SocketAddr) -> Result<(), ConsensusError> {
+        let members = BTreeMap::from([(self.id, Node { addr: addr.to_string() })]);
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(ConsensusError::Raft(e.to_string())),
+        }
+    }
+
+    /// Proposes a command if this node leads.
+    pub async fn write(&self, cmd: Command) -> Result<Response, ConsensusError> {
+        // Refuse before proposing what would be refused on apply.
+        if let Err(e) = self.machine.state().validate(&cmd) {
+            return Ok(Err(e));
+        }
+        match self.raft.client_write(cmd).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ConsensusError::NotLeader { leader: f.leader_id }),
+            Err(e) => Err(ConsensusError::Raft(e.to_string())),
+        }
+    }
+
+    /// The state; linearizable (confirmed with a quorum, then applied up to that point) unless
+    /// `stale`.
+    pub async fn read(&self, stale: bool) -> Result<ClusterState, ConsensusError> {
+        if !stale {
+            match self.raft.ensure_linearizable().await {
+                Ok(_) => {}
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                    return Err(ConsensusError::NotLeader { leader: f.leader_id });
+                }
+                Err(e) => return Err(ConsensusError::Raft(e.to_string())),
+            }
+        }
+        Ok(self.machine.state())
+    }
+
+    /// Leader, term, indexes and the voter set.
+    pub fn status(&self) -> Status {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let learners: BTreeSet<u64> = membership.learner_ids().collect();
+        Status {
+            id: self.id,
+            leader: m.current_leader,
+            term: m.current_term,
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            role: format!("{:?}", m.state).to_lowercase(),
+            voters,
+            learners,
+        }
+    }
+
+    /// Runs the autopilot while this node leads: every `period`, reads the nodes through
+    /// `nodes` (membership's view: up, left, how long, zone, gossip address) and executes the
+    /// plan. Runs until the task is dropped.
+    pub async fn run_autopilot<F>(self, period: Duration, nodes: F)
+    where
+        F: Fn() -> BTreeMap<u64, (NodeView, SocketAddr)> + Send + Sync + 'static,
+    {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let m = self.raft.metrics().borrow().clone();
+            if m.state != ServerState::Leader {
+                continue;
+            }
+            let membership = m.membership_config.membership();
+            // Wait for a joint config to settle before planning the next change.
+            if membership.get_joint_config().len() > 1 {
+                continue;
+            }
+            let raft_view = RaftView { leader: self.id, voters: membership.voter_ids().collect(), learners: membership.learner_ids().collect() };
+            let last = m.last_log_index.unwrap_or(0);
+            let matched: BTreeMap<u64, u64> = m
+                .replication
+                .as_ref()
+                .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
+                .unwrap_or_default();
+            let mut views = nodes();
+            for (id, (view, _)) in views.iter_mut() {
+                view.lag = if *id == self.id { Some(0) } else { matched.get(id).map(|idx| last.saturating_sub(*idx)) };
+            }
+            let config = self.machine.state().config.1;
+            let plan_nodes: BTreeMap<u64, NodeView> = views.iter().map(|(id, (v, _))| (*id, v.clone())).collect();
+            let p = plan(&plan_nodes, &raft_view, &config);
+            if p.is_empty() {
+                continue;
+            }
+            tracing::info!(?p, "autopilot");
+            for id in &p.add_learners {
+                let Some((_, addr)) = views.get(id) else { continue };
+                if let Err(e) = self.raft.add_learner(*id, Node { addr: addr.to_string() }, false).await {
+                    tracing::warn!(node = id, error = %e, "add learner");
+                }
+            }
+            if let Some(voters) = p.voters {
+                if let Err(e) = self.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), true).await {
+                    tracing::warn!(error = %e, "change voters");
+                }
+            }
+            if !p.remove_learners.is_empty() {
+                let gone: BTreeSet<u64> = p.remove_learners.into_iter().collect();
+                if let Err(e) = self.raft.change_membership(ChangeMembers::RemoveNodes(gone), false).await {
+                    tracing::warn!(error = %e, "remove learners");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! RocksDB log store and state machine: one database per agent, with column families for the
+//! Raft log (`log`, keyed by big-endian index), vote and log metadata (`meta`), and the state
+//! machine's latest snapshot (`machine`). Every write is synced before it is acknowledged.
+//!
+//! The state machine lives in memory and is rebuilt on start from its snapshot plus the
+//! committed log after it, which openraft replays; building a snapshot persists it and lets
+//! the log before it be purged, so neither the log nor the snapshot grows without bound.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
+use openraft::{AnyError, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError, Vote};
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+
+use crate::machine::{Entry, MachineData, Membership, Node, Response, StoreError, StoredSnapshot, TypeConfig, decode, encode, snapshot_of};
+
+const CF_LOG: &str = "log";
+const CF_META: &str = "meta";
+const CF_MACHINE: &str = "machine";
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_PURGED: &[u8] = b"last_purged";
+const KEY_SNAPSHOT: &[u8] = b"snapshot";
+
+fn io(e: impl std::fmt::Display) -> AnyError {
+    AnyError::error(e.to_string())
+}
+
+fn synced() -> WriteOptions {
+    let mut w = WriteOptions::default();
+    w.set_sync(true);
+    w
+}
+
+/// Opens (creating if needed) the database under `path` and returns its two halves.
+pub fn open(path: &Path) -> Result<(RocksLogStore, RocksStateMachine), StoreError> {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    let cfs = [CF_LOG, CF_META, CF_MACHINE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StorageIOError::write(io(e)))?);
+    let machine = RocksStateMachine::load(db.clone())?;
+    Ok((RocksLogStore { db }, machine))
+}
+
+/// The Raft log in RocksDB.
+#[derive(Clone)]
+pub struct RocksLogStore {
+    db: Arc<DB>,
+}
+
+impl RocksLogStore {
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column families are created on open")
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        let Some(bytes) = self.db.get_cf(self.cf(CF_META), key).map_err(|e| StorageIOError::read(io(e)))? else {
+            return Ok(None);
+        };
+        decode(&bytes).map(Some).map_err(|e| StorageIOError::read(io(e)).into())
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StoreError> {
+        self.db.put_cf_opt(self.cf(CF_META), key, encode(value), &synced()).map_err(|e| StorageIOError::write(io(e)).into())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for RocksLogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(&mut self, range: RB) -> Result<Vec<Entry>, StoreError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        let key = start.to_be_bytes();
+        for item in self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::From(&key, Direction::Forward)) {
+            let (k, v) = item.map_err(|e| StorageIOError::read_logs(io(e)))?;
+            let index = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StorageIOError::read_logs(io("bad log key")))?);
+            if !range.contains(&index) {
+                break;
+            }
+            out.push(decode(&v).map_err(|e| StorageIOError::read_logs(io(e)))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for RocksLogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StoreError> {
+        let last_purged: Option<LogId<u64>> = self.get_meta(KEY_PURGED)?;
+        let last = match self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::End).next() {
+            Some(item) => {
+                let (_, v) = item.map_err(|e| StorageIOError::read_logs(io(e)))?;
+                let entry: Entry = decode(&v).map_err(|e| StorageIOError::read_logs(io(e)))?;
+                Some(entry.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StoreError> {
+        self.put_meta(KEY_VOTE, vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StoreError> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StoreError> {
+        self.put_meta(KEY_COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StoreError> {
+        Ok(self.get_meta::<Option<LogId<u64>>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StoreError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        for e in entries {
+            batch.put_cf(self.cf(CF_LOG), e.log_id.index.to_be_bytes(), encode(&e));
+        }
+        let result = self.db.write_opt(batch, &synced());
+        let done = result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(done);
+        result.map_err(|e| StorageIOError::write_logs(io(e)).into())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_LOG), log_id.index.to_be_bytes(), u64::MAX.to_be_bytes());
+        self.db.write_opt(batch, &synced()).map_err(|e| StorageIOError::write_logs(io(e)).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StoreError> {
+        // Record the purge point first: a crash between the two writes leaves extra entries,
+        // never a gap.
+        self.put_meta(KEY_PURGED, &log_id)?;
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_LOG), 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes());
+        self.db.write_opt(batch, &synced()).map_err(|e| StorageIOError::write_logs(io(e)).into())
+    }
+}
+
+struct MachineInner {
+    data: MachineData,
+    snapshot: Option<StoredSnapshot>,
+    snapshots_built: u64,
+}
+
+/// The state machine, in memory, with its snapshots in RocksDB.
+#[derive(Clone)]
+pub struct RocksStateMachine {
+    db: Arc<DB>,
+    inner: Arc<Mutex<MachineInner>>,
+}
+
+impl RocksStateMachine {
+    fn load(db: Arc<DB>) -> Result<Self, StoreError> {
+        let cf = db.cf_handle(CF_MACHINE).expect("column families are created on open");
+        let snapshot: Option<StoredSnapshot> = match db.get_cf(cf, KEY_SNAPSHOT).map_err(|e| StorageIOError::read_state_machine(io(e)))? {
+            Some(bytes) => Some(decode(&bytes).map_err(|e| StorageIOError::read_state_machine(io(e)))?),
+            None => None,
+        };
+        let data = match &snapshot {
+            Some(s) => MachineData::decode(&s.data)?,
+            None => MachineData::default(),
+        };
+        Ok(RocksStateMachine { db, inner: Arc::new(Mutex::new(MachineInner { data, snapshot, snapshots_built: 0 })) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MachineInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn persist(&self, snapshot: &StoredSnapshot) -> Result<(), StoreError> {
+        let cf = self.db.cf_handle(CF_MACHINE).expect("column families are created on open");
+        self.db
+            .put_cf_opt(cf, KEY_SNAPSHOT, encode(snapshot), &synced())
+            .map_err(|e| StorageIOError::write_snapshot(Some(snapshot.meta.signature()), io(e)).into())
+    }
+
+    /// A copy of the cluster state as applied so far.
+    pub fn state(&self) -> crate::state::ClusterState {
+        self.lock().data.state.clone()
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for RocksStateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StoreError> {
+        let snapshot = {
+            let mut inner = self.lock();
+            inner.snapshots_built += 1;
+            snapshot_of(&inner.data, inner.snapshots_built)
+        };
+        self.persist(&snapshot)?;
+        self.lock().snapshot = Some(snapshot.clone());
+        Ok(snapshot.to_snapshot())
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for RocksStateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, Membership), StoreError> {
+        let inner = self.lock();
+        Ok((inner.data.last_applied, inner.data.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StoreError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        Ok(self.lock().data.apply(entries))
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StoreError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, Node>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StoreError> {
+        let bytes = snapshot.into_inner();
+        let data = MachineData::decode(&bytes)?;
+        let stored = StoredSnapshot { meta: meta.clone(), data: bytes };
+        self.persist(&stored)?;
+        let mut inner = self.lock();
+        inner.data = data;
+        inner.snapshot = Some(stored);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
+        Ok(self.lock().snapshot.as_ref().map(StoredSnapshot::to_snapshot))
+    }
+}
