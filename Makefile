@@ -10,20 +10,25 @@ export BLX_BIN
 
 .PHONY: run test bench build fuzz
 
+# Both build the whole workspace with every target, so cargo resolves features once and
+# RocksDB's C++ (the longest part of a cold build) is compiled once for run and test alike.
+BUILD := cargo build --workspace --all-targets
+
 run:
 	scripts/setup.sh run
-	cargo build -p blx
+	$(BUILD)
 	scripts/local-cluster.sh $(BLX_BIN)
 
 test:
 	scripts/setup.sh test
-	cargo build -p blx
+	$(BUILD)
 	cargo test --workspace --no-fail-fast
 
 bench:
 	scripts/setup.sh bench
 	cargo build --release -p blx
 	scripts/bench-membership.sh $(CARGO_TARGET_DIR)/release/blx
+	scripts/bench-raft.sh $(CARGO_TARGET_DIR)/release/blx
 
 fuzz:
 	scripts/fuzz.sh

@@ -26,6 +26,15 @@ for _ in $(seq 200); do
 done
 echo "== blx: 3 agents on loopback; member table from n1 (blx members --api 127.0.0.11:7947):"
 "$blx" members --api 127.0.0.11:7947
+for _ in $(seq 300); do
+  s=$("$blx" status -o json --api 127.0.0.11:7947 2>/dev/null || true)
+  [ "$(echo "$s" | tr -d ' \n' | grep -o '"voters":\[[0-9,]*\]' | tr -cd ',' | wc -c)" = 2 ] && break; sleep 0.1
+done
+echo "== Raft group, built by the autopilot with no operator step (blx status):"
+"$blx" status --api 127.0.0.11:7947
+echo "== KV round trip: written through n3, read back through n2:"
+"$blx" kv put greeting "hello from blx" --api 127.0.0.13:7947
+echo "blx kv get greeting -> $("$blx" kv get greeting --api 127.0.0.12:7947)"
 echo "== join token (blx join TOKEN --seed 127.0.0.11:7946 ...):"
 echo "$token"
 if [ -t 0 ]; then

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use blx_consensus::node::{ConsensusNode, raft_config};
 use blx_membership::discovery;
 use blx_membership::join::{JoinError, request_join};
 use blx_membership::meta::{Capacity, NodeMeta, Role};
@@ -38,6 +39,7 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let dir = DataDir::open(&args.data_dir)?;
     let id = dir.node_id(random())?;
     let mut seeds = args.seeds.clone();
+    let mut fresh_cluster = false;
     let creds = match dir.credentials(id)? {
         Some(creds) => {
             if token.is_some() {
@@ -54,7 +56,10 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 creds
             }
             None if !args.seeds.is_empty() => bail!("joining through --seed needs a join token (--token or `blx join TOKEN`)"),
-            None => bootstrap(&dir, &args, id)?,
+            None => {
+                fresh_cluster = true;
+                bootstrap(&dir, &args, id)?
+            }
         },
     };
     let generation = dir.next_generation()?;
@@ -88,6 +93,17 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
         membership.join(seeds).await?;
     }
 
+    let raft_dir = args.data_dir.join("raft");
+    let rpc = Arc::new(crate::raft::QuicRpc { transport: transport.clone() });
+    let node = ConsensusNode::start(crate::raft::raft_id(id), &raft_dir, raft_config()?, rpc).await?;
+    if fresh_cluster {
+        // Only the cluster's first agent ever initializes; everyone else is added by it.
+        node.initialize(advertise).await?;
+    }
+    let cluster = crate::raft::Cluster::new(node.clone(), membership.clone(), transport.clone());
+    control.set_cluster(cluster.clone());
+    let autopilot = tokio::spawn(node.clone().run_autopilot(Duration::from_secs(1), crate::raft::member_views(membership.clone())));
+
     let _mdns = if args.no_mdns {
         None
     } else {
@@ -106,10 +122,11 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
         crate::api::ApiState {
             membership: membership.clone(),
             control: control.clone(),
+            cluster: cluster.clone(),
             shutdown: shutdown.clone(),
             api_token: args.api_token.clone(),
             self_id: id,
-            cluster: hex(&creds.ca_fingerprint()),
+            cluster_id: hex(&creds.ca_fingerprint()),
         },
     )
     .await?;
@@ -122,12 +139,32 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     } else {
         tracing::info!("stopping: leaving the cluster first");
     }
+    autopilot.abort();
+    step_down(&node).await;
     membership.leave().await.ok();
     peers_task.abort();
     save_peers(&dir, &membership);
     api.abort();
+    let _ = node.raft.shutdown().await;
     transport.shutdown().await;
     Ok(())
+}
+
+/// A leader that stops hands over first: it removes itself from the voters, and steps down
+/// once that change commits, so the others elect a successor at once instead of waiting out
+/// an election timeout.
+async fn step_down(node: &ConsensusNode) {
+    let status = node.status();
+    if status.leader != Some(status.id) || status.voters.len() < 2 {
+        return;
+    }
+    let others: std::collections::BTreeSet<u64> = status.voters.iter().copied().filter(|v| *v != status.id).collect();
+    let change = node.raft.change_membership(openraft::ChangeMembers::ReplaceAllVoters(others), false);
+    match tokio::time::timeout(Duration::from_secs(5), change).await {
+        Ok(Ok(_)) => tracing::info!("handed leadership over before leaving"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not hand leadership over"),
+        Err(_) => tracing::warn!("handing leadership over timed out"),
+    }
 }
 
 /// Resolves when a signal arrives (false) or the API asked to leave (true).

@@ -10,6 +10,12 @@
 //! | `POST /v1/tokens` `{"ttl_secs": N}` | create a join token |
 //! | `GET /v1/tokens` | list tokens |
 //! | `DELETE /v1/tokens/{id}` | revoke a token |
+//! | `GET /v1/status` | leader, term, indexes, voters, learners |
+//! | `GET /v1/kv/{key}` | a value (raw body); `?recurse` lists by prefix (JSON); `?stale` reads locally |
+//! | `PUT /v1/kv/{key}` | set a value (raw body); `?cas=INDEX` compare-and-set |
+//! | `DELETE /v1/kv/{key}` | delete; `?cas=INDEX` |
+//! | `GET /v1/config`, `PUT /v1/config` | the cluster config (JSON, unknown fields refused) |
+//! | `GET /v1/config/history`, `POST /v1/config/rollback` | earlier versions; restore the previous one |
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,10 +39,11 @@ use crate::control::AgentControl;
 pub(crate) struct ApiState {
     pub(crate) membership: Membership,
     pub(crate) control: Arc<AgentControl>,
+    pub(crate) cluster: crate::raft::Cluster,
     pub(crate) shutdown: Arc<Notify>,
     pub(crate) api_token: Option<String>,
     pub(crate) self_id: NodeId,
-    pub(crate) cluster: String,
+    pub(crate) cluster_id: String,
 }
 
 /// A member as the API and `blx members --output json` show it.
@@ -100,6 +107,12 @@ pub(crate) async fn serve(addr: SocketAddr, state: ApiState) -> anyhow::Result<t
         .route("/v1/agent/leave", post(leave))
         .route("/v1/tokens", post(token_create).get(token_list))
         .route("/v1/tokens/{id}", delete(token_revoke))
+        .route("/v1/status", get(status))
+        .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
+        .route("/v1/config", get(config_get).put(config_set))
+        .route("/v1/config/history", get(config_history))
+        .route("/v1/config/rollback", post(config_rollback))
+        .layer(axum::extract::DefaultBodyLimit::max(blx_consensus::state::MAX_VALUE_LEN + 1))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
     let app = Router::new().route("/v1/health", get(|| async { "ok" })).merge(authed).with_state(state);
     Ok(tokio::spawn(async move {
@@ -129,7 +142,7 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
 async fn agent_self(State(state): State<ApiState>) -> Json<serde_json::Value> {
     let members = state.membership.members();
     let me = members.get(&state.self_id).map(MemberView::of);
-    Json(serde_json::json!({ "id": state.self_id.to_string(), "cluster": state.cluster, "member": me }))
+    Json(serde_json::json!({ "id": state.self_id.to_string(), "cluster": state.cluster_id, "member": me }))
 }
 
 async fn members(State(state): State<ApiState>) -> Json<Vec<MemberView>> {
@@ -165,5 +178,122 @@ async fn token_revoke(State(state): State<ApiState>, Path(id): Path<String>) -> 
         Ok(true) => Ok(Json(serde_json::json!({ "revoked": id.to_string() }))),
         Ok(false) => Err(ApiError(StatusCode::NOT_FOUND, format!("no token with id {id}"))),
         Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e)),
+    }
+}
+
+fn cluster_error(e: crate::raft::ClusterError) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+fn refused(e: blx_consensus::state::CommandError) -> ApiError {
+    let status = match e {
+        blx_consensus::state::CommandError::CasMismatch { .. } => StatusCode::CONFLICT,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    ApiError(status, e.to_string())
+}
+
+async fn status(State(state): State<ApiState>) -> Json<blx_consensus::node::Status> {
+    Json(state.cluster.node.status())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KvQuery {
+    cas: Option<u64>,
+    #[serde(default, deserialize_with = "flag")]
+    stale: bool,
+    #[serde(default, deserialize_with = "flag")]
+    recurse: bool,
+}
+
+/// `?stale` and `?stale=true` are both true; `?stale=false` is false.
+fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let s: Option<String> = Option::deserialize(d)?;
+    match s.as_deref() {
+        None | Some("") | Some("true") | Some("1") => Ok(true),
+        Some("false") | Some("0") => Ok(false),
+        Some(other) => Err(serde::de::Error::custom(format!("expected true or false, got {other:?}"))),
+    }
+}
+
+type Query = Result<axum::extract::Query<KvQuery>, axum::extract::rejection::QueryRejection>;
+
+fn query(q: Query) -> Result<KvQuery, ApiError> {
+    q.map(|q| q.0).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
+#[derive(Serialize)]
+struct KvItem {
+    key: String,
+    value: String,
+    create_index: u64,
+    modify_index: u64,
+}
+
+async fn kv_get(State(state): State<ApiState>, Path(key): Path<String>, q: Query) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let cluster = state.cluster.read(q.stale).await.map_err(cluster_error)?;
+    if q.recurse {
+        let items: Vec<KvItem> = cluster
+            .list(&key)
+            .map(|(k, e)| KvItem { key: k.clone(), value: String::from_utf8_lossy(&e.value).into_owned(), create_index: e.create_index, modify_index: e.modify_index })
+            .collect();
+        return Ok(Json(items).into_response());
+    }
+    match cluster.kv.get(&key) {
+        Some(e) => Ok(([("x-blx-index", e.modify_index.to_string())], e.value.clone()).into_response()),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no key {key:?}"))),
+    }
+}
+
+async fn kv_put(State(state): State<ApiState>, Path(key): Path<String>, q: Query, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = query(q)?;
+    let cmd = blx_consensus::state::Command::KvPut { key, value: body.to_vec(), cas: q.cas };
+    match state.cluster.write(cmd).await.map_err(cluster_error)? {
+        Ok(blx_consensus::state::Applied::Kv { index }) => Ok(Json(serde_json::json!({ "index": index }))),
+        Ok(other) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected result {other:?}"))),
+        Err(e) => Err(refused(e)),
+    }
+}
+
+async fn kv_delete(State(state): State<ApiState>, Path(key): Path<String>, q: Query) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = query(q)?;
+    let cmd = blx_consensus::state::Command::KvDelete { key, cas: q.cas };
+    match state.cluster.write(cmd).await.map_err(cluster_error)? {
+        Ok(blx_consensus::state::Applied::Deleted { existed }) => Ok(Json(serde_json::json!({ "deleted": existed }))),
+        Ok(other) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected result {other:?}"))),
+        Err(e) => Err(refused(e)),
+    }
+}
+
+async fn config_get(State(state): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let s = state.cluster.read(false).await.map_err(cluster_error)?;
+    Ok(Json(serde_json::json!({ "version": s.config.0, "config": s.config.1 })))
+}
+
+async fn config_history(State(state): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let s = state.cluster.read(false).await.map_err(cluster_error)?;
+    let mut versions: Vec<serde_json::Value> = s.config_history.iter().map(|(v, c)| serde_json::json!({ "version": v, "config": c })).collect();
+    versions.push(serde_json::json!({ "version": s.config.0, "config": s.config.1, "current": true }));
+    Ok(Json(serde_json::Value::Array(versions)))
+}
+
+async fn config_set(State(state): State<ApiState>, body: Result<Json<blx_consensus::state::ClusterConfig>, axum::extract::rejection::JsonRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(config) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let nodes = state.membership.members().values().filter(|m| m.state != blx_membership::MemberState::Left).count();
+    let cmd = blx_consensus::state::Command::ConfigSet { config, nodes: u32::try_from(nodes).unwrap_or(u32::MAX) };
+    match state.cluster.write(cmd).await.map_err(cluster_error)? {
+        Ok(blx_consensus::state::Applied::Config { version }) => Ok(Json(serde_json::json!({ "version": version }))),
+        Ok(other) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected result {other:?}"))),
+        Err(e) => Err(refused(e)),
+    }
+}
+
+async fn config_rollback(State(state): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+    match state.cluster.write(blx_consensus::state::Command::ConfigRollback).await.map_err(cluster_error)? {
+        Ok(blx_consensus::state::Applied::Config { version }) => Ok(Json(serde_json::json!({ "version": version }))),
+        Ok(other) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected result {other:?}"))),
+        Err(e) => Err(refused(e)),
     }
 }

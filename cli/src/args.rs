@@ -43,6 +43,20 @@ pub(crate) enum Command {
     /// Manage join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Show the Raft group: leader, term, indexes, voters and learners.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Read and write the replicated key/value namespace.
+    #[command(subcommand)]
+    Kv(KvCommand),
+    /// Read and change the cluster config (versioned, with rollback).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -75,6 +89,91 @@ pub(crate) enum TokenCommand {
         api: ApiArgs,
         /// The token id (16 hex digits, from `blx token list`).
         id: String,
+    },
+}
+
+/// `blx kv ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum KvCommand {
+    /// Set KEY to VALUE (or to standard input with `-`).
+    Put {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The key.
+        key: String,
+        /// The value; `-` reads standard input.
+        value: String,
+        /// Only if the key's modify index is INDEX (0: only if absent).
+        #[arg(long, value_name = "INDEX")]
+        cas: Option<u64>,
+    },
+    /// Print KEY's value.
+    Get {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The key.
+        key: String,
+        /// Read this agent's copy instead of a linearizable read through the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Delete KEY.
+    Del {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The key.
+        key: String,
+        /// Only if the key's modify index is INDEX.
+        #[arg(long, value_name = "INDEX")]
+        cas: Option<u64>,
+    },
+    /// List keys under PREFIX.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The prefix.
+        #[arg(default_value = "")]
+        prefix: String,
+        /// Read this agent's copy.
+        #[arg(long)]
+        stale: bool,
+    },
+}
+
+/// `blx config ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum ConfigCommand {
+    /// Print the current config (JSON).
+    Get {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Replace the config with a JSON document (a file, or `-` for standard input), or change
+    /// single fields with --desired-voters and friends.
+    Set {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// JSON config file, or `-`.
+        file: Option<String>,
+        /// Voters the autopilot keeps (odd).
+        #[arg(long)]
+        desired_voters: Option<u8>,
+        /// Seconds a voter may be down before it is replaced.
+        #[arg(long)]
+        voter_grace_secs: Option<u64>,
+        /// Seconds a learner must be healthy before promotion.
+        #[arg(long)]
+        stabilization_secs: Option<u64>,
+    },
+    /// Print every kept version.
+    History {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Restore the previous version.
+    Rollback {
+        #[command(flatten)]
+        api: ApiArgs,
     },
 }
 

@@ -28,25 +28,34 @@ impl Client {
     }
 
     async fn call<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<T> {
+        let bytes = self.call_raw(method, path, body.map(|b| b.to_string().into_bytes()), true).await?;
+        serde_json::from_slice(&bytes).with_context(|| format!("the agent's answer is not what this blx expects: {}", String::from_utf8_lossy(&bytes)))
+    }
+
+    async fn call_raw(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>, json: bool) -> anyhow::Result<Vec<u8>> {
         let url = format!("http://{}{path}", self.api.api);
         let mut req = self.http.request(method, &url);
         if let Some(token) = &self.api.api_token {
             req = req.bearer_auth(token);
         }
         if let Some(body) = body {
-            req = req.json(&body);
+            if json {
+                req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
+            }
+            req = req.body(body);
         }
         let resp = req.send().await.map_err(|e| Unreachable { addr: self.api.api, reason: e.to_string() })?;
         let status = resp.status();
-        let text = resp.text().await.context("reading the agent's answer")?;
+        let bytes = resp.bytes().await.context("reading the agent's answer")?.to_vec();
         if !status.is_success() {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
             let msg = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
                 .unwrap_or(text);
             anyhow::bail!("the agent refused: {msg} (HTTP {status})");
         }
-        serde_json::from_str(&text).with_context(|| format!("the agent's answer is not what this blx expects: {text}"))
+        Ok(bytes)
     }
 }
 
@@ -124,4 +133,126 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+/// Percent-encodes a key for a URL path, keeping `/` so prefixes read naturally.
+fn key_path(key: &str) -> String {
+    key.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub(crate) async fn status(api: &ApiArgs, output: Output) -> anyhow::Result<()> {
+    let s: serde_json::Value = Client::new(api)?.call(reqwest::Method::GET, "/v1/status", None).await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+        Output::Table => {
+            let ids = |v: &serde_json::Value| v.as_array().map(|a| a.iter().map(|x| format!("{:016x}", x.as_u64().unwrap_or(0))).collect::<Vec<_>>().join(" ")).unwrap_or_default();
+            let leader = s["leader"].as_u64().map(|l| format!("{l:016x}")).unwrap_or_else(|| "none".into());
+            println!("leader    {leader}");
+            println!("this node {:016x} ({})", s["id"].as_u64().unwrap_or(0), s["role"].as_str().unwrap_or(""));
+            println!("term      {}", s["term"]);
+            println!("applied   {}", s["applied_index"]);
+            println!("voters    {}", ids(&s["voters"]));
+            println!("learners  {}", ids(&s["learners"]));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn kv_put(api: &ApiArgs, key: &str, value: &str, cas: Option<u64>) -> anyhow::Result<()> {
+    let body = if value == "-" {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading standard input")?;
+        buf
+    } else {
+        value.as_bytes().to_vec()
+    };
+    let path = match cas {
+        Some(i) => format!("/v1/kv/{}?cas={i}", key_path(key)),
+        None => format!("/v1/kv/{}", key_path(key)),
+    };
+    let bytes = Client::new(api)?.call_raw(reqwest::Method::PUT, &path, Some(body), false).await?;
+    let r: serde_json::Value = serde_json::from_slice(&bytes)?;
+    eprintln!("blx: {key} written at index {}", r["index"]);
+    Ok(())
+}
+
+pub(crate) async fn kv_get(api: &ApiArgs, key: &str, stale: bool) -> anyhow::Result<()> {
+    let path = format!("/v1/kv/{}{}", key_path(key), if stale { "?stale" } else { "" });
+    let bytes = Client::new(api)?.call_raw(reqwest::Method::GET, &path, None, false).await?;
+    std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        println!();
+    }
+    Ok(())
+}
+
+pub(crate) async fn kv_del(api: &ApiArgs, key: &str, cas: Option<u64>) -> anyhow::Result<()> {
+    let path = match cas {
+        Some(i) => format!("/v1/kv/{}?cas={i}", key_path(key)),
+        None => format!("/v1/kv/{}", key_path(key)),
+    };
+    let r: serde_json::Value = Client::new(api)?.call(reqwest::Method::DELETE, &path, None).await?;
+    if r["deleted"] != true {
+        eprintln!("blx: {key} did not exist");
+    }
+    Ok(())
+}
+
+pub(crate) async fn kv_list(api: &ApiArgs, prefix: &str, stale: bool) -> anyhow::Result<()> {
+    let path = format!("/v1/kv/{}?recurse{}", key_path(prefix), if stale { "&stale" } else { "" });
+    let items: Vec<serde_json::Value> = Client::new(api)?.call(reqwest::Method::GET, &path, None).await?;
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|i| vec![i["key"].as_str().unwrap_or("").to_string(), i["modify_index"].to_string(), i["value"].as_str().unwrap_or("").chars().take(60).collect()])
+        .collect();
+    print_table(&["KEY", "INDEX", "VALUE"], &rows);
+    Ok(())
+}
+
+pub(crate) async fn config_get(api: &ApiArgs) -> anyhow::Result<()> {
+    let c: serde_json::Value = Client::new(api)?.call(reqwest::Method::GET, "/v1/config", None).await?;
+    println!("{}", serde_json::to_string_pretty(&c)?);
+    Ok(())
+}
+
+pub(crate) async fn config_set(api: &ApiArgs, file: Option<&str>, desired_voters: Option<u8>, voter_grace_secs: Option<u64>, stabilization_secs: Option<u64>) -> anyhow::Result<()> {
+    let client = Client::new(api)?;
+    let mut config: serde_json::Value = match file {
+        Some("-") => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+            serde_json::from_str(&text).context("the config on standard input is not JSON")?
+        }
+        Some(path) => serde_json::from_str(&std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?).with_context(|| format!("{path} is not JSON"))?,
+        None => client.call::<serde_json::Value>(reqwest::Method::GET, "/v1/config", None).await?["config"].clone(),
+    };
+    if let Some(v) = desired_voters {
+        config["desired_voters"] = v.into();
+    }
+    if let Some(v) = voter_grace_secs {
+        config["voter_grace_secs"] = v.into();
+    }
+    if let Some(v) = stabilization_secs {
+        config["stabilization_secs"] = v.into();
+    }
+    let r: serde_json::Value = client.call(reqwest::Method::PUT, "/v1/config", Some(config)).await?;
+    eprintln!("blx: config is now version {}", r["version"]);
+    Ok(())
+}
+
+pub(crate) async fn config_history(api: &ApiArgs) -> anyhow::Result<()> {
+    let h: serde_json::Value = Client::new(api)?.call(reqwest::Method::GET, "/v1/config/history", None).await?;
+    println!("{}", serde_json::to_string_pretty(&h)?);
+    Ok(())
+}
+
+pub(crate) async fn config_rollback(api: &ApiArgs) -> anyhow::Result<()> {
+    let r: serde_json::Value = Client::new(api)?.call(reqwest::Method::POST, "/v1/config/rollback", None).await?;
+    eprintln!("blx: config rolled back; now version {}", r["version"]);
+    Ok(())
 }

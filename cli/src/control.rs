@@ -21,6 +21,7 @@ pub(crate) struct Authority {
 /// Serves control requests for one agent.
 pub(crate) struct AgentControl {
     authority: Option<Mutex<Authority>>,
+    cluster: crate::raft::ClusterCell,
     membership: OnceLock<Membership>,
     transport: OnceLock<QuicTransport>,
 }
@@ -39,7 +40,12 @@ pub(crate) fn random<const N: usize>() -> [u8; N] {
 
 impl AgentControl {
     pub(crate) fn new(authority: Option<Authority>) -> Self {
-        AgentControl { authority: authority.map(Mutex::new), membership: OnceLock::new(), transport: OnceLock::new() }
+        AgentControl { authority: authority.map(Mutex::new), cluster: Default::default(), membership: OnceLock::new(), transport: OnceLock::new() }
+    }
+
+    /// Starts answering consensus traffic.
+    pub(crate) fn set_cluster(&self, cluster: crate::raft::Cluster) {
+        let _ = self.cluster.set(cluster);
     }
 
     pub(crate) fn attach(&self, membership: Membership, transport: QuicTransport) {
@@ -101,6 +107,7 @@ impl AgentControl {
             }
             ControlRequest::TokenList => authority.tokens.list(now).map(ControlResponse::Tokens).unwrap_or_else(store_failed),
             ControlRequest::TokenRevoke { id } => authority.tokens.revoke(id).map(ControlResponse::Revoked).unwrap_or_else(store_failed),
+            ControlRequest::Service { .. } => ControlResponse::Failed("not an authority request".into()),
         }
     }
 
@@ -163,7 +170,15 @@ fn admit(authority: &Authority, req: JoinRequest, now: u64, members: Vec<std::ne
 
 impl ControlService for AgentControl {
     fn handle(&self, caller: Caller, request: ControlRequest) -> std::pin::Pin<Box<dyn std::future::Future<Output = ControlResponse> + Send + '_>> {
-        tracing::debug!(?caller, "control request");
-        Box::pin(self.serve(request))
+        tracing::trace!(?caller, "control request");
+        Box::pin(async move {
+            match request {
+                ControlRequest::Service { service, payload } => match self.cluster.get() {
+                    Some(cluster) => cluster.serve(service, &payload).await,
+                    None => ControlResponse::Failed("consensus is starting".into()),
+                },
+                other => self.serve(other).await,
+            }
+        })
     }
 }

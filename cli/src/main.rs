@@ -2,6 +2,7 @@
 //! exit code. Everything else lives in the modules.
 
 mod agent;
+mod raft;
 mod api;
 mod args;
 mod client;
@@ -14,7 +15,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BLX_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,blx=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLX_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,blx=info,openraft=error"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -44,6 +45,17 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
         args::Command::Token(args::TokenCommand::Create { api, ttl }) => client::token_create(&api, ttl).await,
         args::Command::Token(args::TokenCommand::List { api, output }) => client::token_list(&api, output).await,
         args::Command::Token(args::TokenCommand::Revoke { api, id }) => client::token_revoke(&api, &id).await,
+        args::Command::Status { api, output } => client::status(&api, output).await,
+        args::Command::Kv(args::KvCommand::Put { api, key, value, cas }) => client::kv_put(&api, &key, &value, cas).await,
+        args::Command::Kv(args::KvCommand::Get { api, key, stale }) => client::kv_get(&api, &key, stale).await,
+        args::Command::Kv(args::KvCommand::Del { api, key, cas }) => client::kv_del(&api, &key, cas).await,
+        args::Command::Kv(args::KvCommand::List { api, prefix, stale }) => client::kv_list(&api, &prefix, stale).await,
+        args::Command::Config(args::ConfigCommand::Get { api }) => client::config_get(&api).await,
+        args::Command::Config(args::ConfigCommand::Set { api, file, desired_voters, voter_grace_secs, stabilization_secs }) => {
+            client::config_set(&api, file.as_deref(), desired_voters, voter_grace_secs, stabilization_secs).await
+        }
+        args::Command::Config(args::ConfigCommand::History { api }) => client::config_history(&api).await,
+        args::Command::Config(args::ConfigCommand::Rollback { api }) => client::config_rollback(&api).await,
         args::Command::Completions { shell } => {
             clap_complete::generate(shell, &mut <args::Cli as clap::CommandFactory>::command(), "blx", &mut std::io::stdout());
             Ok(())

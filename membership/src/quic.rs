@@ -153,8 +153,13 @@ impl QuicTransport {
 
     /// Sends one control request to a member and waits for the answer.
     pub async fn request(&self, to: SocketAddr, id: Option<NodeId>, request: &ControlRequest) -> Result<ControlResponse, QuicError> {
+        self.request_within(to, id, request, CONTROL_TIMEOUT).await
+    }
+
+    /// [`QuicTransport::request`] with a caller's timeout (Raft RPCs carry their own).
+    pub async fn request_within(&self, to: SocketAddr, id: Option<NodeId>, request: &ControlRequest, timeout: Duration) -> Result<ControlResponse, QuicError> {
         let conn = self.connection(to, id).await?;
-        exchange(&conn, request).await
+        exchange_within(&conn, request, timeout).await
     }
 
     /// Closes every connection, telling peers, and waits briefly for them to hear it.
@@ -342,8 +347,12 @@ async fn serve_joiner(shared: Arc<Shared>, conn: quinn::Connection) {
 }
 
 async fn serve_control(shared: Arc<Shared>, caller: Caller, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let response = match tokio::time::timeout(CONTROL_TIMEOUT, recv.read_to_end(wire::MAX_CONTROL_MESSAGE)).await {
-        Ok(Ok(bytes)) => match wire::decode_control_request(&bytes) {
+    let limit = match caller {
+        Caller::Member(_) => wire::MAX_MEMBER_MESSAGE,
+        Caller::Joiner(_) => wire::MAX_CONTROL_MESSAGE,
+    };
+    let response = match tokio::time::timeout(CONTROL_TIMEOUT, recv.read_to_end(limit)).await {
+        Ok(Ok(bytes)) => match wire::decode_control_request(&bytes, limit) {
             Ok(ControlRequest::Join(req)) => shared.control.handle(caller, ControlRequest::Join(req)).await,
             Ok(other) => match caller {
                 Caller::Member(_) => shared.control.handle(caller, other).await,
@@ -361,14 +370,19 @@ async fn serve_control(shared: Arc<Shared>, caller: Caller, mut send: quinn::Sen
 
 /// One request, one response, on a fresh bidirectional stream.
 pub async fn exchange(conn: &quinn::Connection, request: &ControlRequest) -> Result<ControlResponse, QuicError> {
+    exchange_within(conn, request, CONTROL_TIMEOUT).await
+}
+
+/// [`exchange`] with a caller's timeout.
+pub async fn exchange_within(conn: &quinn::Connection, request: &ControlRequest, timeout: Duration) -> Result<ControlResponse, QuicError> {
     let addr = conn.remote_address();
     let err = |reason: String| QuicError::Exchange { addr, reason };
-    tokio::time::timeout(CONTROL_TIMEOUT, async {
+    tokio::time::timeout(timeout, async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
         send.write_all(&wire::encode_control(request)).await.map_err(|e| err(e.to_string()))?;
         send.finish().map_err(|e| err(e.to_string()))?;
-        let bytes = recv.read_to_end(wire::MAX_CONTROL_MESSAGE).await.map_err(|e| err(e.to_string()))?;
-        wire::decode_control_response(&bytes).map_err(|e| err(e.to_string()))
+        let bytes = recv.read_to_end(wire::MAX_MEMBER_MESSAGE).await.map_err(|e| err(e.to_string()))?;
+        wire::decode_control_response(&bytes, wire::MAX_MEMBER_MESSAGE).map_err(|e| err(e.to_string()))
     })
     .await
     .map_err(|_| err("timed out".into()))?

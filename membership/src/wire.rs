@@ -23,8 +23,10 @@ pub const KIND_SWIM: u8 = 0;
 pub const KIND_META: u8 = 1;
 /// Largest gossip message accepted on a unidirectional stream.
 pub const MAX_STREAM_MESSAGE: usize = 64 * 1024;
-/// Largest control request or response.
+/// Largest control request or response from a joiner (no certificate yet).
 pub const MAX_CONTROL_MESSAGE: usize = 64 * 1024;
+/// Largest control request or response between members: Raft batches and snapshot chunks.
+pub const MAX_MEMBER_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Bytes that are not a valid blx message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -176,6 +178,14 @@ pub enum ControlRequest {
         /// The token to revoke.
         id: TokenId,
     },
+    /// Bytes for a service built on top of membership (Raft RPC, forwarded writes), which
+    /// this crate carries without reading (members only).
+    Service {
+        /// Which service.
+        service: u8,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
 }
 
 /// The answer on a control stream.
@@ -191,6 +201,8 @@ pub enum ControlResponse {
     Tokens(Vec<TokenInfo>),
     /// Whether the revoked token existed.
     Revoked(bool),
+    /// A service's answer.
+    Service(Vec<u8>),
     /// The request could not be served; the text says why.
     Failed(String),
 }
@@ -202,14 +214,14 @@ pub fn encode_control<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
-/// Decodes a control request.
-pub fn decode_control_request(buf: &[u8]) -> Result<ControlRequest, WireError> {
-    exact(versioned(buf, MAX_CONTROL_MESSAGE)?)
+/// Decodes a control request of at most `limit` bytes.
+pub fn decode_control_request(buf: &[u8], limit: usize) -> Result<ControlRequest, WireError> {
+    exact(versioned(buf, limit)?)
 }
 
-/// Decodes a control response.
-pub fn decode_control_response(buf: &[u8]) -> Result<ControlResponse, WireError> {
-    exact(versioned(buf, MAX_CONTROL_MESSAGE)?)
+/// Decodes a control response of at most `limit` bytes.
+pub fn decode_control_response(buf: &[u8], limit: usize) -> Result<ControlResponse, WireError> {
+    exact(versioned(buf, limit)?)
 }
 
 #[cfg(test)]
@@ -224,7 +236,7 @@ mod tests {
         assert_eq!(decode_meta_broadcast(&encode_meta_broadcast(&update)).unwrap(), update);
         assert_eq!(decode_datagram(&encode_swim(b"xyz")).unwrap(), Datagram::Swim(b"xyz"));
         let req = ControlRequest::TokenRevoke { id: TokenId([1; 8]) };
-        assert_eq!(decode_control_request(&encode_control(&req)).unwrap(), req);
+        assert_eq!(decode_control_request(&encode_control(&req), MAX_CONTROL_MESSAGE).unwrap(), req);
     }
 
     #[test]
@@ -235,8 +247,8 @@ mod tests {
         assert_eq!(decode_datagram(&[FORMAT_VERSION, KIND_SWIM]), Err(WireError::Truncated));
         let mut trailing = encode_control(&ControlRequest::TokenList);
         trailing.push(0);
-        assert!(matches!(decode_control_request(&trailing), Err(WireError::Body(_))));
-        assert!(matches!(decode_control_request(&vec![1; MAX_CONTROL_MESSAGE + 1]), Err(WireError::TooLarge(_))));
+        assert!(matches!(decode_control_request(&trailing, MAX_CONTROL_MESSAGE), Err(WireError::Body(_))));
+        assert!(matches!(decode_control_request(&vec![1; MAX_CONTROL_MESSAGE + 1], MAX_CONTROL_MESSAGE), Err(WireError::TooLarge(_))));
     }
 
     proptest! {
@@ -244,8 +256,8 @@ mod tests {
         fn decoders_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_datagram(&bytes);
             let _ = decode_meta_broadcast(&bytes);
-            let _ = decode_control_request(&bytes);
-            let _ = decode_control_response(&bytes);
+            let _ = decode_control_request(&bytes, MAX_MEMBER_MESSAGE);
+            let _ = decode_control_response(&bytes, MAX_MEMBER_MESSAGE);
         }
     }
 }

@@ -150,6 +150,26 @@ impl Agent {
         self.members()?.into_iter().find(|m| m.name == name).map(|m| m.state)
     }
 
+    /// `blx status -o json`, or None if the agent does not answer.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let out = self.cli(&["status", "--output", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Runs a `blx` client command and returns (success, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.cli(args);
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Creates a token through this agent's API.
     pub fn token(&self, ttl: &str) -> String {
         let out = self.cli(&["token", "create", "--ttl", ttl]);
@@ -238,6 +258,21 @@ impl Cluster {
                 a.members().is_some_and(|ms| ms.iter().filter(|m| m.state == "alive").count() == n)
             })
         });
+    }
+
+    /// Waits until some running agent reports `voters` voters and `learners` learners, all
+    /// agreeing on one leader; returns the leader's index in `agents`.
+    pub fn wait_raft(&self, voters: usize, learners: usize, within: Duration) -> usize {
+        let mut leader_index = 0;
+        wait_until(within, &format!("{voters} voters and {learners} learners"), || {
+            let running: Vec<(usize, serde_json::Value)> =
+                self.agents.iter().enumerate().filter(|(_, a)| a.is_running()).filter_map(|(i, a)| a.status().map(|s| (i, s))).collect();
+            let Some((i, leader)) = running.iter().find(|(_, s)| s["role"] == "leader") else { return false };
+            let ok = leader["voters"].as_array().map(Vec::len) == Some(voters) && leader["learners"].as_array().map(Vec::len) == Some(learners);
+            leader_index = *i;
+            ok && running.iter().all(|(_, s)| s["leader"] == leader["id"])
+        });
+        leader_index
     }
 
     /// Dumps every agent's log (for a failing test).

@@ -1,0 +1,165 @@
+//! The agent's consensus wiring: Raft RPC and forwarded writes and reads over the membership
+//! crate's QUIC endpoint, and the autopilot's view of the members.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use blx_consensus::autopilot::NodeView;
+use blx_consensus::machine::{Response, decode, encode};
+use blx_consensus::node::{ConsensusError, ConsensusNode};
+use blx_consensus::state::{ClusterState, Command};
+use blx_membership::quic::QuicTransport;
+use blx_membership::wire::{ControlRequest, ControlResponse};
+use blx_membership::{MemberState, Membership, NodeId};
+use tokio::time::Instant;
+
+/// Raft RPCs.
+pub(crate) const SERVICE_RAFT: u8 = 1;
+/// A client write forwarded to the leader.
+pub(crate) const SERVICE_WRITE: u8 = 2;
+/// A linearizable read forwarded to the leader.
+pub(crate) const SERVICE_READ: u8 = 3;
+
+/// How long a forwarded write or read may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Raft's node id for a membership node id.
+pub(crate) fn raft_id(id: NodeId) -> u64 {
+    u64::from_be_bytes(id.0)
+}
+
+fn node_id(raft: u64) -> NodeId {
+    NodeId(raft.to_be_bytes())
+}
+
+/// Carries Raft's bytes on QUIC control streams.
+pub(crate) struct QuicRpc {
+    pub(crate) transport: QuicTransport,
+}
+
+impl blx_consensus::network::RpcTransport for QuicRpc {
+    fn call(&self, target: u64, addr: SocketAddr, payload: Vec<u8>, timeout: Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+        Box::pin(async move {
+            let request = ControlRequest::Service { service: SERVICE_RAFT, payload };
+            match self.transport.request_within(addr, Some(node_id(target)), &request, timeout).await {
+                Ok(ControlResponse::Service(bytes)) => Ok(bytes),
+                Ok(ControlResponse::Failed(e)) => Err(e),
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+}
+
+/// Why a write or read failed, as the API reports it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClusterError {
+    /// No leader is known right now (an election is under way, or no quorum).
+    #[error("no leader is known right now; retry shortly")]
+    NoLeader,
+    /// The consensus layer failed.
+    #[error("{0}")]
+    Consensus(String),
+}
+
+/// The agent's handle on consensus, with forwarding to the leader.
+#[derive(Clone)]
+pub(crate) struct Cluster {
+    pub(crate) node: ConsensusNode,
+    membership: Membership,
+    transport: QuicTransport,
+}
+
+impl Cluster {
+    pub(crate) fn new(node: ConsensusNode, membership: Membership, transport: QuicTransport) -> Self {
+        Cluster { node, membership, transport }
+    }
+
+    fn leader_addr(&self, leader: u64) -> Option<SocketAddr> {
+        self.membership.members().get(&node_id(leader)).map(|m| m.identity.addr)
+    }
+
+    async fn forward(&self, leader: Option<u64>, service: u8, payload: Vec<u8>) -> Result<Vec<u8>, ClusterError> {
+        let leader = leader.or(self.node.status().leader).ok_or(ClusterError::NoLeader)?;
+        let addr = self.leader_addr(leader).ok_or(ClusterError::NoLeader)?;
+        let request = ControlRequest::Service { service, payload };
+        match self.transport.request_within(addr, Some(node_id(leader)), &request, FORWARD_TIMEOUT).await {
+            Ok(ControlResponse::Service(bytes)) => Ok(bytes),
+            Ok(ControlResponse::Failed(e)) => Err(ClusterError::Consensus(e)),
+            Ok(other) => Err(ClusterError::Consensus(format!("unexpected answer {other:?}"))),
+            Err(e) => Err(ClusterError::Consensus(format!("forwarding to the leader: {e}"))),
+        }
+    }
+
+    /// Writes through the leader, wherever it is.
+    pub(crate) async fn write(&self, cmd: Command) -> Result<Response, ClusterError> {
+        match self.node.write(cmd.clone()).await {
+            Ok(r) => Ok(r),
+            Err(ConsensusError::NotLeader { leader }) => {
+                let bytes = self.forward(leader, SERVICE_WRITE, encode(&cmd)).await?;
+                decode::<Result<Response, String>>(&bytes).map_err(ClusterError::Consensus)?.map_err(ClusterError::Consensus)
+            }
+            Err(e) => Err(ClusterError::Consensus(e.to_string())),
+        }
+    }
+
+    /// Reads the state: linearizable through the leader, or this node's copy if `stale`.
+    pub(crate) async fn read(&self, stale: bool) -> Result<ClusterState, ClusterError> {
+        match self.node.read(stale).await {
+            Ok(s) => Ok(s),
+            Err(ConsensusError::NotLeader { leader }) => {
+                let bytes = self.forward(leader, SERVICE_READ, Vec::new()).await?;
+                decode::<Result<ClusterState, String>>(&bytes).map_err(ClusterError::Consensus)?.map_err(ClusterError::Consensus)
+            }
+            Err(e) => Err(ClusterError::Consensus(e.to_string())),
+        }
+    }
+
+    /// Serves a consensus service request from another member.
+    pub(crate) async fn serve(&self, service: u8, payload: &[u8]) -> ControlResponse {
+        match service {
+            SERVICE_RAFT => ControlResponse::Service(blx_consensus::network::serve(&self.node.raft, payload).await),
+            SERVICE_WRITE => {
+                let result = match decode::<Command>(payload) {
+                    Ok(cmd) => self.node.write(cmd).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("bad command: {e}")),
+                };
+                ControlResponse::Service(encode(&result))
+            }
+            SERVICE_READ => ControlResponse::Service(encode(&self.node.read(false).await.map_err(|e| e.to_string()))),
+            other => ControlResponse::Failed(format!("unknown service {other}")),
+        }
+    }
+}
+
+/// The autopilot's view of the members, remembering since when each has been in its state.
+pub(crate) fn member_views(membership: Membership) -> impl Fn() -> BTreeMap<u64, (NodeView, SocketAddr)> + Send + Sync + 'static {
+    let since: Mutex<BTreeMap<NodeId, (MemberState, Instant)>> = Mutex::new(BTreeMap::new());
+    move || {
+        let now = Instant::now();
+        let mut since = since.lock().unwrap_or_else(|e| e.into_inner());
+        membership
+            .members()
+            .iter()
+            .map(|(id, m)| {
+                let entry = since.entry(*id).or_insert((m.state, now));
+                if entry.0 != m.state {
+                    *entry = (m.state, now);
+                }
+                let view = NodeView {
+                    up: m.state == MemberState::Alive,
+                    left: m.state == MemberState::Left,
+                    state_for: now - entry.1,
+                    zone: m.meta.as_ref().and_then(|meta| meta.zone.clone()),
+                    lag: None,
+                };
+                (raft_id(*id), (view, m.identity.addr))
+            })
+            .collect()
+    }
+}
+
+/// Set once consensus is up; the control service answers Raft traffic only after that.
+pub(crate) type ClusterCell = Arc<OnceLock<Cluster>>;

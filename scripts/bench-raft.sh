@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Raft write benchmark: blx's KV API against etcd 3.4 (Debian `etcd-server`), 3 members each on
+# 127.0.0.1, fsync on in both, the same wrk load against each leader in the same invocation.
+#
+#   scripts/bench-raft.sh BLX_BIN [SECONDS]        default 10 s per load
+#
+# For 1 and 64 keep-alive connections, prints writes/s, p50 and p99 latency of PUTs of a
+# 64-byte value (blx: PUT /v1/kv/bench; etcd: POST /v3/kv/put through its JSON gateway).
+set -euo pipefail
+blx=${1:?usage: $0 BLX_BIN [SECONDS]}; D=${2:-10}
+for t in etcd etcdctl wrk python3; do command -v $t >/dev/null || { echo "missing $t: scripts/setup.sh bench" >&2; exit 2; }; done
+work=$(mktemp -d)
+cleanup() { exec 2>/dev/null; pkill -9 -f -- "$work" || true; rm -rf "$work"; }
+trap cleanup EXIT
+val=$(head -c 48 /dev/zero | base64 -w0)
+
+run_wrk() { # connections url lua -> "rps p50 p99 errors"
+  wrk -t"$(( $1 < 2 ? 1 : 2 ))" -c"$1" -d"${D}s" --latency -s "$3" "$2" >"$work/wrk.out"
+  python3 - "$work/wrk.out" <<'PY'
+import re,sys
+t=open(sys.argv[1]).read()
+def ms(s):
+    v,u=re.match(r"([\d.]+)(us|ms|s)",s).groups(); v=float(v)
+    return v/1000 if u=="us" else v*1000 if u=="s" else v
+rps=float(re.search(r"Requests/sec:\s+([\d.]+)",t).group(1))
+p50=ms(re.search(r"50%\s+(\S+)",t).group(1)); p99=ms(re.search(r"99%\s+(\S+)",t).group(1))
+e=re.search(r"Non-2xx or 3xx responses: (\d+)",t)
+print(f"{rps:.0f} {p50:.2f} {p99:.2f} {e.group(1) if e else 0}")
+PY
+}
+
+# ---- blx ---------------------------------------------------------------------------------------
+start_blx() { # i [args]
+  local i=$1; shift
+  "$blx" agent --data-dir "$work/blx$i" --bind "127.0.0.$((40+i)):7946" --api "127.0.0.$((40+i)):7947" --name "b$i" --no-mdns "$@" \
+    >"$work/blx$i.out" 2>"$work/blx$i.log" &
+}
+start_blx 1
+until [ -s "$work/blx1.out" ]; do sleep 0.05; done
+token=$(head -n1 "$work/blx1.out")
+start_blx 2 --token "$token" --seed 127.0.0.41:7946
+start_blx 3 --token "$token" --seed 127.0.0.41:7946
+voters() { "$blx" status -o json --api 127.0.0.41:7947 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(len(s["voters"]) if s["role"]=="leader" else 0)' 2>/dev/null || echo 0; }
+until [ "$(voters)" = 3 ]; do sleep 0.2; done
+printf 'wrk.method = "PUT"\nwrk.body = "%s"\n' "$val" >"$work/blx.lua"
+
+# ---- etcd --------------------------------------------------------------------------------------
+cluster="e1=http://127.0.0.1:12380,e2=http://127.0.0.1:22380,e3=http://127.0.0.1:32380"
+for i in 1 2 3; do
+  etcd --name "e$i" --data-dir "$work/e$i" \
+    --listen-client-urls "http://127.0.0.1:${i}2379" --advertise-client-urls "http://127.0.0.1:${i}2379" \
+    --listen-peer-urls "http://127.0.0.1:${i}2380" --initial-advertise-peer-urls "http://127.0.0.1:${i}2380" \
+    --initial-cluster "$cluster" --initial-cluster-state new --log-level error >"$work/e$i.log" 2>&1 &
+done
+eps="127.0.0.1:12379,127.0.0.1:22379,127.0.0.1:32379"
+until ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status >/dev/null 2>&1; do sleep 0.2; done
+eleader=$(ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status -w json | python3 -c '
+import json,sys
+for e in json.load(sys.stdin):
+    if e["Status"]["header"]["member_id"] == e["Status"]["leader"]: print(e["Endpoint"])')
+printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = %s\n' \
+  "'{\"key\":\"$(printf bench | base64)\",\"value\":\"$val\"}'" >"$work/etcd.lua"
+
+echo "raft write benchmark: 3 members each on 127.0.0.1, wrk ${D}s per row, $(nproc) cores"
+echo
+echo "| system | connections | writes/s | p50 (ms) | p99 (ms) | errors |"
+echo "|---|---|---|---|---|---|"
+for c in 1 64; do
+  read -r r p50 p99 e < <(run_wrk "$c" "http://127.0.0.41:7947/v1/kv/bench" "$work/blx.lua")
+  echo "| blx  | $c | $r | $p50 | $p99 | $e |"
+  read -r r p50 p99 e < <(run_wrk "$c" "http://$eleader/v3/kv/put" "$work/etcd.lua")
+  echo "| etcd | $c | $r | $p50 | $p99 | $e |"
+done
