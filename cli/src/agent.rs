@@ -27,12 +27,19 @@ const MDNS_WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Check everything the operator typed before touching the data dir.
-    let token = args.token.as_deref().map(str::parse::<JoinToken>).transpose()?;
+    let token = args
+        .token
+        .as_deref()
+        .map(str::parse::<JoinToken>)
+        .transpose()?;
     if let Some(name) = &args.name {
         blx_membership::meta::validate_name(name)?;
     }
     if !args.api.ip().is_loopback() && args.api_token.is_none() {
-        bail!("--api {} is reachable beyond this host: set --api-token (or BLX_API_TOKEN)", args.api);
+        bail!(
+            "--api {} is reachable beyond this host: set --api-token (or BLX_API_TOKEN)",
+            args.api
+        );
     }
     let advertise = advertise_addr(&args)?;
 
@@ -43,7 +50,9 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let creds = match dir.credentials(id)? {
         Some(creds) => {
             if token.is_some() {
-                tracing::info!("this data dir already belongs to a cluster; the token is not needed and was ignored");
+                tracing::info!(
+                    "this data dir already belongs to a cluster; the token is not needed and was ignored"
+                );
             }
             seeds.extend(load_peers(&dir));
             creds
@@ -55,7 +64,9 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 dir.save_credentials(&creds)?;
                 creds
             }
-            None if !args.seeds.is_empty() => bail!("joining through --seed needs a join token (--token or `blx join TOKEN`)"),
+            None if !args.seeds.is_empty() => {
+                bail!("joining through --seed needs a join token (--token or `blx join TOKEN`)")
+            }
             None => {
                 fresh_cluster = true;
                 bootstrap(&dir, &args, id)?
@@ -63,9 +74,10 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
         },
     };
     let generation = dir.next_generation()?;
-    let authority = dir
-        .cluster_ca()?
-        .map(|ca| Authority { tokens: TokenAuthority::new(dir.token_store(), ca.fingerprint()), ca });
+    let authority = dir.cluster_ca()?.map(|ca| Authority {
+        tokens: TokenAuthority::new(dir.token_store(), ca.fingerprint()),
+        ca,
+    });
 
     let mut meta = NodeMeta {
         name: args.name.clone().unwrap_or_else(|| default_name(id)),
@@ -83,9 +95,19 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let control = Arc::new(AgentControl::new(authority));
     let (inbound_tx, inbound_rx) = mpsc::channel(4096);
     let transport = QuicTransport::bind(args.bind, &creds, inbound_tx, control.clone())?;
-    let identity = NodeIdentity { id, addr: advertise, generation };
+    let identity = NodeIdentity {
+        id,
+        addr: advertise,
+        generation,
+    };
     let rng = rand::rngs::StdRng::from_seed(random());
-    let swim = Swim::new(identity, meta, SwimConfig::lan(), rng, tokio::time::Instant::now());
+    let swim = Swim::new(
+        identity,
+        meta,
+        SwimConfig::lan(),
+        rng,
+        tokio::time::Instant::now(),
+    );
     let membership = Membership::spawn(swim, Arc::new(transport.clone()), inbound_rx);
     control.attach(membership.clone(), transport.clone());
     seeds.retain(|s| *s != advertise);
@@ -94,15 +116,26 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
 
     let raft_dir = args.data_dir.join("raft");
-    let rpc = Arc::new(crate::raft::QuicRpc { transport: transport.clone() });
-    let node = ConsensusNode::start(crate::raft::raft_id(id), &raft_dir, raft_config()?, rpc).await?;
+    let rpc = Arc::new(crate::raft::QuicRpc {
+        transport: transport.clone(),
+    });
+    let node = ConsensusNode::start(
+        crate::raft::raft_id(id),
+        &raft_dir,
+        raft_config(args.raft_snapshot_logs)?,
+        rpc,
+    )
+    .await?;
     if fresh_cluster {
         // Only the cluster's first agent ever initializes; everyone else is added by it.
         node.initialize(advertise).await?;
     }
     let cluster = crate::raft::Cluster::new(node.clone(), membership.clone(), transport.clone());
     control.set_cluster(cluster.clone());
-    let autopilot = tokio::spawn(node.clone().run_autopilot(Duration::from_secs(1), crate::raft::member_views(membership.clone())));
+    let autopilot = tokio::spawn(node.clone().run_autopilot(
+        Duration::from_secs(1),
+        crate::raft::member_views(membership.clone()),
+    ));
 
     let _mdns = if args.no_mdns {
         None
@@ -158,8 +191,15 @@ async fn step_down(node: &ConsensusNode) {
     if status.leader != Some(status.id) || status.voters.len() < 2 {
         return;
     }
-    let others: std::collections::BTreeSet<u64> = status.voters.iter().copied().filter(|v| *v != status.id).collect();
-    let change = node.raft.change_membership(openraft::ChangeMembers::ReplaceAllVoters(others), false);
+    let others: std::collections::BTreeSet<u64> = status
+        .voters
+        .iter()
+        .copied()
+        .filter(|v| *v != status.id)
+        .collect();
+    let change = node
+        .raft
+        .change_membership(openraft::ChangeMembers::ReplaceAllVoters(others), false);
     match tokio::time::timeout(Duration::from_secs(5), change).await {
         Ok(Ok(_)) => tracing::info!("handed leadership over before leaving"),
         Ok(Err(e)) => tracing::warn!(error = %e, "could not hand leadership over"),
@@ -171,7 +211,12 @@ async fn step_down(node: &ConsensusNode) {
 async fn wait_for_stop(shutdown: &Notify) -> bool {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
-        Err(_) => return { shutdown.notified().await; true },
+        Err(_) => {
+            return {
+                shutdown.notified().await;
+                true
+            };
+        }
     };
     tokio::select! {
         _ = shutdown.notified() => true,
@@ -180,20 +225,34 @@ async fn wait_for_stop(shutdown: &Notify) -> bool {
     }
 }
 
-fn bootstrap(dir: &DataDir, args: &AgentArgs, id: blx_membership::NodeId) -> anyhow::Result<NodeCredentials> {
+fn bootstrap(
+    dir: &DataDir,
+    args: &AgentArgs,
+    id: blx_membership::NodeId,
+) -> anyhow::Result<NodeCredentials> {
     let ca = ClusterCa::generate(&hex(&random::<4>()))?;
     let creds = ca.issue_node(id)?;
     dir.save_ca_key(&ca)?;
     dir.save_credentials(&creds)?;
     let mut tokens = TokenAuthority::new(dir.token_store(), ca.fingerprint());
     let token = tokens.issue(now_unix(), args.bootstrap_token_ttl.as_secs(), random())?;
-    eprintln!("blx: bootstrapped a new cluster (CA {}).", &hex(&ca.fingerprint())[..16]);
-    eprintln!("blx: join other agents with this token (valid {}s):", args.bootstrap_token_ttl.as_secs());
+    eprintln!(
+        "blx: bootstrapped a new cluster (CA {}).",
+        &hex(&ca.fingerprint())[..16]
+    );
+    eprintln!(
+        "blx: join other agents with this token (valid {}s):",
+        args.bootstrap_token_ttl.as_secs()
+    );
     println!("{token}");
     Ok(creds)
 }
 
-async fn join_cluster(args: &AgentArgs, token: &JoinToken, id: blx_membership::NodeId) -> anyhow::Result<(NodeCredentials, Vec<SocketAddr>)> {
+async fn join_cluster(
+    args: &AgentArgs,
+    token: &JoinToken,
+    id: blx_membership::NodeId,
+) -> anyhow::Result<(NodeCredentials, Vec<SocketAddr>)> {
     let targets = if !args.seeds.is_empty() {
         args.seeds.clone()
     } else if args.no_mdns {
@@ -202,7 +261,10 @@ async fn join_cluster(args: &AgentArgs, token: &JoinToken, id: blx_membership::N
         tracing::info!("looking for the cluster on the LAN (mDNS)");
         let found = discovery::find_cluster(&token.ca_fingerprint, MDNS_WAIT).await?;
         if found.is_empty() {
-            bail!("no agent of this token's cluster answered on the LAN within {}s: pass --seed IP:PORT", MDNS_WAIT.as_secs());
+            bail!(
+                "no agent of this token's cluster answered on the LAN within {}s: pass --seed IP:PORT",
+                MDNS_WAIT.as_secs()
+            );
         }
         found
     };
@@ -222,7 +284,9 @@ async fn join_cluster(args: &AgentArgs, token: &JoinToken, id: blx_membership::N
             }
         }
     }
-    Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("no address to join through")))
+    Err(last
+        .map(anyhow::Error::from)
+        .unwrap_or_else(|| anyhow::anyhow!("no address to join through")))
 }
 
 fn advertise_addr(args: &AgentArgs) -> anyhow::Result<SocketAddr> {
@@ -240,7 +304,9 @@ fn advertise_addr(args: &AgentArgs) -> anyhow::Result<SocketAddr> {
         .into_iter()
         .map(|i| i.ip())
         .find(|ip| matches!(ip, IpAddr::V4(_)) && !ip.is_loopback())
-        .context("--bind is a wildcard and no non-loopback IPv4 address was found: pass --advertise")?;
+        .context(
+            "--bind is a wildcard and no non-loopback IPv4 address was found: pass --advertise",
+        )?;
     Ok(SocketAddr::new(ip, args.bind.port()))
 }
 
@@ -253,13 +319,23 @@ fn default_name(id: blx_membership::NodeId) -> String {
 }
 
 fn host_capacity() -> Capacity {
-    let vcpus = std::thread::available_parallelism().map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX)).unwrap_or(1);
+    let vcpus = std::thread::available_parallelism()
+        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        .unwrap_or(1);
     let memory_mib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map(|kib| kib / 1024)
         .unwrap_or(0);
-    Capacity { vcpus, memory_mib, disk_gib: 0 }
+    Capacity {
+        vcpus,
+        memory_mib,
+        disk_gib: 0,
+    }
 }
 
 fn load_peers(dir: &DataDir) -> Vec<SocketAddr> {
@@ -269,7 +345,11 @@ fn load_peers(dir: &DataDir) -> Vec<SocketAddr> {
 }
 
 fn save_peers(dir: &DataDir, membership: &Membership) {
-    let text: String = membership.members().values().map(|m| format!("{}\n", m.identity.addr)).collect();
+    let text: String = membership
+        .members()
+        .values()
+        .map(|m| format!("{}\n", m.identity.addr))
+        .collect();
     if let Err(e) = dir.write(PEERS, text.as_bytes()) {
         tracing::warn!(error = %e, "could not save the peer list");
     }

@@ -16,6 +16,8 @@
 //! | `DELETE /v1/kv/{key}` | delete; `?cas=INDEX` |
 //! | `GET /v1/config`, `PUT /v1/config` | the cluster config (JSON, unknown fields refused) |
 //! | `GET /v1/config/history`, `POST /v1/config/rollback` | earlier versions; restore the previous one |
+//! | `POST /v1/operator/transfer-leader` `{"to": "ID"}` | hand leadership to a voter |
+//! | `GET /v1/operator/snapshot`, `PUT /v1/operator/snapshot` | save the state; restore it (binary) |
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,7 +75,11 @@ impl MemberView {
             generation: m.identity.generation,
             labels: meta.labels,
             zone: meta.zone,
-            roles: meta.roles.iter().map(|r| format!("{r:?}").to_lowercase()).collect(),
+            roles: meta
+                .roles
+                .iter()
+                .map(|r| format!("{r:?}").to_lowercase())
+                .collect(),
             endpoints: meta.endpoints,
         }
     }
@@ -99,8 +105,13 @@ pub(crate) struct CreatedToken {
     pub(crate) token: String,
 }
 
-pub(crate) async fn serve(addr: SocketAddr, state: ApiState) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot bind the HTTP API on {addr}: {e}"))?;
+pub(crate) async fn serve(
+    addr: SocketAddr,
+    state: ApiState,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the HTTP API on {addr}: {e}"))?;
     let authed = Router::new()
         .route("/v1/agent/self", get(agent_self))
         .route("/v1/members", get(members))
@@ -112,9 +123,24 @@ pub(crate) async fn serve(addr: SocketAddr, state: ApiState) -> anyhow::Result<t
         .route("/v1/config", get(config_get).put(config_set))
         .route("/v1/config/history", get(config_history))
         .route("/v1/config/rollback", post(config_rollback))
-        .layer(axum::extract::DefaultBodyLimit::max(blx_consensus::state::MAX_VALUE_LEN + 1))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
-    let app = Router::new().route("/v1/health", get(|| async { "ok" })).merge(authed).with_state(state);
+        .layer(axum::extract::DefaultBodyLimit::max(
+            blx_consensus::state::MAX_VALUE_LEN + 1,
+        ))
+        .route("/v1/operator/transfer-leader", post(transfer_leader))
+        .route(
+            "/v1/operator/snapshot",
+            get(snapshot_save)
+                .put(snapshot_restore)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_SNAPSHOT)),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ));
+    let app = Router::new()
+        .route("/v1/health", get(|| async { "ok" }))
+        .merge(authed)
+        .with_state(state);
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP API stopped");
@@ -130,10 +156,18 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         let ok = presented.is_some_and(|p| {
-            p.len() == expected.len() && p.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+            p.len() == expected.len()
+                && p.bytes()
+                    .zip(expected.bytes())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
         });
         if !ok {
-            return ApiError(StatusCode::UNAUTHORIZED, "missing or wrong API token (Authorization: Bearer ...)".into()).into_response();
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API token (Authorization: Bearer ...)".into(),
+            )
+            .into_response();
         }
     }
     next.run(request).await
@@ -142,11 +176,20 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
 async fn agent_self(State(state): State<ApiState>) -> Json<serde_json::Value> {
     let members = state.membership.members();
     let me = members.get(&state.self_id).map(MemberView::of);
-    Json(serde_json::json!({ "id": state.self_id.to_string(), "cluster": state.cluster_id, "member": me }))
+    Json(
+        serde_json::json!({ "id": state.self_id.to_string(), "cluster": state.cluster_id, "member": me }),
+    )
 }
 
 async fn members(State(state): State<ApiState>) -> Json<Vec<MemberView>> {
-    Json(state.membership.members().values().map(MemberView::of).collect())
+    Json(
+        state
+            .membership
+            .members()
+            .values()
+            .map(MemberView::of)
+            .collect(),
+    )
 }
 
 async fn leave(State(state): State<ApiState>) -> Json<serde_json::Value> {
@@ -159,24 +202,49 @@ async fn leave(State(state): State<ApiState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "leaving": true }))
 }
 
-async fn token_create(State(state): State<ApiState>, body: Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>) -> Result<Json<CreatedToken>, ApiError> {
+async fn token_create(
+    State(state): State<ApiState>,
+    body: Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<CreatedToken>, ApiError> {
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     if body.ttl_secs == 0 || body.ttl_secs > crate::duration::MAX_TTL.as_secs() {
-        return Err(ApiError(StatusCode::BAD_REQUEST, "ttl_secs must be between 1 and 31536000".into()));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "ttl_secs must be between 1 and 31536000".into(),
+        ));
     }
-    let token = state.control.token_create(Duration::from_secs(body.ttl_secs)).await.map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?;
+    let token = state
+        .control
+        .token_create(Duration::from_secs(body.ttl_secs))
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))?;
     Ok(Json(CreatedToken { token }))
 }
 
-async fn token_list(State(state): State<ApiState>) -> Result<Json<Vec<blx_membership::token::TokenInfo>>, ApiError> {
-    state.control.token_list().await.map(Json).map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))
+async fn token_list(
+    State(state): State<ApiState>,
+) -> Result<Json<Vec<blx_membership::token::TokenInfo>>, ApiError> {
+    state
+        .control
+        .token_list()
+        .await
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))
 }
 
-async fn token_revoke(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
-    let id: TokenId = id.parse().map_err(|e: blx_membership::token::TokenError| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+async fn token_revoke(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id: TokenId = id.parse().map_err(|e: blx_membership::token::TokenError| {
+        ApiError(StatusCode::BAD_REQUEST, e.to_string())
+    })?;
     match state.control.token_revoke(id).await {
         Ok(true) => Ok(Json(serde_json::json!({ "revoked": id.to_string() }))),
-        Ok(false) => Err(ApiError(StatusCode::NOT_FOUND, format!("no token with id {id}"))),
+        Ok(false) => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no token with id {id}"),
+        )),
         Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e)),
     }
 }
@@ -213,14 +281,17 @@ fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     match s.as_deref() {
         None | Some("") | Some("true") | Some("1") => Ok(true),
         Some("false") | Some("0") => Ok(false),
-        Some(other) => Err(serde::de::Error::custom(format!("expected true or false, got {other:?}"))),
+        Some(other) => Err(serde::de::Error::custom(format!(
+            "expected true or false, got {other:?}"
+        ))),
     }
 }
 
 type Query = Result<axum::extract::Query<KvQuery>, axum::extract::rejection::QueryRejection>;
 
 fn query(q: Query) -> Result<KvQuery, ApiError> {
-    q.map(|q| q.0).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))
+    q.map(|q| q.0)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))
 }
 
 #[derive(Serialize)]
@@ -231,69 +302,206 @@ struct KvItem {
     modify_index: u64,
 }
 
-async fn kv_get(State(state): State<ApiState>, Path(key): Path<String>, q: Query) -> Result<Response, ApiError> {
+async fn kv_get(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    q: Query,
+) -> Result<Response, ApiError> {
     let q = query(q)?;
     let cluster = state.cluster.read(q.stale).await.map_err(cluster_error)?;
     if q.recurse {
         let items: Vec<KvItem> = cluster
             .list(&key)
-            .map(|(k, e)| KvItem { key: k.clone(), value: String::from_utf8_lossy(&e.value).into_owned(), create_index: e.create_index, modify_index: e.modify_index })
+            .map(|(k, e)| KvItem {
+                key: k.clone(),
+                value: String::from_utf8_lossy(&e.value).into_owned(),
+                create_index: e.create_index,
+                modify_index: e.modify_index,
+            })
             .collect();
         return Ok(Json(items).into_response());
     }
     match cluster.kv.get(&key) {
-        Some(e) => Ok(([("x-blx-index", e.modify_index.to_string())], e.value.clone()).into_response()),
+        Some(e) => Ok((
+            [("x-blx-index", e.modify_index.to_string())],
+            e.value.clone(),
+        )
+            .into_response()),
         None => Err(ApiError(StatusCode::NOT_FOUND, format!("no key {key:?}"))),
     }
 }
 
-async fn kv_put(State(state): State<ApiState>, Path(key): Path<String>, q: Query, body: axum::body::Bytes) -> Result<Json<serde_json::Value>, ApiError> {
+async fn kv_put(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    q: Query,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let q = query(q)?;
-    let cmd = blx_consensus::state::Command::KvPut { key, value: body.to_vec(), cas: q.cas };
+    let cmd = blx_consensus::state::Command::KvPut {
+        key,
+        value: body.to_vec(),
+        cas: q.cas,
+    };
     match state.cluster.write(cmd).await.map_err(cluster_error)? {
-        Ok(blx_consensus::state::Applied::Kv { index }) => Ok(Json(serde_json::json!({ "index": index }))),
-        Ok(other) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected result {other:?}"))),
+        Ok(blx_consensus::state::Applied::Kv { index }) => {
+            Ok(Json(serde_json::json!({ "index": index })))
+        }
+        Ok(other) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected result {other:?}"),
+        )),
         Err(e) => Err(refused(e)),
     }
 }
 
-async fn kv_delete(State(state): State<ApiState>, Path(key): Path<String>, q: Query) -> Result<Json<serde_json::Value>, ApiError> {
+async fn kv_delete(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    q: Query,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let q = query(q)?;
     let cmd = blx_consensus::state::Command::KvDelete { key, cas: q.cas };
     match state.cluster.write(cmd).await.map_err(cluster_error)? {
-        Ok(blx_consensus::state::Applied::Deleted { existed }) => Ok(Json(serde_json::json!({ "deleted": existed }))),
-        Ok(other) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected result {other:?}"))),
+        Ok(blx_consensus::state::Applied::Deleted { existed }) => {
+            Ok(Json(serde_json::json!({ "deleted": existed })))
+        }
+        Ok(other) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected result {other:?}"),
+        )),
         Err(e) => Err(refused(e)),
     }
 }
 
 async fn config_get(State(state): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
     let s = state.cluster.read(false).await.map_err(cluster_error)?;
-    Ok(Json(serde_json::json!({ "version": s.config.0, "config": s.config.1 })))
+    Ok(Json(
+        serde_json::json!({ "version": s.config.0, "config": s.config.1 }),
+    ))
 }
 
-async fn config_history(State(state): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn config_history(
+    State(state): State<ApiState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let s = state.cluster.read(false).await.map_err(cluster_error)?;
-    let mut versions: Vec<serde_json::Value> = s.config_history.iter().map(|(v, c)| serde_json::json!({ "version": v, "config": c })).collect();
-    versions.push(serde_json::json!({ "version": s.config.0, "config": s.config.1, "current": true }));
+    let mut versions: Vec<serde_json::Value> = s
+        .config_history
+        .iter()
+        .map(|(v, c)| serde_json::json!({ "version": v, "config": c }))
+        .collect();
+    versions
+        .push(serde_json::json!({ "version": s.config.0, "config": s.config.1, "current": true }));
     Ok(Json(serde_json::Value::Array(versions)))
 }
 
-async fn config_set(State(state): State<ApiState>, body: Result<Json<blx_consensus::state::ClusterConfig>, axum::extract::rejection::JsonRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn config_set(
+    State(state): State<ApiState>,
+    body: Result<
+        Json<blx_consensus::state::ClusterConfig>,
+        axum::extract::rejection::JsonRejection,
+    >,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(config) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let nodes = state.membership.members().values().filter(|m| m.state != blx_membership::MemberState::Left).count();
-    let cmd = blx_consensus::state::Command::ConfigSet { config, nodes: u32::try_from(nodes).unwrap_or(u32::MAX) };
+    let nodes = state
+        .membership
+        .members()
+        .values()
+        .filter(|m| m.state != blx_membership::MemberState::Left)
+        .count();
+    let cmd = blx_consensus::state::Command::ConfigSet {
+        config,
+        nodes: u32::try_from(nodes).unwrap_or(u32::MAX),
+    };
     match state.cluster.write(cmd).await.map_err(cluster_error)? {
-        Ok(blx_consensus::state::Applied::Config { version }) => Ok(Json(serde_json::json!({ "version": version }))),
-        Ok(other) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected result {other:?}"))),
+        Ok(blx_consensus::state::Applied::Config { version }) => {
+            Ok(Json(serde_json::json!({ "version": version })))
+        }
+        Ok(other) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected result {other:?}"),
+        )),
         Err(e) => Err(refused(e)),
     }
 }
 
-async fn config_rollback(State(state): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
-    match state.cluster.write(blx_consensus::state::Command::ConfigRollback).await.map_err(cluster_error)? {
-        Ok(blx_consensus::state::Applied::Config { version }) => Ok(Json(serde_json::json!({ "version": version }))),
-        Ok(other) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected result {other:?}"))),
+async fn config_rollback(
+    State(state): State<ApiState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match state
+        .cluster
+        .write(blx_consensus::state::Command::ConfigRollback)
+        .await
+        .map_err(cluster_error)?
+    {
+        Ok(blx_consensus::state::Applied::Config { version }) => {
+            Ok(Json(serde_json::json!({ "version": version })))
+        }
+        Ok(other) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("unexpected result {other:?}"),
+        )),
+        Err(e) => Err(refused(e)),
+    }
+}
+
+/// Largest snapshot `PUT /v1/operator/snapshot` accepts.
+const MAX_SNAPSHOT: usize = 32 * 1024 * 1024;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TransferLeader {
+    to: Option<String>,
+}
+
+async fn transfer_leader(
+    State(state): State<ApiState>,
+    body: Option<Json<TransferLeader>>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let to = match body.and_then(|b| b.0.to) {
+        Some(hex) => Some(u64::from_str_radix(&hex, 16).map_err(|_| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("{hex:?} is not a node id (16 hex digits)"),
+            )
+        })?),
+        None => None,
+    };
+    let leader = state
+        .cluster
+        .transfer_leader(to)
+        .await
+        .map_err(|e| ApiError(StatusCode::CONFLICT, e.to_string()))?;
+    Ok(Json(
+        serde_json::json!({ "leader": format!("{leader:016x}") }),
+    ))
+}
+
+async fn snapshot_save(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let s = state.cluster.read(false).await.map_err(cluster_error)?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        blx_consensus::machine::encode(&s),
+    )
+        .into_response())
+}
+
+async fn snapshot_restore(
+    State(state): State<ApiState>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let saved: blx_consensus::state::ClusterState = blx_consensus::machine::decode(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("not a blx snapshot: {e}")))?;
+    let keys = saved.kv.len();
+    match state
+        .cluster
+        .write(blx_consensus::state::Command::Restore {
+            state: Box::new(saved),
+        })
+        .await
+        .map_err(cluster_error)?
+    {
+        Ok(_) => Ok(Json(serde_json::json!({ "restored_keys": keys }))),
         Err(e) => Err(refused(e)),
     }
 }

@@ -57,6 +57,9 @@ pub(crate) enum Command {
     /// Read and change the cluster config (versioned, with rollback).
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Operator actions on the Raft group.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -177,6 +180,41 @@ pub(crate) enum ConfigCommand {
     },
 }
 
+/// `blx operator ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum OperatorCommand {
+    /// Hand leadership to another voter (by default, any other voter).
+    TransferLeader {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The voter to hand over to (16 hex digits, from `blx status`).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Save or restore the replicated state.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+/// `blx operator snapshot ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum SnapshotCommand {
+    /// Write the cluster's state (KV and config) to FILE.
+    Save {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Where to write it.
+        file: PathBuf,
+    },
+    /// Replace the cluster's KV and config with those saved in FILE.
+    Restore {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// A file from `blx operator snapshot save`.
+        file: PathBuf,
+    },
+}
+
 /// How to print results.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 pub(crate) enum Output {
@@ -231,6 +269,9 @@ pub(crate) struct AgentArgs {
     /// Do not announce or browse over mDNS.
     #[arg(long)]
     pub(crate) no_mdns: bool,
+    /// Take a Raft snapshot (and purge the log before it) every this many applied entries.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub(crate) raft_snapshot_logs: u64,
     /// How long a fresh cluster's first join token is valid.
     #[arg(long, default_value = "24h", value_parser = crate::duration::parse_ttl)]
     pub(crate) bootstrap_token_ttl: std::time::Duration,

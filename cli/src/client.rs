@@ -10,7 +10,9 @@ use crate::args::{ApiArgs, Output};
 
 /// The agent's API did not answer at all.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot reach the blx agent API at {addr} ({reason}); is the agent running? (set --api or BLX_API)")]
+#[error(
+    "cannot reach the blx agent API at {addr} ({reason}); is the agent running? (set --api or BLX_API)"
+)]
 pub(crate) struct Unreachable {
     addr: std::net::SocketAddr,
     reason: String,
@@ -23,16 +25,39 @@ struct Client {
 
 impl Client {
     fn new(api: &ApiArgs) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        Ok(Client { http, api: api.clone() })
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Client {
+            http,
+            api: api.clone(),
+        })
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<T> {
-        let bytes = self.call_raw(method, path, body.map(|b| b.to_string().into_bytes()), true).await?;
-        serde_json::from_slice(&bytes).with_context(|| format!("the agent's answer is not what this blx expects: {}", String::from_utf8_lossy(&bytes)))
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<T> {
+        let bytes = self
+            .call_raw(method, path, body.map(|b| b.to_string().into_bytes()), true)
+            .await?;
+        serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "the agent's answer is not what this blx expects: {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        })
     }
 
-    async fn call_raw(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>, json: bool) -> anyhow::Result<Vec<u8>> {
+    async fn call_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        json: bool,
+    ) -> anyhow::Result<Vec<u8>> {
         let url = format!("http://{}{path}", self.api.api);
         let mut req = self.http.request(method, &url);
         if let Some(token) = &self.api.api_token {
@@ -44,9 +69,16 @@ impl Client {
             }
             req = req.body(body);
         }
-        let resp = req.send().await.map_err(|e| Unreachable { addr: self.api.api, reason: e.to_string() })?;
+        let resp = req.send().await.map_err(|e| Unreachable {
+            addr: self.api.api,
+            reason: e.to_string(),
+        })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.context("reading the agent's answer")?.to_vec();
+        let bytes = resp
+            .bytes()
+            .await
+            .context("reading the agent's answer")?
+            .to_vec();
         if !status.is_success() {
             let text = String::from_utf8_lossy(&bytes).into_owned();
             let msg = serde_json::from_str::<serde_json::Value>(&text)
@@ -60,7 +92,9 @@ impl Client {
 }
 
 pub(crate) async fn members(api: &ApiArgs, output: Output) -> anyhow::Result<()> {
-    let mut members: Vec<MemberView> = Client::new(api)?.call(reqwest::Method::GET, "/v1/members", None).await?;
+    let mut members: Vec<MemberView> = Client::new(api)?
+        .call(reqwest::Method::GET, "/v1/members", None)
+        .await?;
     members.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&members)?),
@@ -68,8 +102,16 @@ pub(crate) async fn members(api: &ApiArgs, output: Output) -> anyhow::Result<()>
             let rows: Vec<Vec<String>> = members
                 .iter()
                 .map(|m| {
-                    let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    vec![m.name.clone(), m.id.clone(), m.addr.to_string(), m.state.clone(), m.incarnation.to_string(), labels.join(",")]
+                    let labels: Vec<String> =
+                        m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    vec![
+                        m.name.clone(),
+                        m.id.clone(),
+                        m.addr.to_string(),
+                        m.state.clone(),
+                        m.incarnation.to_string(),
+                        labels.join(","),
+                    ]
                 })
                 .collect();
             print_table(&["NAME", "ID", "ADDRESS", "STATE", "INC", "LABELS"], &rows);
@@ -79,21 +121,29 @@ pub(crate) async fn members(api: &ApiArgs, output: Output) -> anyhow::Result<()>
 }
 
 pub(crate) async fn leave(api: &ApiArgs) -> anyhow::Result<()> {
-    let _: serde_json::Value = Client::new(api)?.call(reqwest::Method::POST, "/v1/agent/leave", None).await?;
+    let _: serde_json::Value = Client::new(api)?
+        .call(reqwest::Method::POST, "/v1/agent/leave", None)
+        .await?;
     eprintln!("blx: the agent is leaving the cluster");
     Ok(())
 }
 
 pub(crate) async fn token_create(api: &ApiArgs, ttl: Duration) -> anyhow::Result<()> {
     let created: CreatedToken = Client::new(api)?
-        .call(reqwest::Method::POST, "/v1/tokens", Some(serde_json::json!({ "ttl_secs": ttl.as_secs() })))
+        .call(
+            reqwest::Method::POST,
+            "/v1/tokens",
+            Some(serde_json::json!({ "ttl_secs": ttl.as_secs() })),
+        )
         .await?;
     println!("{}", created.token);
     Ok(())
 }
 
 pub(crate) async fn token_list(api: &ApiArgs, output: Output) -> anyhow::Result<()> {
-    let tokens: Vec<blx_membership::token::TokenInfo> = Client::new(api)?.call(reqwest::Method::GET, "/v1/tokens", None).await?;
+    let tokens: Vec<blx_membership::token::TokenInfo> = Client::new(api)?
+        .call(reqwest::Method::GET, "/v1/tokens", None)
+        .await?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&tokens)?),
         Output::Table => {
@@ -102,7 +152,15 @@ pub(crate) async fn token_list(api: &ApiArgs, output: Output) -> anyhow::Result<
                 .iter()
                 .map(|t| {
                     let left = t.expires_unix.saturating_sub(now);
-                    vec![t.id.clone(), t.status.clone(), if t.status == "valid" { format!("{left}s") } else { "-".into() }]
+                    vec![
+                        t.id.clone(),
+                        t.status.clone(),
+                        if t.status == "valid" {
+                            format!("{left}s")
+                        } else {
+                            "-".into()
+                        },
+                    ]
                 })
                 .collect();
             print_table(&["ID", "STATUS", "EXPIRES IN"], &rows);
@@ -113,7 +171,9 @@ pub(crate) async fn token_list(api: &ApiArgs, output: Output) -> anyhow::Result<
 
 pub(crate) async fn token_revoke(api: &ApiArgs, id: &str) -> anyhow::Result<()> {
     let id: blx_membership::token::TokenId = id.parse()?;
-    let _: serde_json::Value = Client::new(api)?.call(reqwest::Method::DELETE, &format!("/v1/tokens/{id}"), None).await?;
+    let _: serde_json::Value = Client::new(api)?
+        .call(reqwest::Method::DELETE, &format!("/v1/tokens/{id}"), None)
+        .await?;
     eprintln!("blx: revoked token {id}");
     Ok(())
 }
@@ -126,7 +186,11 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
         }
     }
     let line = |cells: Vec<&str>| {
-        let parts: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", parts.join("  ").trim_end());
     };
     line(header.to_vec());
@@ -139,21 +203,41 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
 fn key_path(key: &str) -> String {
     key.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
 }
 
 pub(crate) async fn status(api: &ApiArgs, output: Output) -> anyhow::Result<()> {
-    let s: serde_json::Value = Client::new(api)?.call(reqwest::Method::GET, "/v1/status", None).await?;
+    let s: serde_json::Value = Client::new(api)?
+        .call(reqwest::Method::GET, "/v1/status", None)
+        .await?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
         Output::Table => {
-            let ids = |v: &serde_json::Value| v.as_array().map(|a| a.iter().map(|x| format!("{:016x}", x.as_u64().unwrap_or(0))).collect::<Vec<_>>().join(" ")).unwrap_or_default();
-            let leader = s["leader"].as_u64().map(|l| format!("{l:016x}")).unwrap_or_else(|| "none".into());
+            let ids = |v: &serde_json::Value| {
+                v.as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|x| format!("{:016x}", x.as_u64().unwrap_or(0)))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default()
+            };
+            let leader = s["leader"]
+                .as_u64()
+                .map(|l| format!("{l:016x}"))
+                .unwrap_or_else(|| "none".into());
             println!("leader    {leader}");
-            println!("this node {:016x} ({})", s["id"].as_u64().unwrap_or(0), s["role"].as_str().unwrap_or(""));
+            println!(
+                "this node {:016x} ({})",
+                s["id"].as_u64().unwrap_or(0),
+                s["role"].as_str().unwrap_or("")
+            );
             println!("term      {}", s["term"]);
             println!("applied   {}", s["applied_index"]);
             println!("voters    {}", ids(&s["voters"]));
@@ -163,10 +247,16 @@ pub(crate) async fn status(api: &ApiArgs, output: Output) -> anyhow::Result<()> 
     Ok(())
 }
 
-pub(crate) async fn kv_put(api: &ApiArgs, key: &str, value: &str, cas: Option<u64>) -> anyhow::Result<()> {
+pub(crate) async fn kv_put(
+    api: &ApiArgs,
+    key: &str,
+    value: &str,
+    cas: Option<u64>,
+) -> anyhow::Result<()> {
     let body = if value == "-" {
         let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf).context("reading standard input")?;
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)
+            .context("reading standard input")?;
         buf
     } else {
         value.as_bytes().to_vec()
@@ -175,15 +265,23 @@ pub(crate) async fn kv_put(api: &ApiArgs, key: &str, value: &str, cas: Option<u6
         Some(i) => format!("/v1/kv/{}?cas={i}", key_path(key)),
         None => format!("/v1/kv/{}", key_path(key)),
     };
-    let bytes = Client::new(api)?.call_raw(reqwest::Method::PUT, &path, Some(body), false).await?;
+    let bytes = Client::new(api)?
+        .call_raw(reqwest::Method::PUT, &path, Some(body), false)
+        .await?;
     let r: serde_json::Value = serde_json::from_slice(&bytes)?;
     eprintln!("blx: {key} written at index {}", r["index"]);
     Ok(())
 }
 
 pub(crate) async fn kv_get(api: &ApiArgs, key: &str, stale: bool) -> anyhow::Result<()> {
-    let path = format!("/v1/kv/{}{}", key_path(key), if stale { "?stale" } else { "" });
-    let bytes = Client::new(api)?.call_raw(reqwest::Method::GET, &path, None, false).await?;
+    let path = format!(
+        "/v1/kv/{}{}",
+        key_path(key),
+        if stale { "?stale" } else { "" }
+    );
+    let bytes = Client::new(api)?
+        .call_raw(reqwest::Method::GET, &path, None, false)
+        .await?;
     std::io::Write::write_all(&mut std::io::stdout(), &bytes)?;
     if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
         println!();
@@ -196,7 +294,9 @@ pub(crate) async fn kv_del(api: &ApiArgs, key: &str, cas: Option<u64>) -> anyhow
         Some(i) => format!("/v1/kv/{}?cas={i}", key_path(key)),
         None => format!("/v1/kv/{}", key_path(key)),
     };
-    let r: serde_json::Value = Client::new(api)?.call(reqwest::Method::DELETE, &path, None).await?;
+    let r: serde_json::Value = Client::new(api)?
+        .call(reqwest::Method::DELETE, &path, None)
+        .await?;
     if r["deleted"] != true {
         eprintln!("blx: {key} did not exist");
     }
@@ -204,23 +304,43 @@ pub(crate) async fn kv_del(api: &ApiArgs, key: &str, cas: Option<u64>) -> anyhow
 }
 
 pub(crate) async fn kv_list(api: &ApiArgs, prefix: &str, stale: bool) -> anyhow::Result<()> {
-    let path = format!("/v1/kv/{}?recurse{}", key_path(prefix), if stale { "&stale" } else { "" });
-    let items: Vec<serde_json::Value> = Client::new(api)?.call(reqwest::Method::GET, &path, None).await?;
+    let path = format!(
+        "/v1/kv/{}?recurse{}",
+        key_path(prefix),
+        if stale { "&stale" } else { "" }
+    );
+    let items: Vec<serde_json::Value> = Client::new(api)?
+        .call(reqwest::Method::GET, &path, None)
+        .await?;
     let rows: Vec<Vec<String>> = items
         .iter()
-        .map(|i| vec![i["key"].as_str().unwrap_or("").to_string(), i["modify_index"].to_string(), i["value"].as_str().unwrap_or("").chars().take(60).collect()])
+        .map(|i| {
+            vec![
+                i["key"].as_str().unwrap_or("").to_string(),
+                i["modify_index"].to_string(),
+                i["value"].as_str().unwrap_or("").chars().take(60).collect(),
+            ]
+        })
         .collect();
     print_table(&["KEY", "INDEX", "VALUE"], &rows);
     Ok(())
 }
 
 pub(crate) async fn config_get(api: &ApiArgs) -> anyhow::Result<()> {
-    let c: serde_json::Value = Client::new(api)?.call(reqwest::Method::GET, "/v1/config", None).await?;
+    let c: serde_json::Value = Client::new(api)?
+        .call(reqwest::Method::GET, "/v1/config", None)
+        .await?;
     println!("{}", serde_json::to_string_pretty(&c)?);
     Ok(())
 }
 
-pub(crate) async fn config_set(api: &ApiArgs, file: Option<&str>, desired_voters: Option<u8>, voter_grace_secs: Option<u64>, stabilization_secs: Option<u64>) -> anyhow::Result<()> {
+pub(crate) async fn config_set(
+    api: &ApiArgs,
+    file: Option<&str>,
+    desired_voters: Option<u8>,
+    voter_grace_secs: Option<u64>,
+    stabilization_secs: Option<u64>,
+) -> anyhow::Result<()> {
     let client = Client::new(api)?;
     let mut config: serde_json::Value = match file {
         Some("-") => {
@@ -228,8 +348,14 @@ pub(crate) async fn config_set(api: &ApiArgs, file: Option<&str>, desired_voters
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
             serde_json::from_str(&text).context("the config on standard input is not JSON")?
         }
-        Some(path) => serde_json::from_str(&std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?).with_context(|| format!("{path} is not JSON"))?,
-        None => client.call::<serde_json::Value>(reqwest::Method::GET, "/v1/config", None).await?["config"].clone(),
+        Some(path) => serde_json::from_str(
+            &std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+        )
+        .with_context(|| format!("{path} is not JSON"))?,
+        None => client
+            .call::<serde_json::Value>(reqwest::Method::GET, "/v1/config", None)
+            .await?["config"]
+            .clone(),
     };
     if let Some(v) = desired_voters {
         config["desired_voters"] = v.into();
@@ -240,19 +366,64 @@ pub(crate) async fn config_set(api: &ApiArgs, file: Option<&str>, desired_voters
     if let Some(v) = stabilization_secs {
         config["stabilization_secs"] = v.into();
     }
-    let r: serde_json::Value = client.call(reqwest::Method::PUT, "/v1/config", Some(config)).await?;
+    let r: serde_json::Value = client
+        .call(reqwest::Method::PUT, "/v1/config", Some(config))
+        .await?;
     eprintln!("blx: config is now version {}", r["version"]);
     Ok(())
 }
 
 pub(crate) async fn config_history(api: &ApiArgs) -> anyhow::Result<()> {
-    let h: serde_json::Value = Client::new(api)?.call(reqwest::Method::GET, "/v1/config/history", None).await?;
+    let h: serde_json::Value = Client::new(api)?
+        .call(reqwest::Method::GET, "/v1/config/history", None)
+        .await?;
     println!("{}", serde_json::to_string_pretty(&h)?);
     Ok(())
 }
 
 pub(crate) async fn config_rollback(api: &ApiArgs) -> anyhow::Result<()> {
-    let r: serde_json::Value = Client::new(api)?.call(reqwest::Method::POST, "/v1/config/rollback", None).await?;
+    let r: serde_json::Value = Client::new(api)?
+        .call(reqwest::Method::POST, "/v1/config/rollback", None)
+        .await?;
     eprintln!("blx: config rolled back; now version {}", r["version"]);
+    Ok(())
+}
+
+pub(crate) async fn transfer_leader(api: &ApiArgs, to: Option<String>) -> anyhow::Result<()> {
+    let body = serde_json::json!({ "to": to });
+    let r: serde_json::Value = Client::new(api)?
+        .call(
+            reqwest::Method::POST,
+            "/v1/operator/transfer-leader",
+            Some(body),
+        )
+        .await?;
+    eprintln!("blx: {} now leads", r["leader"].as_str().unwrap_or("?"));
+    Ok(())
+}
+
+pub(crate) async fn snapshot_save(api: &ApiArgs, file: &std::path::Path) -> anyhow::Result<()> {
+    let bytes = Client::new(api)?
+        .call_raw(reqwest::Method::GET, "/v1/operator/snapshot", None, false)
+        .await?;
+    let tmp = file.with_extension("partial");
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
+    eprintln!("blx: saved {} bytes to {}", bytes.len(), file.display());
+    Ok(())
+}
+
+pub(crate) async fn snapshot_restore(api: &ApiArgs, file: &std::path::Path) -> anyhow::Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let out = Client::new(api)?
+        .call_raw(
+            reqwest::Method::PUT,
+            "/v1/operator/snapshot",
+            Some(bytes),
+            false,
+        )
+        .await?;
+    let r: serde_json::Value = serde_json::from_slice(&out)?;
+    eprintln!("blx: restored {} keys", r["restored_keys"]);
     Ok(())
 }

@@ -27,20 +27,30 @@ pub(crate) struct AgentControl {
 }
 
 pub(crate) fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Bytes from the operating system's secure random source.
 pub(crate) fn random<const N: usize>() -> [u8; N] {
     use ring::rand::SecureRandom;
     let mut out = [0u8; N];
-    ring::rand::SystemRandom::new().fill(&mut out).expect("the OS random source works");
+    ring::rand::SystemRandom::new()
+        .fill(&mut out)
+        .expect("the OS random source works");
     out
 }
 
 impl AgentControl {
     pub(crate) fn new(authority: Option<Authority>) -> Self {
-        AgentControl { authority: authority.map(Mutex::new), cluster: Default::default(), membership: OnceLock::new(), transport: OnceLock::new() }
+        AgentControl {
+            authority: authority.map(Mutex::new),
+            cluster: Default::default(),
+            membership: OnceLock::new(),
+            transport: OnceLock::new(),
+        }
     }
 
     /// Starts answering consensus traffic.
@@ -54,7 +64,9 @@ impl AgentControl {
     }
 
     fn authority(&self) -> Option<std::sync::MutexGuard<'_, Authority>> {
-        self.authority.as_ref().map(|a| a.lock().unwrap_or_else(|e| e.into_inner()))
+        self.authority
+            .as_ref()
+            .map(|a| a.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Serves a request here if this node is the authority, or forwards it there.
@@ -65,7 +77,9 @@ impl AgentControl {
         let Some((addr, id)) = self.find_authority() else {
             return match request {
                 ControlRequest::Join(_) => ControlResponse::Refused(JoinRefusal::NoAuthority),
-                _ => ControlResponse::Failed("no alive member holds the cluster CA; token operations are unavailable".into()),
+                _ => ControlResponse::Failed(
+                    "no alive member holds the cluster CA; token operations are unavailable".into(),
+                ),
             };
         };
         let Some(transport) = self.transport.get() else {
@@ -81,7 +95,12 @@ impl AgentControl {
         let members = self.membership.get()?.members();
         members
             .values()
-            .find(|m| m.state == MemberState::Alive && m.meta.as_ref().is_some_and(|meta| meta.roles.contains(&Role::Authority)))
+            .find(|m| {
+                m.state == MemberState::Alive
+                    && m.meta
+                        .as_ref()
+                        .is_some_and(|meta| meta.roles.contains(&Role::Authority))
+            })
             .map(|m| (m.identity.addr, m.identity.id))
     }
 
@@ -90,7 +109,8 @@ impl AgentControl {
             return ControlResponse::Failed("not the authority".into());
         };
         let now = now_unix();
-        let store_failed = |e: blx_membership::token::StoreError| ControlResponse::Failed(e.to_string());
+        let store_failed =
+            |e: blx_membership::token::StoreError| ControlResponse::Failed(e.to_string());
         match request {
             ControlRequest::Join(req) => {
                 let members = self.member_addrs();
@@ -98,28 +118,51 @@ impl AgentControl {
             }
             ControlRequest::TokenCreate { ttl_secs } => {
                 if ttl_secs == 0 || ttl_secs > crate::duration::MAX_TTL.as_secs() {
-                    return ControlResponse::Failed("ttl must be between 1 second and a year".into());
+                    return ControlResponse::Failed(
+                        "ttl must be between 1 second and a year".into(),
+                    );
                 }
                 match authority.tokens.issue(now, ttl_secs, random()) {
                     Ok(token) => ControlResponse::Token(token.to_string()),
                     Err(e) => store_failed(e),
                 }
             }
-            ControlRequest::TokenList => authority.tokens.list(now).map(ControlResponse::Tokens).unwrap_or_else(store_failed),
-            ControlRequest::TokenRevoke { id } => authority.tokens.revoke(id).map(ControlResponse::Revoked).unwrap_or_else(store_failed),
-            ControlRequest::Service { .. } => ControlResponse::Failed("not an authority request".into()),
+            ControlRequest::TokenList => authority
+                .tokens
+                .list(now)
+                .map(ControlResponse::Tokens)
+                .unwrap_or_else(store_failed),
+            ControlRequest::TokenRevoke { id } => authority
+                .tokens
+                .revoke(id)
+                .map(ControlResponse::Revoked)
+                .unwrap_or_else(store_failed),
+            ControlRequest::Service { .. } => {
+                ControlResponse::Failed("not an authority request".into())
+            }
         }
     }
 
     fn member_addrs(&self) -> Vec<std::net::SocketAddr> {
         self.membership
             .get()
-            .map(|m| m.members().values().filter(|m| m.state == MemberState::Alive).map(|m| m.identity.addr).collect())
+            .map(|m| {
+                m.members()
+                    .values()
+                    .filter(|m| m.state == MemberState::Alive)
+                    .map(|m| m.identity.addr)
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
     pub(crate) async fn token_create(&self, ttl: Duration) -> Result<String, String> {
-        match self.serve(ControlRequest::TokenCreate { ttl_secs: ttl.as_secs() }).await {
+        match self
+            .serve(ControlRequest::TokenCreate {
+                ttl_secs: ttl.as_secs(),
+            })
+            .await
+        {
             ControlResponse::Token(t) => Ok(t),
             other => Err(failure(other)),
         }
@@ -147,7 +190,12 @@ fn failure(response: ControlResponse) -> String {
     }
 }
 
-fn admit(authority: &Authority, req: JoinRequest, now: u64, members: Vec<std::net::SocketAddr>) -> ControlResponse {
+fn admit(
+    authority: &Authority,
+    req: JoinRequest,
+    now: u64,
+    members: Vec<std::net::SocketAddr>,
+) -> ControlResponse {
     match authority.tokens.check(req.token_id, &req.secret, now) {
         Ok(Ok(())) => {}
         Ok(Err(refusal)) => {
@@ -159,7 +207,11 @@ fn admit(authority: &Authority, req: JoinRequest, now: u64, members: Vec<std::ne
     match authority.ca.sign_request(&req.csr_der, req.node) {
         Ok(cert) => {
             tracing::info!(node = %req.node, token = %req.token_id, "admitted a new node");
-            ControlResponse::Joined(JoinGrant { cert_der: cert.to_vec(), ca_der: authority.ca.cert_der().to_vec(), members })
+            ControlResponse::Joined(JoinGrant {
+                cert_der: cert.to_vec(),
+                ca_der: authority.ca.cert_der().to_vec(),
+                members,
+            })
         }
         Err(e) => {
             tracing::warn!(error = %e, "join request with a bad certificate request");
@@ -169,7 +221,11 @@ fn admit(authority: &Authority, req: JoinRequest, now: u64, members: Vec<std::ne
 }
 
 impl ControlService for AgentControl {
-    fn handle(&self, caller: Caller, request: ControlRequest) -> std::pin::Pin<Box<dyn std::future::Future<Output = ControlResponse> + Send + '_>> {
+    fn handle(
+        &self,
+        caller: Caller,
+        request: ControlRequest,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ControlResponse> + Send + '_>> {
         tracing::trace!(?caller, "control request");
         Box::pin(async move {
             match request {

@@ -2,12 +2,12 @@
 //! exit code. Everything else lives in the modules.
 
 mod agent;
-mod raft;
 mod api;
 mod args;
 mod client;
 mod control;
 mod duration;
+mod raft;
 
 use std::process::ExitCode;
 
@@ -15,9 +15,17 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BLX_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,blx=info,openraft=error"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,blx=info,openraft=error"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("blx: cannot start the async runtime: {e}");
@@ -36,28 +44,80 @@ fn main() -> ExitCode {
 async fn run(cli: args::Cli) -> anyhow::Result<()> {
     match cli.command {
         args::Command::Agent(args) => agent::run(args).await,
-        args::Command::Join { join_token, mut agent } => {
+        args::Command::Join {
+            join_token,
+            mut agent,
+        } => {
             agent.token = Some(join_token);
             agent::run(agent).await
         }
         args::Command::Members { api, output } => client::members(&api, output).await,
         args::Command::Leave { api } => client::leave(&api).await,
-        args::Command::Token(args::TokenCommand::Create { api, ttl }) => client::token_create(&api, ttl).await,
-        args::Command::Token(args::TokenCommand::List { api, output }) => client::token_list(&api, output).await,
-        args::Command::Token(args::TokenCommand::Revoke { api, id }) => client::token_revoke(&api, &id).await,
-        args::Command::Status { api, output } => client::status(&api, output).await,
-        args::Command::Kv(args::KvCommand::Put { api, key, value, cas }) => client::kv_put(&api, &key, &value, cas).await,
-        args::Command::Kv(args::KvCommand::Get { api, key, stale }) => client::kv_get(&api, &key, stale).await,
-        args::Command::Kv(args::KvCommand::Del { api, key, cas }) => client::kv_del(&api, &key, cas).await,
-        args::Command::Kv(args::KvCommand::List { api, prefix, stale }) => client::kv_list(&api, &prefix, stale).await,
-        args::Command::Config(args::ConfigCommand::Get { api }) => client::config_get(&api).await,
-        args::Command::Config(args::ConfigCommand::Set { api, file, desired_voters, voter_grace_secs, stabilization_secs }) => {
-            client::config_set(&api, file.as_deref(), desired_voters, voter_grace_secs, stabilization_secs).await
+        args::Command::Token(args::TokenCommand::Create { api, ttl }) => {
+            client::token_create(&api, ttl).await
         }
-        args::Command::Config(args::ConfigCommand::History { api }) => client::config_history(&api).await,
-        args::Command::Config(args::ConfigCommand::Rollback { api }) => client::config_rollback(&api).await,
+        args::Command::Token(args::TokenCommand::List { api, output }) => {
+            client::token_list(&api, output).await
+        }
+        args::Command::Token(args::TokenCommand::Revoke { api, id }) => {
+            client::token_revoke(&api, &id).await
+        }
+        args::Command::Status { api, output } => client::status(&api, output).await,
+        args::Command::Kv(args::KvCommand::Put {
+            api,
+            key,
+            value,
+            cas,
+        }) => client::kv_put(&api, &key, &value, cas).await,
+        args::Command::Kv(args::KvCommand::Get { api, key, stale }) => {
+            client::kv_get(&api, &key, stale).await
+        }
+        args::Command::Kv(args::KvCommand::Del { api, key, cas }) => {
+            client::kv_del(&api, &key, cas).await
+        }
+        args::Command::Kv(args::KvCommand::List { api, prefix, stale }) => {
+            client::kv_list(&api, &prefix, stale).await
+        }
+        args::Command::Config(args::ConfigCommand::Get { api }) => client::config_get(&api).await,
+        args::Command::Config(args::ConfigCommand::Set {
+            api,
+            file,
+            desired_voters,
+            voter_grace_secs,
+            stabilization_secs,
+        }) => {
+            client::config_set(
+                &api,
+                file.as_deref(),
+                desired_voters,
+                voter_grace_secs,
+                stabilization_secs,
+            )
+            .await
+        }
+        args::Command::Config(args::ConfigCommand::History { api }) => {
+            client::config_history(&api).await
+        }
+        args::Command::Config(args::ConfigCommand::Rollback { api }) => {
+            client::config_rollback(&api).await
+        }
+        args::Command::Operator(args::OperatorCommand::TransferLeader { api, to }) => {
+            client::transfer_leader(&api, to).await
+        }
+        args::Command::Operator(args::OperatorCommand::Snapshot(args::SnapshotCommand::Save {
+            api,
+            file,
+        })) => client::snapshot_save(&api, &file).await,
+        args::Command::Operator(args::OperatorCommand::Snapshot(
+            args::SnapshotCommand::Restore { api, file },
+        )) => client::snapshot_restore(&api, &file).await,
         args::Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut <args::Cli as clap::CommandFactory>::command(), "blx", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut <args::Cli as clap::CommandFactory>::command(),
+                "blx",
+                &mut std::io::stdout(),
+            );
             Ok(())
         }
     }
@@ -67,7 +127,8 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
 fn exit_code(e: &anyhow::Error) -> u8 {
     if let Some(join) = e.downcast_ref::<blx_membership::join::JoinError>() {
         return match join {
-            blx_membership::join::JoinError::Refused(_) | blx_membership::join::JoinError::WrongCluster(_) => 3,
+            blx_membership::join::JoinError::Refused(_)
+            | blx_membership::join::JoinError::WrongCluster(_) => 3,
             _ => 4,
         };
     }

@@ -21,6 +21,8 @@ pub(crate) const SERVICE_RAFT: u8 = 1;
 pub(crate) const SERVICE_WRITE: u8 = 2;
 /// A linearizable read forwarded to the leader.
 pub(crate) const SERVICE_READ: u8 = 3;
+/// Ask a voter to start an election (leadership transfer).
+pub(crate) const SERVICE_ELECT: u8 = 4;
 
 /// How long a forwarded write or read may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,10 +42,24 @@ pub(crate) struct QuicRpc {
 }
 
 impl blx_consensus::network::RpcTransport for QuicRpc {
-    fn call(&self, target: u64, addr: SocketAddr, payload: Vec<u8>, timeout: Duration) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+    fn call(
+        &self,
+        target: u64,
+        addr: SocketAddr,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send + '_>>
+    {
         Box::pin(async move {
-            let request = ControlRequest::Service { service: SERVICE_RAFT, payload };
-            match self.transport.request_within(addr, Some(node_id(target)), &request, timeout).await {
+            let request = ControlRequest::Service {
+                service: SERVICE_RAFT,
+                payload,
+            };
+            match self
+                .transport
+                .request_within(addr, Some(node_id(target)), &request, timeout)
+                .await
+            {
                 Ok(ControlResponse::Service(bytes)) => Ok(bytes),
                 Ok(ControlResponse::Failed(e)) => Err(e),
                 Ok(other) => Err(format!("unexpected answer {other:?}")),
@@ -73,23 +89,49 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    pub(crate) fn new(node: ConsensusNode, membership: Membership, transport: QuicTransport) -> Self {
-        Cluster { node, membership, transport }
+    pub(crate) fn new(
+        node: ConsensusNode,
+        membership: Membership,
+        transport: QuicTransport,
+    ) -> Self {
+        Cluster {
+            node,
+            membership,
+            transport,
+        }
     }
 
     fn leader_addr(&self, leader: u64) -> Option<SocketAddr> {
-        self.membership.members().get(&node_id(leader)).map(|m| m.identity.addr)
+        self.membership
+            .members()
+            .get(&node_id(leader))
+            .map(|m| m.identity.addr)
     }
 
-    async fn forward(&self, leader: Option<u64>, service: u8, payload: Vec<u8>) -> Result<Vec<u8>, ClusterError> {
-        let leader = leader.or(self.node.status().leader).ok_or(ClusterError::NoLeader)?;
+    async fn forward(
+        &self,
+        leader: Option<u64>,
+        service: u8,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, ClusterError> {
+        let leader = leader
+            .or(self.node.status().leader)
+            .ok_or(ClusterError::NoLeader)?;
         let addr = self.leader_addr(leader).ok_or(ClusterError::NoLeader)?;
         let request = ControlRequest::Service { service, payload };
-        match self.transport.request_within(addr, Some(node_id(leader)), &request, FORWARD_TIMEOUT).await {
+        match self
+            .transport
+            .request_within(addr, Some(node_id(leader)), &request, FORWARD_TIMEOUT)
+            .await
+        {
             Ok(ControlResponse::Service(bytes)) => Ok(bytes),
             Ok(ControlResponse::Failed(e)) => Err(ClusterError::Consensus(e)),
-            Ok(other) => Err(ClusterError::Consensus(format!("unexpected answer {other:?}"))),
-            Err(e) => Err(ClusterError::Consensus(format!("forwarding to the leader: {e}"))),
+            Ok(other) => Err(ClusterError::Consensus(format!(
+                "unexpected answer {other:?}"
+            ))),
+            Err(e) => Err(ClusterError::Consensus(format!(
+                "forwarding to the leader: {e}"
+            ))),
         }
     }
 
@@ -99,7 +141,9 @@ impl Cluster {
             Ok(r) => Ok(r),
             Err(ConsensusError::NotLeader { leader }) => {
                 let bytes = self.forward(leader, SERVICE_WRITE, encode(&cmd)).await?;
-                decode::<Result<Response, String>>(&bytes).map_err(ClusterError::Consensus)?.map_err(ClusterError::Consensus)
+                decode::<Result<Response, String>>(&bytes)
+                    .map_err(ClusterError::Consensus)?
+                    .map_err(ClusterError::Consensus)
             }
             Err(e) => Err(ClusterError::Consensus(e.to_string())),
         }
@@ -111,16 +155,79 @@ impl Cluster {
             Ok(s) => Ok(s),
             Err(ConsensusError::NotLeader { leader }) => {
                 let bytes = self.forward(leader, SERVICE_READ, Vec::new()).await?;
-                decode::<Result<ClusterState, String>>(&bytes).map_err(ClusterError::Consensus)?.map_err(ClusterError::Consensus)
+                decode::<Result<ClusterState, String>>(&bytes)
+                    .map_err(ClusterError::Consensus)?
+                    .map_err(ClusterError::Consensus)
             }
             Err(e) => Err(ClusterError::Consensus(e.to_string())),
+        }
+    }
+
+    /// Hands leadership to `to` (or to another voter): asks it to stand for election and
+    /// waits until it leads.
+    pub(crate) async fn transfer_leader(&self, to: Option<u64>) -> Result<u64, ClusterError> {
+        let status = self.node.status();
+        let leader = status.leader.ok_or(ClusterError::NoLeader)?;
+        let target = match to {
+            Some(t) if status.voters.contains(&t) => t,
+            Some(t) => return Err(ClusterError::Consensus(format!("{t:016x} is not a voter"))),
+            None => *status
+                .voters
+                .iter()
+                .find(|v| **v != leader)
+                .ok_or_else(|| {
+                    ClusterError::Consensus("there is no other voter to hand leadership to".into())
+                })?,
+        };
+        if target == leader {
+            return Ok(target);
+        }
+        if target == status.id {
+            self.node
+                .elect()
+                .await
+                .map_err(|e| ClusterError::Consensus(e.to_string()))?;
+        } else {
+            let addr = self.leader_addr(target).ok_or(ClusterError::NoLeader)?;
+            let request = ControlRequest::Service {
+                service: SERVICE_ELECT,
+                payload: Vec::new(),
+            };
+            match self
+                .transport
+                .request_within(addr, Some(node_id(target)), &request, FORWARD_TIMEOUT)
+                .await
+            {
+                Ok(ControlResponse::Service(_)) => {}
+                Ok(other) => {
+                    return Err(ClusterError::Consensus(format!(
+                        "unexpected answer {other:?}"
+                    )));
+                }
+                Err(e) => return Err(ClusterError::Consensus(e.to_string())),
+            }
+        }
+        let mut metrics = self.node.raft.metrics();
+        let done = tokio::time::timeout(
+            FORWARD_TIMEOUT,
+            metrics.wait_for(|m| m.current_leader == Some(target)),
+        )
+        .await;
+        match done {
+            Ok(Ok(_)) => Ok(target),
+            _ => Err(ClusterError::Consensus(format!(
+                "{target:016x} did not take over within {}s",
+                FORWARD_TIMEOUT.as_secs()
+            ))),
         }
     }
 
     /// Serves a consensus service request from another member.
     pub(crate) async fn serve(&self, service: u8, payload: &[u8]) -> ControlResponse {
         match service {
-            SERVICE_RAFT => ControlResponse::Service(blx_consensus::network::serve(&self.node.raft, payload).await),
+            SERVICE_RAFT => ControlResponse::Service(
+                blx_consensus::network::serve(&self.node.raft, payload).await,
+            ),
             SERVICE_WRITE => {
                 let result = match decode::<Command>(payload) {
                     Ok(cmd) => self.node.write(cmd).await.map_err(|e| e.to_string()),
@@ -128,14 +235,21 @@ impl Cluster {
                 };
                 ControlResponse::Service(encode(&result))
             }
-            SERVICE_READ => ControlResponse::Service(encode(&self.node.read(false).await.map_err(|e| e.to_string()))),
+            SERVICE_READ => ControlResponse::Service(encode(
+                &self.node.read(false).await.map_err(|e| e.to_string()),
+            )),
+            SERVICE_ELECT => ControlResponse::Service(encode(
+                &self.node.elect().await.map_err(|e| e.to_string()),
+            )),
             other => ControlResponse::Failed(format!("unknown service {other}")),
         }
     }
 }
 
 /// The autopilot's view of the members, remembering since when each has been in its state.
-pub(crate) fn member_views(membership: Membership) -> impl Fn() -> BTreeMap<u64, (NodeView, SocketAddr)> + Send + Sync + 'static {
+pub(crate) fn member_views(
+    membership: Membership,
+) -> impl Fn() -> BTreeMap<u64, (NodeView, SocketAddr)> + Send + Sync + 'static {
     let since: Mutex<BTreeMap<NodeId, (MemberState, Instant)>> = Mutex::new(BTreeMap::new());
     move || {
         let now = Instant::now();

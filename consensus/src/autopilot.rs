@@ -67,31 +67,56 @@ impl Plan {
 pub fn plan(nodes: &BTreeMap<RaftId, NodeView>, raft: &RaftView, config: &ClusterConfig) -> Plan {
     let grace = Duration::from_secs(config.voter_grace_secs);
     let stable = Duration::from_secs(config.stabilization_secs);
-    let gone = |id: &RaftId| nodes.get(id).is_none_or(|n| n.left || (!n.up && n.state_for >= grace));
+    let gone = |id: &RaftId| {
+        nodes
+            .get(id)
+            .is_none_or(|n| n.left || (!n.up && n.state_for >= grace))
+    };
     let healthy = |id: &RaftId| {
-        nodes.get(id).is_some_and(|n| n.up && !n.left && n.state_for >= stable && n.lag.is_some_and(|l| l <= config.max_learner_lag))
+        nodes.get(id).is_some_and(|n| {
+            n.up && !n.left
+                && n.state_for >= stable
+                && n.lag.is_some_and(|l| l <= config.max_learner_lag)
+        })
     };
     let mut out = Plan::default();
 
     // 1. Newcomers.
     out.add_learners = nodes
         .iter()
-        .filter(|(id, n)| n.up && !n.left && !raft.voters.contains(id) && !raft.learners.contains(id))
+        .filter(|(id, n)| {
+            n.up && !n.left && !raft.voters.contains(id) && !raft.learners.contains(id)
+        })
         .map(|(id, _)| *id)
         .collect();
 
     // 2. Dead voters, bounded so a quorum of the old set always survives the change.
     let max_removals = raft.voters.len().saturating_sub(1) / 2;
     let mut voters = raft.voters.clone();
-    let dead: Vec<RaftId> = raft.voters.iter().filter(|id| **id != raft.leader && gone(id)).copied().take(max_removals).collect();
+    let dead: Vec<RaftId> = raft
+        .voters
+        .iter()
+        .filter(|id| **id != raft.leader && gone(id))
+        .copied()
+        .take(max_removals)
+        .collect();
     for id in &dead {
         voters.remove(id);
     }
 
     // 3. Promotions toward the desired count, new zones first, then by id.
     let desired = usize::from(config.desired_voters);
-    let mut zones: BTreeSet<Option<String>> = voters.iter().filter_map(|id| nodes.get(id)).map(|n| n.zone.clone()).collect();
-    let mut candidates: Vec<RaftId> = raft.learners.iter().filter(|id| healthy(id)).copied().collect();
+    let mut zones: BTreeSet<Option<String>> = voters
+        .iter()
+        .filter_map(|id| nodes.get(id))
+        .map(|n| n.zone.clone())
+        .collect();
+    let mut candidates: Vec<RaftId> = raft
+        .learners
+        .iter()
+        .filter(|id| healthy(id))
+        .copied()
+        .collect();
     candidates.sort_by_key(|id| (zones.contains(&nodes[id].zone), *id));
     let mut promoted = Vec::new();
     for id in candidates {
@@ -116,7 +141,12 @@ pub fn plan(nodes: &BTreeMap<RaftId, NodeView>, raft: &RaftView, config: &Cluste
     }
 
     // 4. Learners that are gone.
-    out.remove_learners = raft.learners.iter().filter(|id| gone(id)).copied().collect();
+    out.remove_learners = raft
+        .learners
+        .iter()
+        .filter(|id| gone(id))
+        .copied()
+        .collect();
     out
 }
 
@@ -126,21 +156,40 @@ mod tests {
     use proptest::prelude::*;
 
     fn up(zone: &str, lag: u64) -> NodeView {
-        NodeView { up: true, left: false, state_for: Duration::from_secs(60), zone: Some(zone.into()), lag: Some(lag) }
+        NodeView {
+            up: true,
+            left: false,
+            state_for: Duration::from_secs(60),
+            zone: Some(zone.into()),
+            lag: Some(lag),
+        }
     }
 
     fn down(for_secs: u64) -> NodeView {
-        NodeView { up: false, left: false, state_for: Duration::from_secs(for_secs), zone: Some("z".into()), lag: None }
+        NodeView {
+            up: false,
+            left: false,
+            state_for: Duration::from_secs(for_secs),
+            zone: Some("z".into()),
+            lag: None,
+        }
     }
 
     fn cfg(desired: u8) -> ClusterConfig {
-        ClusterConfig { desired_voters: desired, ..Default::default() }
+        ClusterConfig {
+            desired_voters: desired,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn one_voter_and_four_newcomers_end_with_three_voters() {
         let nodes: BTreeMap<RaftId, NodeView> = (1..=5).map(|i| (i, up("z", 0))).collect();
-        let mut raft = RaftView { leader: 1, voters: [1].into(), learners: BTreeSet::new() };
+        let mut raft = RaftView {
+            leader: 1,
+            voters: [1].into(),
+            learners: BTreeSet::new(),
+        };
         let p = plan(&nodes, &raft, &cfg(3));
         assert_eq!(p.add_learners, vec![2, 3, 4, 5]);
         raft.learners = [2, 3, 4, 5].into();
@@ -149,7 +198,10 @@ mod tests {
         raft.voters = [1, 2, 3].into();
         raft.learners = [4, 5].into();
         assert!(plan(&nodes, &raft, &cfg(3)).is_empty());
-        assert_eq!(plan(&nodes, &raft, &cfg(5)).voters, Some([1, 2, 3, 4, 5].into()));
+        assert_eq!(
+            plan(&nodes, &raft, &cfg(5)).voters,
+            Some([1, 2, 3, 4, 5].into())
+        );
     }
 
     #[test]
@@ -159,50 +211,97 @@ mod tests {
         nodes.insert(2, up("a", 0));
         nodes.insert(3, up("b", 0));
         nodes.insert(4, up("c", 0));
-        let raft = RaftView { leader: 1, voters: [1].into(), learners: [2, 3, 4].into() };
+        let raft = RaftView {
+            leader: 1,
+            voters: [1].into(),
+            learners: [2, 3, 4].into(),
+        };
         assert_eq!(plan(&nodes, &raft, &cfg(3)).voters, Some([1, 3, 4].into()));
         nodes.get_mut(&3).unwrap().state_for = Duration::from_secs(1);
         nodes.get_mut(&4).unwrap().lag = Some(10_000);
-        assert_eq!(plan(&nodes, &raft, &cfg(3)).voters, None, "2 alone would make the count even");
+        assert_eq!(
+            plan(&nodes, &raft, &cfg(3)).voters,
+            None,
+            "2 alone would make the count even"
+        );
     }
 
     #[test]
     fn a_dead_voter_is_replaced_after_the_grace_period_only() {
         let mut nodes: BTreeMap<RaftId, NodeView> = (1..=4).map(|i| (i, up("z", 0))).collect();
         nodes.insert(3, down(5));
-        let raft = RaftView { leader: 1, voters: [1, 2, 3].into(), learners: [4].into() };
-        assert!(plan(&nodes, &raft, &cfg(3)).voters.is_none(), "within grace");
+        let raft = RaftView {
+            leader: 1,
+            voters: [1, 2, 3].into(),
+            learners: [4].into(),
+        };
+        assert!(
+            plan(&nodes, &raft, &cfg(3)).voters.is_none(),
+            "within grace"
+        );
         nodes.insert(3, down(31));
         assert_eq!(plan(&nodes, &raft, &cfg(3)).voters, Some([1, 2, 4].into()));
     }
 
-    fn arb_cluster() -> impl Strategy<Value = (BTreeMap<RaftId, NodeView>, RaftView, ClusterConfig)> {
-        let node = (any::<bool>(), any::<bool>(), 0u64..100, 0u8..3, proptest::option::of(0u64..500));
-        (proptest::collection::vec(node, 1..10), any::<u64>(), prop_oneof![Just(1u8), Just(3), Just(5), Just(7)]).prop_map(|(ns, pick, desired)| {
-            let nodes: BTreeMap<RaftId, NodeView> = ns
-                .into_iter()
-                .enumerate()
-                .map(|(i, (up, left, secs, zone, lag))| {
-                    (i as u64 + 1, NodeView { up, left: left && !up, state_for: Duration::from_secs(secs), zone: Some(format!("z{zone}")), lag })
-                })
-                .collect();
-            let ids: Vec<RaftId> = nodes.keys().copied().collect();
-            let leader = ids[0];
-            let mut voters: BTreeSet<RaftId> = [leader].into();
-            let mut learners = BTreeSet::new();
-            for (bit, id) in ids.iter().enumerate().skip(1) {
-                match (pick >> (2 * bit)) & 3 {
-                    0 => {
-                        voters.insert(*id);
+    fn arb_cluster() -> impl Strategy<Value = (BTreeMap<RaftId, NodeView>, RaftView, ClusterConfig)>
+    {
+        let node = (
+            any::<bool>(),
+            any::<bool>(),
+            0u64..100,
+            0u8..3,
+            proptest::option::of(0u64..500),
+        );
+        (
+            proptest::collection::vec(node, 1..10),
+            any::<u64>(),
+            prop_oneof![Just(1u8), Just(3), Just(5), Just(7)],
+        )
+            .prop_map(|(ns, pick, desired)| {
+                let nodes: BTreeMap<RaftId, NodeView> = ns
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (up, left, secs, zone, lag))| {
+                        (
+                            i as u64 + 1,
+                            NodeView {
+                                up,
+                                left: left && !up,
+                                state_for: Duration::from_secs(secs),
+                                zone: Some(format!("z{zone}")),
+                                lag,
+                            },
+                        )
+                    })
+                    .collect();
+                let ids: Vec<RaftId> = nodes.keys().copied().collect();
+                let leader = ids[0];
+                let mut voters: BTreeSet<RaftId> = [leader].into();
+                let mut learners = BTreeSet::new();
+                for (bit, id) in ids.iter().enumerate().skip(1) {
+                    match (pick >> (2 * bit)) & 3 {
+                        0 => {
+                            voters.insert(*id);
+                        }
+                        1 => {
+                            learners.insert(*id);
+                        }
+                        _ => {}
                     }
-                    1 => {
-                        learners.insert(*id);
-                    }
-                    _ => {}
                 }
-            }
-            (nodes, RaftView { leader, voters, learners }, ClusterConfig { desired_voters: desired, ..Default::default() })
-        })
+                (
+                    nodes,
+                    RaftView {
+                        leader,
+                        voters,
+                        learners,
+                    },
+                    ClusterConfig {
+                        desired_voters: desired,
+                        ..Default::default()
+                    },
+                )
+            })
     }
 
     proptest! {

@@ -12,12 +12,12 @@
 //! RPC over QUIC, and the agent wiring (see the consensus issue).
 
 pub mod autopilot;
-pub mod state;
 pub mod machine;
 pub mod mem;
 pub mod network;
 pub mod node;
 pub mod rocks;
+pub mod state;
 
 #[cfg(test)]
 mod store_suite;

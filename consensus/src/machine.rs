@@ -100,7 +100,10 @@ pub struct StoredSnapshot {
 impl StoredSnapshot {
     /// As openraft hands snapshots around.
     pub fn to_snapshot(&self) -> openraft::Snapshot<TypeConfig> {
-        openraft::Snapshot { meta: self.meta.clone(), snapshot: Box::new(Cursor::new(self.data.clone())) }
+        openraft::Snapshot {
+            meta: self.meta.clone(),
+            snapshot: Box::new(Cursor::new(self.data.clone())),
+        }
     }
 }
 
@@ -110,6 +113,13 @@ pub fn snapshot_of(data: &MachineData, seq: u64) -> StoredSnapshot {
         Some(last) => format!("{}-{}-{seq}", last.leader_id, last.index),
         None => format!("--{seq}"),
     };
-    let meta = openraft::SnapshotMeta { last_log_id: data.last_applied, last_membership: data.last_membership.clone(), snapshot_id };
-    StoredSnapshot { meta, data: data.encode() }
+    let meta = openraft::SnapshotMeta {
+        last_log_id: data.last_applied,
+        last_membership: data.last_membership.clone(),
+        snapshot_id,
+    };
+    StoredSnapshot {
+        meta,
+        data: data.encode(),
+    }
 }

@@ -8,9 +8,14 @@ use std::ops::RangeBounds;
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
-use openraft::{LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, Vote};
+use openraft::{
+    LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, Vote,
+};
 
-use crate::machine::{Entry, MachineData, Membership, Node, Response, StoreError, StoredSnapshot, TypeConfig, snapshot_of};
+use crate::machine::{
+    Entry, MachineData, Membership, Node, Response, StoreError, StoredSnapshot, TypeConfig,
+    snapshot_of,
+};
 
 #[derive(Default)]
 struct LogInner {
@@ -33,8 +38,16 @@ impl MemLogStore {
 }
 
 impl RaftLogReader<TypeConfig> for MemLogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(&mut self, range: RB) -> Result<Vec<Entry>, StoreError> {
-        Ok(self.lock().log.range(range).map(|(_, e)| e.clone()).collect())
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StoreError> {
+        Ok(self
+            .lock()
+            .log
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 }
 
@@ -43,8 +56,16 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StoreError> {
         let inner = self.lock();
-        let last = inner.log.values().next_back().map(|e| e.log_id).or(inner.last_purged);
-        Ok(LogState { last_purged_log_id: inner.last_purged, last_log_id: last })
+        let last = inner
+            .log
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(inner.last_purged);
+        Ok(LogState {
+            last_purged_log_id: inner.last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -69,7 +90,11 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
         Ok(self.lock().committed)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StoreError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StoreError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -155,16 +180,27 @@ impl RaftStateMachine<TypeConfig> for MemStateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, Node>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StoreError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
         let bytes = snapshot.into_inner();
         let data = MachineData::decode(&bytes)?;
         let mut inner = self.lock();
         inner.data = data;
-        inner.snapshot = Some(StoredSnapshot { meta: meta.clone(), data: bytes });
+        inner.snapshot = Some(StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        });
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
-        Ok(self.lock().snapshot.as_ref().map(StoredSnapshot::to_snapshot))
+        Ok(self
+            .lock()
+            .snapshot
+            .as_ref()
+            .map(StoredSnapshot::to_snapshot))
     }
 }

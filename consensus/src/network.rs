@@ -9,9 +9,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
 use openraft::{AnyError, Raft};
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +49,13 @@ pub enum RaftReply {
 /// Carries one request to a node and brings back its answer.
 pub trait RpcTransport: Send + Sync + 'static {
     /// Sends `payload` to the node `target` at `addr`, waiting at most `timeout`.
-    fn call(&self, target: u64, addr: SocketAddr, payload: Vec<u8>, timeout: Duration) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>>;
+    fn call(
+        &self,
+        target: u64,
+        addr: SocketAddr,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>>;
 }
 
 /// openraft's network factory over an [`RpcTransport`].
@@ -74,34 +85,59 @@ impl<T: RpcTransport> RaftNetworkFactory<TypeConfig> for Network<T> {
     type Network = Peer<T>;
 
     async fn new_client(&mut self, target: u64, node: &Node) -> Peer<T> {
-        Peer { target, addr: node.addr.parse().ok(), transport: self.transport.clone() }
+        Peer {
+            target,
+            addr: node.addr.parse().ok(),
+            transport: self.transport.clone(),
+        }
     }
 }
 
 impl<T: RpcTransport> Peer<T> {
-    async fn exchange<E: std::error::Error>(&self, request: RaftRequest, option: &RPCOption) -> Result<RaftReply, RPCError<u64, Node, E>> {
-        let addr = self.addr.ok_or_else(|| RPCError::Unreachable(Unreachable::new(&Failure(format!("node {} has no valid address", self.target)))))?;
+    async fn exchange<E: std::error::Error>(
+        &self,
+        request: RaftRequest,
+        option: &RPCOption,
+    ) -> Result<RaftReply, RPCError<u64, Node, E>> {
+        let addr = self.addr.ok_or_else(|| {
+            RPCError::Unreachable(Unreachable::new(&Failure(format!(
+                "node {} has no valid address",
+                self.target
+            ))))
+        })?;
         let bytes = self
             .transport
             .call(self.target, addr, encode(&request), option.hard_ttl())
             .await
             .map_err(|e| RPCError::Unreachable(Unreachable::new(&Failure(e))))?;
         match decode::<RaftReply>(&bytes) {
-            Ok(RaftReply::Malformed(e)) => Err(RPCError::Network(NetworkError::new(&Failure(format!("peer could not decode our request: {e}"))))),
+            Ok(RaftReply::Malformed(e)) => Err(RPCError::Network(NetworkError::new(&Failure(
+                format!("peer could not decode our request: {e}"),
+            )))),
             Ok(reply) => Ok(reply),
-            Err(e) => Err(RPCError::Network(NetworkError::new(&Failure(format!("bad reply: {e}"))))),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&Failure(format!(
+                "bad reply: {e}"
+            ))))),
         }
     }
 
     fn wrong<E: std::error::Error>() -> RPCError<u64, Node, E> {
-        RPCError::Network(NetworkError::new(&Failure("reply of the wrong kind".into())))
+        RPCError::Network(NetworkError::new(&Failure(
+            "reply of the wrong kind".into(),
+        )))
     }
 }
 
 impl<T: RpcTransport> RaftNetwork<TypeConfig> for Peer<T> {
-    async fn append_entries(&mut self, rpc: AppendEntriesRequest<TypeConfig>, option: RPCOption) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Node, RaftError<u64>>> {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Node, RaftError<u64>>> {
         match self.exchange(RaftRequest::Append(rpc), &option).await? {
-            RaftReply::Append(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            RaftReply::Append(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             _ => Err(Self::wrong()),
         }
     }
@@ -110,16 +146,27 @@ impl<T: RpcTransport> RaftNetwork<TypeConfig> for Peer<T> {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, Node, RaftError<u64, InstallSnapshotError>>> {
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, Node, RaftError<u64, InstallSnapshotError>>,
+    > {
         match self.exchange(RaftRequest::Snapshot(rpc), &option).await? {
-            RaftReply::Snapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            RaftReply::Snapshot(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             _ => Err(Self::wrong()),
         }
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> Result<VoteResponse<u64>, RPCError<u64, Node, RaftError<u64>>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, Node, RaftError<u64>>> {
         match self.exchange(RaftRequest::Vote(rpc), &option).await? {
-            RaftReply::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
+            RaftReply::Vote(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             _ => Err(Self::wrong()),
         }
     }

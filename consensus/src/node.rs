@@ -54,6 +54,10 @@ pub struct Status {
     pub voters: BTreeSet<u64>,
     /// Learner ids.
     pub learners: BTreeSet<u64>,
+    /// Index of the latest snapshot.
+    pub snapshot_index: u64,
+    /// Index up to which the log was purged.
+    pub purged_index: u64,
 }
 
 /// One node's consensus.
@@ -65,36 +69,55 @@ pub struct ConsensusNode {
     id: u64,
 }
 
-/// openraft timing for a LAN.
-pub fn raft_config() -> Result<openraft::Config, ConsensusError> {
+/// openraft timing for a LAN; a snapshot every `snapshot_logs` applied entries.
+pub fn raft_config(snapshot_logs: u64) -> Result<openraft::Config, ConsensusError> {
     let config = openraft::Config {
         cluster_name: "blx".into(),
         heartbeat_interval: 150,
         election_timeout_min: 600,
         election_timeout_max: 1200,
         max_payload_entries: 64,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs),
+        max_in_snapshot_log_to_keep: snapshot_logs / 5,
+        purge_batch_size: 1,
         snapshot_max_chunk_size: 1024 * 1024,
         ..Default::default()
     };
-    config.validate().map_err(|e| ConsensusError::Raft(e.to_string()))
+    config
+        .validate()
+        .map_err(|e| ConsensusError::Raft(e.to_string()))
 }
 
 impl ConsensusNode {
     /// Opens the RocksDB stores under `dir` and starts Raft.
-    pub async fn start<T: RpcTransport>(id: u64, dir: &Path, config: openraft::Config, transport: Arc<T>) -> Result<Self, ConsensusError> {
+    pub async fn start<T: RpcTransport>(
+        id: u64,
+        dir: &Path,
+        config: openraft::Config,
+        transport: Arc<T>,
+    ) -> Result<Self, ConsensusError> {
         let (log, machine) = crate::rocks::open(dir)?;
-        let raft = Raft::new(id, Arc::new(config), Network::new(transport), log, machine.clone())
-            .await
-            .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            Network::new(transport),
+            log,
+            machine.clone(),
+        )
+        .await
+        .map_err(|e| ConsensusError::Raft(e.to_string()))?;
         Ok(ConsensusNode { raft, machine, id })
     }
 
     /// Makes this node the single voter of a new group. Only the cluster's first agent calls
     /// it, once; on a node that already has state it does nothing.
     pub async fn initialize(&self, addr: SocketAddr) -> Result<(), ConsensusError> {
-        let members = BTreeMap::from([(self.id, Node { addr: addr.to_string() })]);
+        let members = BTreeMap::from([(
+            self.id,
+            Node {
+                addr: addr.to_string(),
+            },
+        )]);
         match self.raft.initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(()),
@@ -110,7 +133,11 @@ impl ConsensusNode {
         }
         match self.raft.client_write(cmd).await {
             Ok(r) => Ok(r.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ConsensusError::NotLeader { leader: f.leader_id }),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(ConsensusError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
             Err(e) => Err(ConsensusError::Raft(e.to_string())),
         }
     }
@@ -121,8 +148,12 @@ impl ConsensusNode {
         if !stale {
             match self.raft.ensure_linearizable().await {
                 Ok(_) => {}
-                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
-                    return Err(ConsensusError::NotLeader { leader: f.leader_id });
+                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                    f,
+                ))) => {
+                    return Err(ConsensusError::NotLeader {
+                        leader: f.leader_id,
+                    });
                 }
                 Err(e) => return Err(ConsensusError::Raft(e.to_string())),
             }
@@ -145,7 +176,19 @@ impl ConsensusNode {
             role: format!("{:?}", m.state).to_lowercase(),
             voters,
             learners,
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         }
+    }
+
+    /// Starts an election on this node: how leadership is handed to it (openraft 0.9 has no
+    /// transfer call; a caught-up voter that asks wins, and the old leader steps down).
+    pub async fn elect(&self) -> Result<(), ConsensusError> {
+        self.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| ConsensusError::Raft(e.to_string()))
     }
 
     /// Runs the autopilot while this node leads: every `period`, reads the nodes through
@@ -167,38 +210,71 @@ impl ConsensusNode {
             if membership.get_joint_config().len() > 1 {
                 continue;
             }
-            let raft_view = RaftView { leader: self.id, voters: membership.voter_ids().collect(), learners: membership.learner_ids().collect() };
+            let raft_view = RaftView {
+                leader: self.id,
+                voters: membership.voter_ids().collect(),
+                learners: membership.learner_ids().collect(),
+            };
             let last = m.last_log_index.unwrap_or(0);
             let matched: BTreeMap<u64, u64> = m
                 .replication
                 .as_ref()
-                .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
+                .map(|r| {
+                    r.iter()
+                        .map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0)))
+                        .collect()
+                })
                 .unwrap_or_default();
             let mut views = nodes();
             for (id, (view, _)) in views.iter_mut() {
-                view.lag = if *id == self.id { Some(0) } else { matched.get(id).map(|idx| last.saturating_sub(*idx)) };
+                view.lag = if *id == self.id {
+                    Some(0)
+                } else {
+                    matched.get(id).map(|idx| last.saturating_sub(*idx))
+                };
             }
             let config = self.machine.state().config.1;
-            let plan_nodes: BTreeMap<u64, NodeView> = views.iter().map(|(id, (v, _))| (*id, v.clone())).collect();
+            let plan_nodes: BTreeMap<u64, NodeView> =
+                views.iter().map(|(id, (v, _))| (*id, v.clone())).collect();
             let p = plan(&plan_nodes, &raft_view, &config);
             if p.is_empty() {
                 continue;
             }
             tracing::info!(?p, "autopilot");
             for id in &p.add_learners {
-                let Some((_, addr)) = views.get(id) else { continue };
-                if let Err(e) = self.raft.add_learner(*id, Node { addr: addr.to_string() }, false).await {
+                let Some((_, addr)) = views.get(id) else {
+                    continue;
+                };
+                if let Err(e) = self
+                    .raft
+                    .add_learner(
+                        *id,
+                        Node {
+                            addr: addr.to_string(),
+                        },
+                        false,
+                    )
+                    .await
+                {
                     tracing::warn!(node = id, error = %e, "add learner");
                 }
             }
             if let Some(voters) = p.voters {
-                if let Err(e) = self.raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), true).await {
+                if let Err(e) = self
+                    .raft
+                    .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+                    .await
+                {
                     tracing::warn!(error = %e, "change voters");
                 }
             }
             if !p.remove_learners.is_empty() {
                 let gone: BTreeSet<u64> = p.remove_learners.into_iter().collect();
-                if let Err(e) = self.raft.change_membership(ChangeMembers::RemoveNodes(gone), false).await {
+                if let Err(e) = self
+                    .raft
+                    .change_membership(ChangeMembers::RemoveNodes(gone), false)
+                    .await
+                {
                     tracing::warn!(error = %e, "remove learners");
                 }
             }

@@ -13,10 +13,18 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
-use openraft::{AnyError, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageIOError, Vote};
-use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use openraft::{
+    AnyError, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageIOError, Vote,
+};
+use rocksdb::{
+    ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
+};
 
-use crate::machine::{Entry, MachineData, Membership, Node, Response, StoreError, StoredSnapshot, TypeConfig, decode, encode, snapshot_of};
+use crate::machine::{
+    Entry, MachineData, Membership, Node, Response, StoreError, StoredSnapshot, TypeConfig, decode,
+    encode, snapshot_of,
+};
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
@@ -41,8 +49,11 @@ pub fn open(path: &Path) -> Result<(RocksLogStore, RocksStateMachine), StoreErro
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
-    let cfs = [CF_LOG, CF_META, CF_MACHINE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
-    let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StorageIOError::write(io(e)))?);
+    let cfs =
+        [CF_LOG, CF_META, CF_MACHINE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+    let db = Arc::new(
+        DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StorageIOError::write(io(e)))?,
+    );
     let machine = RocksStateMachine::load(db.clone())?;
     Ok((RocksLogStore { db }, machine))
 }
@@ -55,23 +66,39 @@ pub struct RocksLogStore {
 
 impl RocksLogStore {
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("column families are created on open")
+        self.db
+            .cf_handle(name)
+            .expect("column families are created on open")
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
-        let Some(bytes) = self.db.get_cf(self.cf(CF_META), key).map_err(|e| StorageIOError::read(io(e)))? else {
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        let Some(bytes) = self
+            .db
+            .get_cf(self.cf(CF_META), key)
+            .map_err(|e| StorageIOError::read(io(e)))?
+        else {
             return Ok(None);
         };
-        decode(&bytes).map(Some).map_err(|e| StorageIOError::read(io(e)).into())
+        decode(&bytes)
+            .map(Some)
+            .map_err(|e| StorageIOError::read(io(e)).into())
     }
 
     fn put_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> Result<(), StoreError> {
-        self.db.put_cf_opt(self.cf(CF_META), key, encode(value), &synced()).map_err(|e| StorageIOError::write(io(e)).into())
+        self.db
+            .put_cf_opt(self.cf(CF_META), key, encode(value), &synced())
+            .map_err(|e| StorageIOError::write(io(e)).into())
     }
 }
 
 impl RaftLogReader<TypeConfig> for RocksLogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(&mut self, range: RB) -> Result<Vec<Entry>, StoreError> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StoreError> {
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i.saturating_add(1),
@@ -79,9 +106,16 @@ impl RaftLogReader<TypeConfig> for RocksLogStore {
         };
         let mut out = Vec::new();
         let key = start.to_be_bytes();
-        for item in self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::From(&key, Direction::Forward)) {
+        for item in self.db.iterator_cf(
+            self.cf(CF_LOG),
+            IteratorMode::From(&key, Direction::Forward),
+        ) {
             let (k, v) = item.map_err(|e| StorageIOError::read_logs(io(e)))?;
-            let index = u64::from_be_bytes(k.as_ref().try_into().map_err(|_| StorageIOError::read_logs(io("bad log key")))?);
+            let index = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| StorageIOError::read_logs(io("bad log key")))?,
+            );
             if !range.contains(&index) {
                 break;
             }
@@ -96,7 +130,11 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StoreError> {
         let last_purged: Option<LogId<u64>> = self.get_meta(KEY_PURGED)?;
-        let last = match self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::End).next() {
+        let last = match self
+            .db
+            .iterator_cf(self.cf(CF_LOG), IteratorMode::End)
+            .next()
+        {
             Some(item) => {
                 let (_, v) = item.map_err(|e| StorageIOError::read_logs(io(e)))?;
                 let entry: Entry = decode(&v).map_err(|e| StorageIOError::read_logs(io(e)))?;
@@ -104,7 +142,10 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
             }
             None => last_purged,
         };
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -124,10 +165,16 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StoreError> {
-        Ok(self.get_meta::<Option<LogId<u64>>>(KEY_COMMITTED)?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<u64>>>(KEY_COMMITTED)?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StoreError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StoreError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -137,15 +184,24 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
             batch.put_cf(self.cf(CF_LOG), e.log_id.index.to_be_bytes(), encode(&e));
         }
         let result = self.db.write_opt(batch, &synced());
-        let done = result.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
+        let done = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(e.to_string()));
         callback.log_io_completed(done);
         result.map_err(|e| StorageIOError::write_logs(io(e)).into())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.cf(CF_LOG), log_id.index.to_be_bytes(), u64::MAX.to_be_bytes());
-        self.db.write_opt(batch, &synced()).map_err(|e| StorageIOError::write_logs(io(e)).into())
+        batch.delete_range_cf(
+            self.cf(CF_LOG),
+            log_id.index.to_be_bytes(),
+            u64::MAX.to_be_bytes(),
+        );
+        self.db
+            .write_opt(batch, &synced())
+            .map_err(|e| StorageIOError::write_logs(io(e)).into())
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StoreError> {
@@ -153,8 +209,14 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         // never a gap.
         self.put_meta(KEY_PURGED, &log_id)?;
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.cf(CF_LOG), 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes());
-        self.db.write_opt(batch, &synced()).map_err(|e| StorageIOError::write_logs(io(e)).into())
+        batch.delete_range_cf(
+            self.cf(CF_LOG),
+            0u64.to_be_bytes(),
+            (log_id.index + 1).to_be_bytes(),
+        );
+        self.db
+            .write_opt(batch, &synced())
+            .map_err(|e| StorageIOError::write_logs(io(e)).into())
     }
 }
 
@@ -173,16 +235,30 @@ pub struct RocksStateMachine {
 
 impl RocksStateMachine {
     fn load(db: Arc<DB>) -> Result<Self, StoreError> {
-        let cf = db.cf_handle(CF_MACHINE).expect("column families are created on open");
-        let snapshot: Option<StoredSnapshot> = match db.get_cf(cf, KEY_SNAPSHOT).map_err(|e| StorageIOError::read_state_machine(io(e)))? {
-            Some(bytes) => Some(decode(&bytes).map_err(|e| StorageIOError::read_state_machine(io(e)))?),
+        let cf = db
+            .cf_handle(CF_MACHINE)
+            .expect("column families are created on open");
+        let snapshot: Option<StoredSnapshot> = match db
+            .get_cf(cf, KEY_SNAPSHOT)
+            .map_err(|e| StorageIOError::read_state_machine(io(e)))?
+        {
+            Some(bytes) => {
+                Some(decode(&bytes).map_err(|e| StorageIOError::read_state_machine(io(e)))?)
+            }
             None => None,
         };
         let data = match &snapshot {
             Some(s) => MachineData::decode(&s.data)?,
             None => MachineData::default(),
         };
-        Ok(RocksStateMachine { db, inner: Arc::new(Mutex::new(MachineInner { data, snapshot, snapshots_built: 0 })) })
+        Ok(RocksStateMachine {
+            db,
+            inner: Arc::new(Mutex::new(MachineInner {
+                data,
+                snapshot,
+                snapshots_built: 0,
+            })),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MachineInner> {
@@ -190,10 +266,15 @@ impl RocksStateMachine {
     }
 
     fn persist(&self, snapshot: &StoredSnapshot) -> Result<(), StoreError> {
-        let cf = self.db.cf_handle(CF_MACHINE).expect("column families are created on open");
+        let cf = self
+            .db
+            .cf_handle(CF_MACHINE)
+            .expect("column families are created on open");
         self.db
             .put_cf_opt(cf, KEY_SNAPSHOT, encode(snapshot), &synced())
-            .map_err(|e| StorageIOError::write_snapshot(Some(snapshot.meta.signature()), io(e)).into())
+            .map_err(|e| {
+                StorageIOError::write_snapshot(Some(snapshot.meta.signature()), io(e)).into()
+            })
     }
 
     /// A copy of the cluster state as applied so far.
@@ -239,10 +320,17 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta<u64, Node>, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StoreError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
         let bytes = snapshot.into_inner();
         let data = MachineData::decode(&bytes)?;
-        let stored = StoredSnapshot { meta: meta.clone(), data: bytes };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        };
         self.persist(&stored)?;
         let mut inner = self.lock();
         inner.data = data;
@@ -251,6 +339,10 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
-        Ok(self.lock().snapshot.as_ref().map(StoredSnapshot::to_snapshot))
+        Ok(self
+            .lock()
+            .snapshot
+            .as_ref()
+            .map(StoredSnapshot::to_snapshot))
     }
 }

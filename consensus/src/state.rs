@@ -29,7 +29,12 @@ pub struct ClusterConfig {
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { desired_voters: 3, voter_grace_secs: 30, stabilization_secs: 5, max_learner_lag: 256 }
+        ClusterConfig {
+            desired_voters: 3,
+            voter_grace_secs: 30,
+            stabilization_secs: 5,
+            max_learner_lag: 256,
+        }
     }
 }
 
@@ -42,8 +47,13 @@ impl ClusterConfig {
                 self.desired_voters
             )));
         }
-        if self.voter_grace_secs == 0 || self.stabilization_secs > 3600 || self.voter_grace_secs > 86_400 {
-            return Err(CommandError::InvalidConfig("voter_grace_secs must be 1 to 86400 and stabilization_secs at most 3600".into()));
+        if self.voter_grace_secs == 0
+            || self.stabilization_secs > 3600
+            || self.voter_grace_secs > 86_400
+        {
+            return Err(CommandError::InvalidConfig(
+                "voter_grace_secs must be 1 to 86400 and stabilization_secs at most 3600".into(),
+            ));
         }
         Ok(())
     }
@@ -100,6 +110,12 @@ pub enum Command {
     },
     /// Restores the config that preceded the current one.
     ConfigRollback,
+    /// Replaces the KV namespace and config with a saved snapshot's (`operator snapshot
+    /// restore`). The config history keeps the config being replaced.
+    Restore {
+        /// The saved state.
+        state: Box<ClusterState>,
+    },
 }
 
 /// Why a command was refused. Refused commands change nothing.
@@ -193,6 +209,16 @@ impl ClusterState {
                     Ok(())
                 }
             }
+            Command::Restore { state } => {
+                state.config.1.validate()?;
+                for (key, entry) in &state.kv {
+                    check_key(key)?;
+                    if entry.value.len() > MAX_VALUE_LEN {
+                        return Err(CommandError::ValueTooLarge(entry.value.len()));
+                    }
+                }
+                Ok(())
+            }
         }
     }
 
@@ -202,7 +228,11 @@ impl ClusterState {
         if actual == expected {
             Ok(())
         } else {
-            Err(CommandError::CasMismatch { key: key.to_string(), expected, actual })
+            Err(CommandError::CasMismatch {
+                key: key.to_string(),
+                expected,
+                actual,
+            })
         }
     }
 
@@ -212,10 +242,19 @@ impl ClusterState {
         Ok(match cmd {
             Command::KvPut { key, value, .. } => {
                 let create_index = self.kv.get(key).map(|e| e.create_index).unwrap_or(index);
-                self.kv.insert(key.clone(), KvEntry { value: value.clone(), create_index, modify_index: index });
+                self.kv.insert(
+                    key.clone(),
+                    KvEntry {
+                        value: value.clone(),
+                        create_index,
+                        modify_index: index,
+                    },
+                );
                 Applied::Kv { index }
             }
-            Command::KvDelete { key, .. } => Applied::Deleted { existed: self.kv.remove(key).is_some() },
+            Command::KvDelete { key, .. } => Applied::Deleted {
+                existed: self.kv.remove(key).is_some(),
+            },
             Command::ConfigSet { config, .. } => {
                 let previous = std::mem::replace(&mut self.config, (index, config.clone()));
                 self.config_history.push(previous);
@@ -225,8 +264,17 @@ impl ClusterState {
                 Applied::Config { version: index }
             }
             Command::ConfigRollback => {
-                let (_, previous) = self.config_history.pop().ok_or(CommandError::NothingToRollBack)?;
+                let (_, previous) = self
+                    .config_history
+                    .pop()
+                    .ok_or(CommandError::NothingToRollBack)?;
                 self.config = (index, previous);
+                Applied::Config { version: index }
+            }
+            Command::Restore { state } => {
+                let previous = std::mem::replace(&mut self.config, (index, state.config.1.clone()));
+                self.config_history.push(previous);
+                self.kv = state.kv.clone();
                 Applied::Config { version: index }
             }
         })
@@ -234,7 +282,9 @@ impl ClusterState {
 
     /// Keys starting with `prefix`, in order.
     pub fn list(&self, prefix: &str) -> impl Iterator<Item = (&String, &KvEntry)> {
-        self.kv.range(prefix.to_string()..).take_while(move |(k, _)| k.starts_with(prefix))
+        self.kv
+            .range(prefix.to_string()..)
+            .take_while(move |(k, _)| k.starts_with(prefix))
     }
 }
 
@@ -244,32 +294,112 @@ mod tests {
     use proptest::prelude::*;
 
     fn put(key: &str, value: &[u8], cas: Option<u64>) -> Command {
-        Command::KvPut { key: key.into(), value: value.to_vec(), cas }
+        Command::KvPut {
+            key: key.into(),
+            value: value.to_vec(),
+            cas,
+        }
     }
 
     #[test]
     fn cas_and_indexes_behave_like_consul() {
         let mut s = ClusterState::default();
-        assert_eq!(s.apply(5, &put("a", b"1", Some(0))), Ok(Applied::Kv { index: 5 }));
-        assert_eq!(s.apply(6, &put("a", b"2", Some(0))), Err(CommandError::CasMismatch { key: "a".into(), expected: 0, actual: 5 }));
-        assert_eq!(s.apply(7, &put("a", b"3", Some(5))), Ok(Applied::Kv { index: 7 }));
-        assert_eq!(s.kv["a"], KvEntry { value: b"3".to_vec(), create_index: 5, modify_index: 7 });
-        assert_eq!(s.apply(8, &Command::KvDelete { key: "a".into(), cas: Some(5) }).unwrap_err(), CommandError::CasMismatch { key: "a".into(), expected: 5, actual: 7 });
-        assert_eq!(s.apply(9, &Command::KvDelete { key: "a".into(), cas: None }), Ok(Applied::Deleted { existed: true }));
+        assert_eq!(
+            s.apply(5, &put("a", b"1", Some(0))),
+            Ok(Applied::Kv { index: 5 })
+        );
+        assert_eq!(
+            s.apply(6, &put("a", b"2", Some(0))),
+            Err(CommandError::CasMismatch {
+                key: "a".into(),
+                expected: 0,
+                actual: 5
+            })
+        );
+        assert_eq!(
+            s.apply(7, &put("a", b"3", Some(5))),
+            Ok(Applied::Kv { index: 7 })
+        );
+        assert_eq!(
+            s.kv["a"],
+            KvEntry {
+                value: b"3".to_vec(),
+                create_index: 5,
+                modify_index: 7
+            }
+        );
+        assert_eq!(
+            s.apply(
+                8,
+                &Command::KvDelete {
+                    key: "a".into(),
+                    cas: Some(5)
+                }
+            )
+            .unwrap_err(),
+            CommandError::CasMismatch {
+                key: "a".into(),
+                expected: 5,
+                actual: 7
+            }
+        );
+        assert_eq!(
+            s.apply(
+                9,
+                &Command::KvDelete {
+                    key: "a".into(),
+                    cas: None
+                }
+            ),
+            Ok(Applied::Deleted { existed: true })
+        );
     }
 
     #[test]
     fn bad_configs_are_refused_and_rollback_restores() {
         let mut s = ClusterState::default();
         for bad in [0u8, 2, 4, 11] {
-            let config = ClusterConfig { desired_voters: bad, ..Default::default() };
-            assert!(matches!(s.apply(1, &Command::ConfigSet { config, nodes: 20 }), Err(CommandError::InvalidConfig(_))));
+            let config = ClusterConfig {
+                desired_voters: bad,
+                ..Default::default()
+            };
+            assert!(matches!(
+                s.apply(1, &Command::ConfigSet { config, nodes: 20 }),
+                Err(CommandError::InvalidConfig(_))
+            ));
         }
-        let five = ClusterConfig { desired_voters: 5, ..Default::default() };
-        assert!(s.apply(1, &Command::ConfigSet { config: five.clone(), nodes: 3 }).is_err(), "more voters than nodes");
-        assert_eq!(s, ClusterState::default(), "refused commands change nothing");
-        assert_eq!(s.apply(2, &Command::ConfigRollback), Err(CommandError::NothingToRollBack));
-        s.apply(3, &Command::ConfigSet { config: five.clone(), nodes: 5 }).unwrap();
+        let five = ClusterConfig {
+            desired_voters: 5,
+            ..Default::default()
+        };
+        assert!(
+            s.apply(
+                1,
+                &Command::ConfigSet {
+                    config: five.clone(),
+                    nodes: 3
+                }
+            )
+            .is_err(),
+            "more voters than nodes"
+        );
+        assert_eq!(
+            s,
+            ClusterState::default(),
+            "refused commands change nothing"
+        );
+        assert_eq!(
+            s.apply(2, &Command::ConfigRollback),
+            Err(CommandError::NothingToRollBack)
+        );
+        s.apply(
+            3,
+            &Command::ConfigSet {
+                config: five.clone(),
+                nodes: 5,
+            },
+        )
+        .unwrap();
         assert_eq!(s.config, (3, five));
         s.apply(4, &Command::ConfigRollback).unwrap();
         assert_eq!(s.config.1, ClusterConfig::default());

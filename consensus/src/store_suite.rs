@@ -17,8 +17,12 @@ impl StoreBuilder<TypeConfig, MemLogStore, MemStateMachine, ()> for MemBuilder {
 
 struct RocksBuilder;
 
-impl StoreBuilder<TypeConfig, RocksLogStore, RocksStateMachine, tempfile::TempDir> for RocksBuilder {
-    async fn build(&self) -> Result<(tempfile::TempDir, RocksLogStore, RocksStateMachine), StorageError<u64>> {
+impl StoreBuilder<TypeConfig, RocksLogStore, RocksStateMachine, tempfile::TempDir>
+    for RocksBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, RocksLogStore, RocksStateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (log, sm) = crate::rocks::open(dir.path())?;
         Ok((dir, log, sm))

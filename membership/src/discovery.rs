@@ -36,15 +36,32 @@ pub struct Announcer {
 impl Announcer {
     /// Announces the agent's gossip address. `addr` with an unspecified IP announces every
     /// interface's address.
-    pub fn start(node: NodeId, addr: SocketAddr, ca_fingerprint: &[u8; 32]) -> Result<Self, DiscoveryError> {
+    pub fn start(
+        node: NodeId,
+        addr: SocketAddr,
+        ca_fingerprint: &[u8; 32],
+    ) -> Result<Self, DiscoveryError> {
         let daemon = ServiceDaemon::new().map_err(err)?;
         let instance = format!("blx-{}", node.short());
         let host = format!("{instance}.local.");
-        let props = [("ca", cluster_tag(ca_fingerprint)), ("id", node.to_string())];
+        let props = [
+            ("ca", cluster_tag(ca_fingerprint)),
+            ("id", node.to_string()),
+        ];
         let info = if addr.ip().is_unspecified() {
-            ServiceInfo::new(SERVICE_TYPE, &instance, &host, "", addr.port(), &props[..]).map_err(err)?.enable_addr_auto()
+            ServiceInfo::new(SERVICE_TYPE, &instance, &host, "", addr.port(), &props[..])
+                .map_err(err)?
+                .enable_addr_auto()
         } else {
-            ServiceInfo::new(SERVICE_TYPE, &instance, &host, addr.ip(), addr.port(), &props[..]).map_err(err)?
+            ServiceInfo::new(
+                SERVICE_TYPE,
+                &instance,
+                &host,
+                addr.ip(),
+                addr.port(),
+                &props[..],
+            )
+            .map_err(err)?
         };
         daemon.register(info).map_err(err)?;
         Ok(Announcer { daemon })
@@ -59,7 +76,10 @@ impl Drop for Announcer {
 
 /// Browses for up to `wait` and returns the gossip addresses of agents of the cluster with this
 /// CA fingerprint, as soon as at least one is found.
-pub async fn find_cluster(ca_fingerprint: &[u8; 32], wait: Duration) -> Result<Vec<SocketAddr>, DiscoveryError> {
+pub async fn find_cluster(
+    ca_fingerprint: &[u8; 32],
+    wait: Duration,
+) -> Result<Vec<SocketAddr>, DiscoveryError> {
     let daemon = ServiceDaemon::new().map_err(err)?;
     let events = daemon.browse(SERVICE_TYPE).map_err(err)?;
     let tag = cluster_tag(ca_fingerprint);

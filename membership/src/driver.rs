@@ -35,28 +35,52 @@ pub struct Stopped;
 
 impl Membership {
     /// Starts the task that drives `swim`, sending through `transport` and reading `inbound`.
-    pub fn spawn<T: Transport>(swim: Swim, transport: Arc<T>, inbound: mpsc::Receiver<Inbound>) -> Membership {
+    pub fn spawn<T: Transport>(
+        swim: Swim,
+        transport: Arc<T>,
+        inbound: mpsc::Receiver<Inbound>,
+    ) -> Membership {
         let (commands, command_rx) = mpsc::channel(64);
         let (events, _) = broadcast::channel(1024);
         let (table_tx, table) = watch::channel(Arc::new(swim.members().clone()));
-        tokio::spawn(run(swim, transport, inbound, command_rx, events.clone(), table_tx));
-        Membership { commands, events, table }
+        tokio::spawn(run(
+            swim,
+            transport,
+            inbound,
+            command_rx,
+            events.clone(),
+            table_tx,
+        ));
+        Membership {
+            commands,
+            events,
+            table,
+        }
     }
 
     /// Announces to these addresses (and keeps announcing while nobody answers).
     pub async fn join(&self, seeds: Vec<SocketAddr>) -> Result<(), Stopped> {
-        self.commands.send(Command::Join(seeds)).await.map_err(|_| Stopped)
+        self.commands
+            .send(Command::Join(seeds))
+            .await
+            .map_err(|_| Stopped)
     }
 
     /// Replaces this node's metadata.
     pub async fn set_meta(&self, meta: NodeMeta) -> Result<(), Stopped> {
-        self.commands.send(Command::SetMeta(meta)).await.map_err(|_| Stopped)
+        self.commands
+            .send(Command::SetMeta(meta))
+            .await
+            .map_err(|_| Stopped)
     }
 
     /// Leaves the cluster gracefully; returns once the news is sent.
     pub async fn leave(&self) -> Result<(), Stopped> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(Command::Leave(tx)).await.map_err(|_| Stopped)?;
+        self.commands
+            .send(Command::Leave(tx))
+            .await
+            .map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
     }
 
@@ -98,9 +122,10 @@ async fn run<T: Transport>(
         }
         if let Some((_, at)) = &leaving
             && Instant::now() >= *at
-                && let Some((done, _)) = leaving.take() {
-                    let _ = done.send(());
-                }
+            && let Some((done, _)) = leaving.take()
+        {
+            let _ = done.send(());
+        }
         let far = Instant::now() + Duration::from_secs(3600);
         let mut deadline = swim.poll_deadline().unwrap_or(far);
         if let Some((_, at)) = &leaving {

@@ -104,7 +104,11 @@ pub struct NodeIdentity {
 impl NodeIdentity {
     /// An identity standing for a seed address whose node id is not known yet.
     pub fn seed(addr: SocketAddr) -> Self {
-        NodeIdentity { id: NodeId::UNKNOWN, addr, generation: 0 }
+        NodeIdentity {
+            id: NodeId::UNKNOWN,
+            addr,
+            generation: 0,
+        }
     }
 }
 
@@ -118,7 +122,10 @@ impl foca::Identity for NodeIdentity {
     type Addr = SocketAddr;
 
     fn renew(&self) -> Option<Self> {
-        Some(NodeIdentity { generation: self.generation.wrapping_add(1), ..*self })
+        Some(NodeIdentity {
+            generation: self.generation.wrapping_add(1),
+            ..*self
+        })
     }
 
     fn addr(&self) -> SocketAddr {
@@ -147,7 +154,11 @@ mod tests {
 
     #[test]
     fn a_renewed_identity_wins_the_address() {
-        let old = NodeIdentity { id: NodeId([1; 8]), addr: "127.0.0.1:1".parse().unwrap(), generation: 3 };
+        let old = NodeIdentity {
+            id: NodeId([1; 8]),
+            addr: "127.0.0.1:1".parse().unwrap(),
+            generation: 3,
+        };
         let new = old.renew().unwrap();
         assert!(new.win_addr_conflict(&old));
         assert!(!old.win_addr_conflict(&new));

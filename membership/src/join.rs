@@ -3,9 +3,9 @@
 
 use std::net::SocketAddr;
 
+use crate::identity::NODE_DNS_SUFFIX;
 use crate::identity::NodeId;
 use crate::quic::{client_config, exchange};
-use crate::identity::NODE_DNS_SUFFIX;
 use crate::tls::{NodeCredentials, PIN_MISMATCH, PendingKey, join_client_config};
 use crate::token::{JoinRefusal, JoinToken};
 use crate::wire::{ControlRequest, ControlResponse, JoinRequest};
@@ -46,22 +46,51 @@ pub struct Joined {
 }
 
 /// Asks the agent at `addr` to admit `node` with `token`.
-pub async fn request_join(addr: SocketAddr, token: &JoinToken, node: NodeId) -> Result<Joined, JoinError> {
+pub async fn request_join(
+    addr: SocketAddr,
+    token: &JoinToken,
+    node: NodeId,
+) -> Result<Joined, JoinError> {
     let proto = |reason: String| JoinError::Protocol { addr, reason };
     let pending = PendingKey::generate(node).map_err(|e| proto(e.to_string()))?;
     let tls = join_client_config(token.ca_fingerprint).map_err(|e| proto(e.to_string()))?;
     let client = client_config(tls).map_err(|e| proto(e.to_string()))?;
-    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| JoinError::Unreachable { addr, reason: e.to_string() })?;
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    }
+    .parse()
+    .expect("literal");
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| JoinError::Unreachable {
+        addr,
+        reason: e.to_string(),
+    })?;
     endpoint.set_default_client_config(client);
-    let connecting = endpoint.connect(addr, NODE_DNS_SUFFIX).map_err(|e| proto(e.to_string()))?;
+    let connecting = endpoint
+        .connect(addr, NODE_DNS_SUFFIX)
+        .map_err(|e| proto(e.to_string()))?;
     let conn = match connecting.await {
         Ok(conn) => conn,
-        Err(e) if e.to_string().contains(PIN_MISMATCH) => return Err(JoinError::WrongCluster(addr)),
-        Err(e) => return Err(JoinError::Unreachable { addr, reason: e.to_string() }),
+        Err(e) if e.to_string().contains(PIN_MISMATCH) => {
+            return Err(JoinError::WrongCluster(addr));
+        }
+        Err(e) => {
+            return Err(JoinError::Unreachable {
+                addr,
+                reason: e.to_string(),
+            });
+        }
     };
-    let request = ControlRequest::Join(JoinRequest { token_id: token.id, secret: token.secret, node, csr_der: pending.csr_der.clone() });
-    let response = exchange(&conn, &request).await.map_err(|e| proto(e.to_string()))?;
+    let request = ControlRequest::Join(JoinRequest {
+        token_id: token.id,
+        secret: token.secret,
+        node,
+        csr_der: pending.csr_der.clone(),
+    });
+    let response = exchange(&conn, &request)
+        .await
+        .map_err(|e| proto(e.to_string()))?;
     conn.close(0u32.into(), b"joined");
     let _ = tokio::time::timeout(std::time::Duration::from_millis(200), endpoint.wait_idle()).await;
     match response {
@@ -70,7 +99,10 @@ pub async fn request_join(addr: SocketAddr, token: &JoinToken, node: NodeId) -> 
             if credentials.ca_fingerprint() != token.ca_fingerprint {
                 return Err(JoinError::WrongCluster(addr));
             }
-            Ok(Joined { credentials, members: grant.members })
+            Ok(Joined {
+                credentials,
+                members: grant.members,
+            })
         }
         ControlResponse::Refused(refusal) => Err(JoinError::Refused(refusal)),
         ControlResponse::Failed(reason) => Err(proto(reason)),

@@ -63,22 +63,32 @@ pub enum MetaError {
     #[error("a node may carry at most {MAX_LABELS} labels, got {0}")]
     TooManyLabels(usize),
     /// A label key or value breaks the label rules.
-    #[error("label {0:?}: keys are 1 to 63 characters of letters, digits, '.', '_', '/' or '-'; values at most 63 printable characters")]
+    #[error(
+        "label {0:?}: keys are 1 to 63 characters of letters, digits, '.', '_', '/' or '-'; values at most 63 printable characters"
+    )]
     BadLabel(String),
     /// The whole record encodes larger than [`MAX_ENCODED_META`].
-    #[error("node metadata encodes to {0} bytes, more than the {MAX_ENCODED_META} that fit a gossip packet")]
+    #[error(
+        "node metadata encodes to {0} bytes, more than the {MAX_ENCODED_META} that fit a gossip packet"
+    )]
     TooLarge(usize),
 }
 
 fn name_ok(s: &str, extra: &[char]) -> bool {
     !s.is_empty()
         && s.len() <= MAX_NAME_LEN
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || extra.contains(&c))
+        && s.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') || extra.contains(&c)
+        })
 }
 
 /// Checks a node name.
 pub fn validate_name(name: &str) -> Result<(), MetaError> {
-    if name_ok(name, &[]) { Ok(()) } else { Err(MetaError::BadName(name.to_string())) }
+    if name_ok(name, &[]) {
+        Ok(())
+    } else {
+        Err(MetaError::BadName(name.to_string()))
+    }
 }
 
 /// Parses a `key=value` label, checking both halves.
@@ -108,7 +118,9 @@ impl NodeMeta {
         for (k, v) in &self.labels {
             validate_label(k, v)?;
         }
-        let len = postcard::to_allocvec(self).map(|v| v.len()).unwrap_or(usize::MAX);
+        let len = postcard::to_allocvec(self)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         if len > MAX_ENCODED_META {
             return Err(MetaError::TooLarge(len));
         }
@@ -128,7 +140,10 @@ mod tests {
     #[test]
     fn labels_are_checked() {
         assert_eq!(parse_label("zone=a").unwrap(), ("zone".into(), "a".into()));
-        assert_eq!(parse_label("example.com/gpu=yes").unwrap().0, "example.com/gpu");
+        assert_eq!(
+            parse_label("example.com/gpu=yes").unwrap().0,
+            "example.com/gpu"
+        );
         assert!(parse_label("novalue").is_err());
         assert!(parse_label("=x").is_err());
         assert!(parse_label("k=has space").is_err());
@@ -137,10 +152,14 @@ mod tests {
 
     #[test]
     fn oversized_meta_is_refused() {
-        let mut meta = NodeMeta { name: "n1".into(), ..Default::default() };
+        let mut meta = NodeMeta {
+            name: "n1".into(),
+            ..Default::default()
+        };
         assert!(meta.validate().is_ok());
         for i in 0..MAX_LABELS {
-            meta.labels.insert(format!("key-{i:02}-{}", "k".repeat(50)), "v".repeat(60));
+            meta.labels
+                .insert(format!("key-{i:02}-{}", "k".repeat(50)), "v".repeat(60));
         }
         assert!(matches!(meta.validate(), Err(MetaError::TooLarge(_))));
         meta.name = "bad name".into();

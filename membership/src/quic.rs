@@ -77,7 +77,11 @@ pub enum Caller {
 /// Serves control requests. Implemented by the agent.
 pub trait ControlService: Send + Sync + 'static {
     /// Answers one request.
-    fn handle(&self, caller: Caller, request: ControlRequest) -> Pin<Box<dyn Future<Output = ControlResponse> + Send + '_>>;
+    fn handle(
+        &self,
+        caller: Caller,
+        request: ControlRequest,
+    ) -> Pin<Box<dyn Future<Output = ControlResponse> + Send + '_>>;
 }
 
 enum Slot {
@@ -129,11 +133,14 @@ impl QuicTransport {
         inbound: mpsc::Sender<Inbound>,
         control: Arc<dyn ControlService>,
     ) -> Result<Self, QuicError> {
-        let crypto = QuicServerConfig::try_from(creds.server_config()?).map_err(|e| QuicError::Config(e.to_string()))?;
+        let crypto = QuicServerConfig::try_from(creds.server_config()?)
+            .map_err(|e| QuicError::Config(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport_config());
-        let socket = std::net::UdpSocket::bind(addr).map_err(|source| QuicError::Bind { addr, source })?;
-        let runtime = quinn::default_runtime().ok_or_else(|| QuicError::Config("no async runtime".into()))?;
+        let socket =
+            std::net::UdpSocket::bind(addr).map_err(|source| QuicError::Bind { addr, source })?;
+        let runtime =
+            quinn::default_runtime().ok_or_else(|| QuicError::Config("no async runtime".into()))?;
         // 4-byte connection ids (quinn's default is 8): every gossip packet carries one, and
         // an agent has at most a few thousand connections to tell apart.
         let mut config = quinn::EndpointConfig::default();
@@ -141,7 +148,13 @@ impl QuicTransport {
         let endpoint = quinn::Endpoint::new(config, Some(server), socket, runtime)
             .map_err(|source| QuicError::Bind { addr, source })?;
         let client = client_config(creds.member_client_config()?)?;
-        let shared = Arc::new(Shared { endpoint, client, slots: Mutex::new(BTreeMap::new()), inbound, control });
+        let shared = Arc::new(Shared {
+            endpoint,
+            client,
+            slots: Mutex::new(BTreeMap::new()),
+            inbound,
+            control,
+        });
         tokio::spawn(accept_loop(shared.clone()));
         Ok(QuicTransport { shared })
     }
@@ -152,12 +165,23 @@ impl QuicTransport {
     }
 
     /// Sends one control request to a member and waits for the answer.
-    pub async fn request(&self, to: SocketAddr, id: Option<NodeId>, request: &ControlRequest) -> Result<ControlResponse, QuicError> {
+    pub async fn request(
+        &self,
+        to: SocketAddr,
+        id: Option<NodeId>,
+        request: &ControlRequest,
+    ) -> Result<ControlResponse, QuicError> {
         self.request_within(to, id, request, CONTROL_TIMEOUT).await
     }
 
     /// [`QuicTransport::request`] with a caller's timeout (Raft RPCs carry their own).
-    pub async fn request_within(&self, to: SocketAddr, id: Option<NodeId>, request: &ControlRequest, timeout: Duration) -> Result<ControlResponse, QuicError> {
+    pub async fn request_within(
+        &self,
+        to: SocketAddr,
+        id: Option<NodeId>,
+        request: &ControlRequest,
+        timeout: Duration,
+    ) -> Result<ControlResponse, QuicError> {
         let conn = self.connection(to, id).await?;
         exchange_within(&conn, request, timeout).await
     }
@@ -165,14 +189,20 @@ impl QuicTransport {
     /// Closes every connection, telling peers, and waits briefly for them to hear it.
     pub async fn shutdown(&self) {
         self.shared.endpoint.close(0u32.into(), b"agent stopping");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
     }
 
-    async fn connection(&self, addr: SocketAddr, id: Option<NodeId>) -> Result<quinn::Connection, QuicError> {
+    async fn connection(
+        &self,
+        addr: SocketAddr,
+        id: Option<NodeId>,
+    ) -> Result<quinn::Connection, QuicError> {
         if let Some(Slot::Ready(conn)) = lock(&self.shared.slots).get(&addr)
-            && conn.close_reason().is_none() {
-                return Ok(conn.clone());
-            }
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
+        }
         let conn = dial(&self.shared, addr, id).await?;
         adopt(&self.shared, conn.clone(), addr);
         Ok(conn)
@@ -234,13 +264,25 @@ fn send_on(conn: &quinn::Connection, bytes: Bytes) {
     }
 }
 
-async fn dial(shared: &Shared, addr: SocketAddr, id: Option<NodeId>) -> Result<quinn::Connection, QuicError> {
-    let name = id.map(|i| i.dns_name()).unwrap_or_else(|| NODE_DNS_SUFFIX.to_string());
+async fn dial(
+    shared: &Shared,
+    addr: SocketAddr,
+    id: Option<NodeId>,
+) -> Result<quinn::Connection, QuicError> {
+    let name = id
+        .map(|i| i.dns_name())
+        .unwrap_or_else(|| NODE_DNS_SUFFIX.to_string());
     let connecting = shared
         .endpoint
         .connect_with(shared.client.clone(), addr, &name)
-        .map_err(|e| QuicError::Connect { addr, reason: e.to_string() })?;
-    connecting.await.map_err(|e| QuicError::Connect { addr, reason: e.to_string() })
+        .map_err(|e| QuicError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+    connecting.await.map_err(|e| QuicError::Connect {
+        addr,
+        reason: e.to_string(),
+    })
 }
 
 /// Caches a member connection, flushes what was queued for it, and serves it.
@@ -253,7 +295,9 @@ fn adopt(shared: &Arc<Shared>, conn: quinn::Connection, addr: SocketAddr) {
     // afresh, and the connection we held to its previous process would swallow datagrams until
     // the idle timeout (its new endpoint cannot reset a connection it never knew). Both sides
     // read from every connection, so two live ones for a pair do no harm.
-    if let Some(Slot::Connecting(queue)) = lock(&shared.slots).insert(addr, Slot::Ready(conn.clone())) {
+    if let Some(Slot::Connecting(queue)) =
+        lock(&shared.slots).insert(addr, Slot::Ready(conn.clone()))
+    {
         for bytes in queue {
             send_on(&conn, bytes);
         }
@@ -262,12 +306,18 @@ fn adopt(shared: &Arc<Shared>, conn: quinn::Connection, addr: SocketAddr) {
 }
 
 fn peer_id(conn: &quinn::Connection) -> Option<NodeId> {
-    let certs = conn.peer_identity()?.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok()?;
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
     node_id_of(certs.first()?)
 }
 
 fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
-    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 async fn accept_loop(shared: Arc<Shared>) {
@@ -328,7 +378,11 @@ async fn serve_member(shared: Arc<Shared>, conn: quinn::Connection, peer: NodeId
 }
 
 fn deliver(shared: &Shared, from: NodeId, addr: SocketAddr, bytes: Bytes) {
-    if shared.inbound.try_send(Inbound { from, addr, bytes }).is_err() {
+    if shared
+        .inbound
+        .try_send(Inbound { from, addr, bytes })
+        .is_err()
+    {
         tracing::debug!("inbound queue full; datagram dropped");
     }
 }
@@ -346,17 +400,29 @@ async fn serve_joiner(shared: Arc<Shared>, conn: quinn::Connection) {
     }
 }
 
-async fn serve_control(shared: Arc<Shared>, caller: Caller, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn serve_control(
+    shared: Arc<Shared>,
+    caller: Caller,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let limit = match caller {
         Caller::Member(_) => wire::MAX_MEMBER_MESSAGE,
         Caller::Joiner(_) => wire::MAX_CONTROL_MESSAGE,
     };
     let response = match tokio::time::timeout(CONTROL_TIMEOUT, recv.read_to_end(limit)).await {
         Ok(Ok(bytes)) => match wire::decode_control_request(&bytes, limit) {
-            Ok(ControlRequest::Join(req)) => shared.control.handle(caller, ControlRequest::Join(req)).await,
+            Ok(ControlRequest::Join(req)) => {
+                shared
+                    .control
+                    .handle(caller, ControlRequest::Join(req))
+                    .await
+            }
             Ok(other) => match caller {
                 Caller::Member(_) => shared.control.handle(caller, other).await,
-                Caller::Joiner(_) => ControlResponse::Failed("only a join request may be sent without a node certificate".into()),
+                Caller::Joiner(_) => ControlResponse::Failed(
+                    "only a join request may be sent without a node certificate".into(),
+                ),
             },
             Err(e) => ControlResponse::Failed(format!("bad request: {e}")),
         },
@@ -369,20 +435,33 @@ async fn serve_control(shared: Arc<Shared>, caller: Caller, mut send: quinn::Sen
 }
 
 /// One request, one response, on a fresh bidirectional stream.
-pub async fn exchange(conn: &quinn::Connection, request: &ControlRequest) -> Result<ControlResponse, QuicError> {
+pub async fn exchange(
+    conn: &quinn::Connection,
+    request: &ControlRequest,
+) -> Result<ControlResponse, QuicError> {
     exchange_within(conn, request, CONTROL_TIMEOUT).await
 }
 
 /// [`exchange`] with a caller's timeout.
-pub async fn exchange_within(conn: &quinn::Connection, request: &ControlRequest, timeout: Duration) -> Result<ControlResponse, QuicError> {
+pub async fn exchange_within(
+    conn: &quinn::Connection,
+    request: &ControlRequest,
+    timeout: Duration,
+) -> Result<ControlResponse, QuicError> {
     let addr = conn.remote_address();
     let err = |reason: String| QuicError::Exchange { addr, reason };
     tokio::time::timeout(timeout, async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
-        send.write_all(&wire::encode_control(request)).await.map_err(|e| err(e.to_string()))?;
+        send.write_all(&wire::encode_control(request))
+            .await
+            .map_err(|e| err(e.to_string()))?;
         send.finish().map_err(|e| err(e.to_string()))?;
-        let bytes = recv.read_to_end(wire::MAX_MEMBER_MESSAGE).await.map_err(|e| err(e.to_string()))?;
-        wire::decode_control_response(&bytes, wire::MAX_MEMBER_MESSAGE).map_err(|e| err(e.to_string()))
+        let bytes = recv
+            .read_to_end(wire::MAX_MEMBER_MESSAGE)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        wire::decode_control_response(&bytes, wire::MAX_MEMBER_MESSAGE)
+            .map_err(|e| err(e.to_string()))
     })
     .await
     .map_err(|_| err("timed out".into()))?

@@ -54,7 +54,10 @@ impl DataDir {
     /// Opens (creating if needed) the directory.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, DataDirError> {
         let root = root.into();
-        fs::create_dir_all(&root).map_err(|source| DataDirError::Io { path: root.clone(), source })?;
+        fs::create_dir_all(&root).map_err(|source| DataDirError::Io {
+            path: root.clone(),
+            source,
+        })?;
         Ok(DataDir { root })
     }
 
@@ -78,7 +81,12 @@ impl DataDir {
 
     fn read_text(&self, name: &str) -> Result<Option<String>, DataDirError> {
         self.read(name)?
-            .map(|b| String::from_utf8(b).map_err(|_| DataDirError::Corrupt { path: self.file(name), reason: "not UTF-8".into() }))
+            .map(|b| {
+                String::from_utf8(b).map_err(|_| DataDirError::Corrupt {
+                    path: self.file(name),
+                    reason: "not UTF-8".into(),
+                })
+            })
             .transpose()
     }
 
@@ -86,7 +94,10 @@ impl DataDir {
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<(), DataDirError> {
         let path = self.file(name);
         let tmp = self.file(&format!(".{name}.tmp"));
-        let io = |source| DataDirError::Io { path: path.clone(), source };
+        let io = |source| DataDirError::Io {
+            path: path.clone(),
+            source,
+        };
         let mut f = open_private(&tmp).map_err(io)?;
         f.write_all(bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
@@ -100,7 +111,15 @@ impl DataDir {
     /// The node id, created from `random` the first time.
     pub fn node_id(&self, random: [u8; 8]) -> Result<NodeId, DataDirError> {
         if let Some(text) = self.read_text(NODE_ID)? {
-            return text.trim().parse().map_err(|e: crate::identity::ParseNodeIdError| DataDirError::Corrupt { path: self.file(NODE_ID), reason: e.to_string() });
+            return text
+                .trim()
+                .parse()
+                .map_err(
+                    |e: crate::identity::ParseNodeIdError| DataDirError::Corrupt {
+                        path: self.file(NODE_ID),
+                        reason: e.to_string(),
+                    },
+                );
         }
         let id = NodeId::from_random(random);
         self.write(NODE_ID, format!("{id}\n").as_bytes())?;
@@ -110,7 +129,10 @@ impl DataDir {
     /// Bumps and returns the generation: every start of the agent is a new generation.
     pub fn next_generation(&self) -> Result<u64, DataDirError> {
         let current = match self.read_text(GENERATION)? {
-            Some(t) => t.trim().parse::<u64>().map_err(|e| DataDirError::Corrupt { path: self.file(GENERATION), reason: e.to_string() })?,
+            Some(t) => t.trim().parse::<u64>().map_err(|e| DataDirError::Corrupt {
+                path: self.file(GENERATION),
+                reason: e.to_string(),
+            })?,
             None => 0,
         };
         let next = current + 1;
@@ -120,17 +142,32 @@ impl DataDir {
 
     /// The node's credentials, if it has joined a cluster.
     pub fn credentials(&self, id: NodeId) -> Result<Option<NodeCredentials>, DataDirError> {
-        let (Some(cert), Some(key), Some(ca)) = (self.read_text(NODE_CERT)?, self.read_text(NODE_KEY)?, self.read_text(CA_CERT)?) else {
+        let (Some(cert), Some(key), Some(ca)) = (
+            self.read_text(NODE_CERT)?,
+            self.read_text(NODE_KEY)?,
+            self.read_text(CA_CERT)?,
+        ) else {
             return Ok(None);
         };
-        Ok(Some(NodeCredentials { id, cert_der: pem_to_der(&cert)?, ca_der: pem_to_der(&ca)?, key_der: pem_to_der(&key)?.to_vec() }))
+        Ok(Some(NodeCredentials {
+            id,
+            cert_der: pem_to_der(&cert)?,
+            ca_der: pem_to_der(&ca)?,
+            key_der: pem_to_der(&key)?.to_vec(),
+        }))
     }
 
     /// Stores the node's credentials.
     pub fn save_credentials(&self, creds: &NodeCredentials) -> Result<(), DataDirError> {
         self.write(CA_CERT, der_to_pem("CERTIFICATE", &creds.ca_der).as_bytes())?;
-        self.write(NODE_KEY, der_to_pem("PRIVATE KEY", &creds.key_der).as_bytes())?;
-        self.write(NODE_CERT, der_to_pem("CERTIFICATE", &creds.cert_der).as_bytes())
+        self.write(
+            NODE_KEY,
+            der_to_pem("PRIVATE KEY", &creds.key_der).as_bytes(),
+        )?;
+        self.write(
+            NODE_CERT,
+            der_to_pem("CERTIFICATE", &creds.cert_der).as_bytes(),
+        )
     }
 
     /// The cluster CA, if this node holds its key.
@@ -155,7 +192,12 @@ impl DataDir {
 #[cfg(unix)]
 fn open_private(path: &Path) -> std::io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 #[cfg(not(unix))]
@@ -177,7 +219,8 @@ impl TokenStore for FileTokenStore {
         };
         match bytes.split_first() {
             Some((&TOKENS_VERSION, body)) => {
-                let records: Vec<TokenRecord> = postcard::from_bytes(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let records: Vec<TokenRecord> =
+                    postcard::from_bytes(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 Ok(records.into_iter().map(|r| (r.id, r)).collect())
             }
             _ => Err(StoreError::Corrupt("unknown token store version".into())),
@@ -188,7 +231,9 @@ impl TokenStore for FileTokenStore {
         let list: Vec<&TokenRecord> = records.values().collect();
         let mut bytes = vec![TOKENS_VERSION];
         bytes.extend(postcard::to_allocvec(&list).map_err(|e| StoreError::Corrupt(e.to_string()))?);
-        self.dir.write(TOKENS, &bytes).map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))
+        self.dir
+            .write(TOKENS, &bytes)
+            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))
     }
 }
 
@@ -202,19 +247,31 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DataDir::open(tmp.path()).unwrap();
         let id = dir.node_id([4; 8]).unwrap();
-        assert_eq!(DataDir::open(tmp.path()).unwrap().node_id([5; 8]).unwrap(), id);
+        assert_eq!(
+            DataDir::open(tmp.path()).unwrap().node_id([5; 8]).unwrap(),
+            id
+        );
         assert_eq!(dir.next_generation().unwrap(), 1);
         assert_eq!(dir.next_generation().unwrap(), 2);
 
         let ca = ClusterCa::generate("t").unwrap();
         dir.save_credentials(&ca.issue_node(id).unwrap()).unwrap();
         dir.save_ca_key(&ca).unwrap();
-        assert_eq!(dir.cluster_ca().unwrap().unwrap().fingerprint(), ca.fingerprint());
-        assert_eq!(dir.credentials(id).unwrap().unwrap().ca_fingerprint(), ca.fingerprint());
+        assert_eq!(
+            dir.cluster_ca().unwrap().unwrap().fingerprint(),
+            ca.fingerprint()
+        );
+        assert_eq!(
+            dir.credentials(id).unwrap().unwrap().ca_fingerprint(),
+            ca.fingerprint()
+        );
 
         let mut auth = TokenAuthority::new(dir.token_store(), ca.fingerprint());
         let token = auth.issue(10, 100, [1; 40]).unwrap();
-        let again = TokenAuthority::new(DataDir::open(tmp.path()).unwrap().token_store(), ca.fingerprint());
+        let again = TokenAuthority::new(
+            DataDir::open(tmp.path()).unwrap().token_store(),
+            ca.fingerprint(),
+        );
         assert_eq!(again.check(token.id, &token.secret, 20).unwrap(), Ok(()));
     }
 }

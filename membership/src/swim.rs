@@ -18,7 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use foca::{AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification, PostcardCodec, State, Timer};
+use foca::{
+    AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification, PostcardCodec,
+    State, Timer,
+};
 use rand::rngs::StdRng;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -82,10 +85,14 @@ impl SwimConfig {
 
     /// Transmissions per update for a cluster of `members`.
     pub fn transmissions_for(&self, members: usize) -> NonZeroU8 {
-        let scaled = (4.0 * ((members + 1) as f64).log10()).ceil().clamp(1.0, 255.0);
+        let scaled = (4.0 * ((members + 1) as f64).log10())
+            .ceil()
+            .clamp(1.0, 255.0);
         #[allow(clippy::cast_possible_truncation)] // clamped to 1..=255 just above
         let scaled = scaled as u8;
-        NonZeroU8::new(scaled).unwrap_or(self.min_transmissions).max(self.min_transmissions)
+        NonZeroU8::new(scaled)
+            .unwrap_or(self.min_transmissions)
+            .max(self.min_transmissions)
     }
 
     fn foca(&self, members: usize) -> foca::Config {
@@ -178,7 +185,10 @@ struct MetaTable {
 impl MetaTable {
     /// Stores the update if it is newer; true if it was.
     fn offer(&mut self, update: MetaUpdate) -> bool {
-        let newer = self.known.get(&update.id).is_none_or(|(v, _)| update.version > *v);
+        let newer = self
+            .known
+            .get(&update.id)
+            .is_none_or(|(v, _)| update.version > *v);
         if newer {
             self.changed.insert(update.id);
             self.known.insert(update.id, (update.version, update.meta));
@@ -205,9 +215,16 @@ impl BroadcastHandler<NodeIdentity> for MetaBroadcasts {
     type Key = MetaKey;
     type Error = wire::WireError;
 
-    fn receive_item(&mut self, data: &[u8], _sender: Option<&NodeIdentity>) -> Result<Option<MetaKey>, wire::WireError> {
+    fn receive_item(
+        &mut self,
+        data: &[u8],
+        _sender: Option<&NodeIdentity>,
+    ) -> Result<Option<MetaKey>, wire::WireError> {
         let update = wire::decode_meta_broadcast(data)?;
-        let key = MetaKey { id: update.id, version: update.version };
+        let key = MetaKey {
+            id: update.id,
+            version: update.version,
+        };
         let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
         Ok(table.offer(update).then_some(key))
     }
@@ -267,9 +284,21 @@ pub struct Swim {
 
 impl Swim {
     /// A node that knows nobody yet. `rng` is the only randomness foca gets.
-    pub fn new(identity: NodeIdentity, meta: NodeMeta, config: SwimConfig, rng: StdRng, now: Instant) -> Self {
+    pub fn new(
+        identity: NodeIdentity,
+        meta: NodeMeta,
+        config: SwimConfig,
+        rng: StdRng,
+        now: Instant,
+    ) -> Self {
         let table = Arc::new(Mutex::new(MetaTable::default()));
-        let foca = Foca::with_custom_broadcast(identity, config.foca(1), rng, PostcardCodec, MetaBroadcasts(table.clone()));
+        let foca = Foca::with_custom_broadcast(
+            identity,
+            config.foca(1),
+            rng,
+            PostcardCodec,
+            MetaBroadcasts(table.clone()),
+        );
         let mut swim = Swim {
             foca,
             runtime: AccumulatingRuntime::new(),
@@ -288,7 +317,15 @@ impl Swim {
             reannounce_armed: false,
             left: false,
         };
-        swim.members.insert(identity.id, Member { identity, state: MemberState::Alive, incarnation: 0, meta: None });
+        swim.members.insert(
+            identity.id,
+            Member {
+                identity,
+                state: MemberState::Alive,
+                incarnation: 0,
+                meta: None,
+            },
+        );
         swim.set_meta(meta, now);
         swim
     }
@@ -319,7 +356,11 @@ impl Swim {
     /// Replaces this node's metadata and spreads it.
     pub fn set_meta(&mut self, meta: NodeMeta, now: Instant) {
         self.own_meta_version += 1;
-        let update = MetaUpdate { id: self.identity().id, version: self.own_meta_version, meta };
+        let update = MetaUpdate {
+            id: self.identity().id,
+            version: self.own_meta_version,
+            meta,
+        };
         let item = wire::encode_meta_broadcast(&update);
         if let Err(e) = self.foca.add_broadcast(&item) {
             tracing::warn!(error = %e, "could not queue a metadata broadcast");
@@ -353,25 +394,44 @@ impl Swim {
     }
 
     fn own_meta(&self) -> Option<&NodeMeta> {
-        self.members.get(&self.identity().id).and_then(|m| m.meta.as_ref())
+        self.members
+            .get(&self.identity().id)
+            .and_then(|m| m.meta.as_ref())
     }
 
     /// Handles one datagram from the peer whose certificate names `from`.
-    pub fn handle_packet(&mut self, from: NodeId, bytes: &[u8], now: Instant) -> Result<(), PacketError> {
+    pub fn handle_packet(
+        &mut self,
+        from: NodeId,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<(), PacketError> {
         let result = match wire::decode_datagram(bytes)? {
             Datagram::Swim(packet) => {
-                let (header, _) = postcard::take_from_bytes::<foca::Header<NodeIdentity>>(packet)
-                    .map_err(|e| PacketError::Wire(wire::WireError::Body(e.to_string())))?;
+                let (header, _) =
+                    postcard::take_from_bytes::<foca::Header<NodeIdentity>>(packet)
+                        .map_err(|e| PacketError::Wire(wire::WireError::Body(e.to_string())))?;
                 if header.src.id != from {
-                    return Err(PacketError::Spoofed { claimed: header.src.id, actual: from });
+                    return Err(PacketError::Spoofed {
+                        claimed: header.src.id,
+                        actual: from,
+                    });
                 }
-                self.foca.handle_data(packet, &mut self.runtime).map_err(|e| PacketError::Foca(e.to_string()))
+                self.foca
+                    .handle_data(packet, &mut self.runtime)
+                    .map_err(|e| PacketError::Foca(e.to_string()))
             }
             Datagram::Meta(update) => {
                 if update.id != from {
-                    return Err(PacketError::Spoofed { claimed: update.id, actual: from });
+                    return Err(PacketError::Spoofed {
+                        claimed: update.id,
+                        actual: from,
+                    });
                 }
-                self.meta.lock().unwrap_or_else(|e| e.into_inner()).offer(update);
+                self.meta
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .offer(update);
                 Ok(())
             }
         };
@@ -393,15 +453,17 @@ impl Swim {
             match entry.remove() {
                 Wakeup::Foca(TimerSlot(seq)) => {
                     if let Some(timer) = self.foca_timers.remove(&seq)
-                        && let Err(e) = self.foca.handle_timer(timer, &mut self.runtime) {
-                            tracing::debug!(error = %e, "foca timer");
-                        }
+                        && let Err(e) = self.foca.handle_timer(timer, &mut self.runtime)
+                    {
+                        tracing::debug!(error = %e, "foca timer");
+                    }
                 }
                 Wakeup::Reannounce => {
                     self.reannounce_armed = false;
                     if self.foca.num_members() == 0 && !self.left {
                         self.announce_all(now);
-                        self.reannounce_backoff = (self.reannounce_backoff * 2).min(self.config.max_reannounce_backoff);
+                        self.reannounce_backoff =
+                            (self.reannounce_backoff * 2).min(self.config.max_reannounce_backoff);
                     }
                 }
             }
@@ -421,9 +483,15 @@ impl Swim {
     }
 
     fn announce_all(&mut self, now: Instant) {
-        let mut targets: BTreeSet<NodeIdentity> = self.seeds.iter().map(|a| NodeIdentity::seed(*a)).collect();
+        let mut targets: BTreeSet<NodeIdentity> =
+            self.seeds.iter().map(|a| NodeIdentity::seed(*a)).collect();
         let me = self.identity().id;
-        targets.extend(self.members.values().filter(|m| m.identity.id != me).map(|m| m.identity));
+        targets.extend(
+            self.members
+                .values()
+                .filter(|m| m.identity.id != me)
+                .map(|m| m.identity),
+        );
         for t in targets {
             if let Err(e) = self.foca.announce(t, &mut self.runtime) {
                 tracing::debug!(error = %e, "announce");
@@ -453,7 +521,8 @@ impl Swim {
             self.next_seq += 1;
             let seq = self.next_seq;
             self.foca_timers.insert(seq, timer);
-            self.wakeups.insert((now + after, seq), Wakeup::Foca(TimerSlot(seq)));
+            self.wakeups
+                .insert((now + after, seq), Wakeup::Foca(TimerSlot(seq)));
         }
         while let Some(n) = self.runtime.to_notify() {
             self.handle_notification(n, now);
@@ -471,7 +540,15 @@ impl Swim {
             }
             OwnedNotification::MemberDown(id) => {
                 let leaving = self.meta_of(&id.id).is_some_and(|m| m.leaving);
-                self.set_state(id, if leaving { MemberState::Left } else { MemberState::Down }, None);
+                self.set_state(
+                    id,
+                    if leaving {
+                        MemberState::Left
+                    } else {
+                        MemberState::Down
+                    },
+                    None,
+                );
             }
             OwnedNotification::Rename(old, new) => {
                 if old.id != new.id {
@@ -485,18 +562,29 @@ impl Swim {
                 self.reannounce_backoff = Duration::from_millis(500);
                 self.arm_reannounce(now);
             }
-            OwnedNotification::Active | OwnedNotification::Defunct | OwnedNotification::Rejoin(_) => {}
+            OwnedNotification::Active
+            | OwnedNotification::Defunct
+            | OwnedNotification::Rejoin(_) => {}
         }
     }
 
     fn own_update(&self) -> Option<MetaUpdate> {
         let id = self.identity().id;
         let table = self.meta.lock().unwrap_or_else(|e| e.into_inner());
-        table.known.get(&id).map(|(version, meta)| MetaUpdate { id, version: *version, meta: meta.clone() })
+        table.known.get(&id).map(|(version, meta)| MetaUpdate {
+            id,
+            version: *version,
+            meta: meta.clone(),
+        })
     }
 
     fn meta_of(&self, id: &NodeId) -> Option<NodeMeta> {
-        self.meta.lock().unwrap_or_else(|e| e.into_inner()).known.get(id).map(|(_, m)| m.clone())
+        self.meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .known
+            .get(id)
+            .map(|(_, m)| m.clone())
     }
 
     fn set_state(&mut self, identity: NodeIdentity, state: MemberState, incarnation: Option<u16>) {
@@ -504,7 +592,12 @@ impl Swim {
             return;
         }
         let meta = self.meta_of(&identity.id);
-        let entry = self.members.entry(identity.id).or_insert_with(|| Member { identity, state: MemberState::Down, incarnation: 0, meta: None });
+        let entry = self.members.entry(identity.id).or_insert_with(|| Member {
+            identity,
+            state: MemberState::Down,
+            incarnation: 0,
+            meta: None,
+        });
         // An older generation never overrides a newer one.
         if identity.generation < entry.identity.generation {
             return;
@@ -535,9 +628,10 @@ impl Swim {
         self.drain_runtime(now);
         let size = self.foca.num_members() + 1;
         if self.config.transmissions_for(size) != self.config.transmissions_for(self.tuned_for)
-            && let Err(e) = self.foca.set_config(self.config.foca(size)) {
-                tracing::warn!(error = %e, "could not retune foca");
-            }
+            && let Err(e) = self.foca.set_config(self.config.foca(size))
+        {
+            tracing::warn!(error = %e, "could not retune foca");
+        }
         self.tuned_for = size;
         // Suspicion, refutation and incarnations: foca does not notify these; read them.
         let foca_view: BTreeMap<NodeId, (NodeIdentity, State, u16)> = self
@@ -546,7 +640,9 @@ impl Swim {
             .map(|m| (m.id().id, (*m.id(), m.state(), m.incarnation())))
             .collect();
         for (id, (identity, state, incarnation)) in &foca_view {
-            let Some(member) = self.members.get(id) else { continue };
+            let Some(member) = self.members.get(id) else {
+                continue;
+            };
             if member.identity != *identity {
                 continue;
             }
@@ -567,7 +663,11 @@ impl Swim {
         let reaped: Vec<NodeId> = self
             .members
             .iter()
-            .filter(|(id, m)| **id != me && matches!(m.state, MemberState::Down | MemberState::Left) && !foca_view.contains_key(id))
+            .filter(|(id, m)| {
+                **id != me
+                    && matches!(m.state, MemberState::Down | MemberState::Left)
+                    && !foca_view.contains_key(id)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in reaped {
@@ -575,7 +675,10 @@ impl Swim {
             self.events.push_back(MemberEvent::Reaped(id));
         }
         // Metadata that arrived since the last input.
-        let changed: Vec<NodeId> = std::mem::take(&mut self.meta.lock().unwrap_or_else(|e| e.into_inner()).changed).into_iter().collect();
+        let changed: Vec<NodeId> =
+            std::mem::take(&mut self.meta.lock().unwrap_or_else(|e| e.into_inner()).changed)
+                .into_iter()
+                .collect();
         for id in changed {
             let meta = self.meta_of(&id);
             if id == me {
@@ -584,7 +687,9 @@ impl Swim {
                 }
                 continue;
             }
-            let Some(member) = self.members.get_mut(&id) else { continue };
+            let Some(member) = self.members.get_mut(&id) else {
+                continue;
+            };
             member.meta = meta.clone();
             self.events.push_back(MemberEvent::MetaChanged(id));
             // A member that said it was leaving and is already down has left.

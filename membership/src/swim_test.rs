@@ -16,13 +16,31 @@ struct Net {
 impl Net {
     fn new(n: u8) -> Net {
         let now = Instant::now();
-        let mut net = Net { now, nodes: BTreeMap::new(), dead: BTreeSet::new(), by_addr: BTreeMap::new() };
+        let mut net = Net {
+            now,
+            nodes: BTreeMap::new(),
+            dead: BTreeSet::new(),
+            by_addr: BTreeMap::new(),
+        };
         for i in 1..=n {
             let id = NodeId([i; 8]);
             let addr: SocketAddr = format!("10.0.0.{i}:7946").parse().unwrap();
-            let identity = NodeIdentity { id, addr, generation: 1 };
-            let meta = NodeMeta { name: format!("n{i}"), ..Default::default() };
-            let swim = Swim::new(identity, meta, SwimConfig::lan(), StdRng::seed_from_u64(u64::from(i)), now);
+            let identity = NodeIdentity {
+                id,
+                addr,
+                generation: 1,
+            };
+            let meta = NodeMeta {
+                name: format!("n{i}"),
+                ..Default::default()
+            };
+            let swim = Swim::new(
+                identity,
+                meta,
+                SwimConfig::lan(),
+                StdRng::seed_from_u64(u64::from(i)),
+                now,
+            );
             net.by_addr.insert(addr, id);
             net.nodes.insert(id, swim);
         }
@@ -47,12 +65,18 @@ impl Net {
             while swim.poll_event().is_some() {}
         }
         for (from, to, bytes) in packets {
-            let Some(dst) = self.by_addr.get(&to).copied() else { continue };
+            let Some(dst) = self.by_addr.get(&to).copied() else {
+                continue;
+            };
             if self.dead.contains(&dst) || self.dead.contains(&from) {
                 continue;
             }
             let now = self.now;
-            let _ = self.nodes.get_mut(&dst).unwrap().handle_packet(from, &bytes, now);
+            let _ = self
+                .nodes
+                .get_mut(&dst)
+                .unwrap()
+                .handle_packet(from, &bytes, now);
         }
         let next = self
             .nodes
@@ -74,7 +98,10 @@ impl Net {
     fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Net) -> bool) -> Duration {
         let start = self.now;
         while !done(self) {
-            assert!(self.now - start < limit, "condition not met within {limit:?}");
+            assert!(
+                self.now - start < limit,
+                "condition not met within {limit:?}"
+            );
             self.step();
         }
         self.now - start
@@ -90,7 +117,11 @@ impl Net {
     fn converged(&self) -> bool {
         let n = self.nodes.len();
         self.nodes.values().all(|s| {
-            s.members().values().filter(|m| m.state == MemberState::Alive && m.meta.is_some()).count() == n
+            s.members()
+                .values()
+                .filter(|m| m.state == MemberState::Alive && m.meta.is_some())
+                .count()
+                == n
         })
     }
 }
@@ -102,7 +133,11 @@ fn five_nodes_converge_with_metadata() {
     let took = net.run_until(Duration::from_secs(10), Net::converged);
     tracing::info!(?took, "converged");
     for swim in net.nodes.values() {
-        let names: Vec<_> = swim.members().values().map(|m| m.meta.as_ref().unwrap().name.clone()).collect();
+        let names: Vec<_> = swim
+            .members()
+            .values()
+            .map(|m| m.meta.as_ref().unwrap().name.clone())
+            .collect();
         assert_eq!(names, ["n1", "n2", "n3", "n4", "n5"]);
     }
 }
@@ -114,7 +149,9 @@ fn a_silent_node_is_declared_down_by_all() {
     net.run_until(Duration::from_secs(10), Net::converged);
     let victim = NodeId([5; 8]);
     net.dead.insert(victim);
-    let took = net.run_until(Duration::from_secs(10), |n| n.all_see(victim, MemberState::Down));
+    let took = net.run_until(Duration::from_secs(10), |n| {
+        n.all_see(victim, MemberState::Down)
+    });
     assert!(took < Duration::from_secs(5), "detection took {took:?}");
 }
 
@@ -126,7 +163,9 @@ fn a_leaving_node_is_left_not_down() {
     let leaver = NodeId([4; 8]);
     let now = net.now;
     net.nodes.get_mut(&leaver).unwrap().leave(now);
-    net.run_until(Duration::from_secs(5), |n| n.all_see(leaver, MemberState::Left));
+    net.run_until(Duration::from_secs(5), |n| {
+        n.all_see(leaver, MemberState::Left)
+    });
 }
 
 #[test]
@@ -141,7 +180,12 @@ fn a_packet_from_someone_else_is_refused() {
     let mut swim = net.nodes.remove(&b).unwrap();
     swim.join([SocketAddr::from(([10, 0, 0, 1], 7946))], now);
     let (_, bytes) = swim.poll_transmit().unwrap();
-    let err = net.nodes.get_mut(&a).unwrap().handle_packet(NodeId([9; 8]), &bytes, now).unwrap_err();
+    let err = net
+        .nodes
+        .get_mut(&a)
+        .unwrap()
+        .handle_packet(NodeId([9; 8]), &bytes, now)
+        .unwrap_err();
     assert!(matches!(err, PacketError::Spoofed { .. }), "{err}");
 }
 
@@ -167,8 +211,13 @@ fn a_member_down_past_the_reap_time_is_forgotten() {
     net.run_until(Duration::from_secs(10), Net::converged);
     let victim = NodeId([3; 8]);
     net.dead.insert(victim);
-    net.run_until(Duration::from_secs(10), |n| n.all_see(victim, MemberState::Down));
+    net.run_until(Duration::from_secs(10), |n| {
+        n.all_see(victim, MemberState::Down)
+    });
     net.run_until(Duration::from_secs(20), |n| {
-        n.nodes.iter().filter(|(id, _)| **id != victim).all(|(_, s)| !s.members().contains_key(&victim))
+        n.nodes
+            .iter()
+            .filter(|(id, _)| **id != victim)
+            .all(|(_, s)| !s.members().contains_key(&victim))
     });
 }

@@ -9,7 +9,10 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -57,7 +60,9 @@ pub struct ClusterCa {
 
 impl fmt::Debug for ClusterCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClusterCa").field("fingerprint", &hex(&self.fingerprint())).finish()
+        f.debug_struct("ClusterCa")
+            .field("fingerprint", &hex(&self.fingerprint()))
+            .finish()
     }
 }
 
@@ -66,11 +71,20 @@ impl ClusterCa {
     pub fn generate(cluster_name: &str) -> Result<Self, TlsError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, format!("blx cluster CA {cluster_name}"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("blx cluster CA {cluster_name}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let cert = params.self_signed(&key)?;
-        Ok(ClusterCa { cert_der: cert.der().clone(), key })
+        Ok(ClusterCa {
+            cert_der: cert.der().clone(),
+            key,
+        })
     }
 
     /// Rebuilds a CA from its certificate and PKCS#8 key, both PEM.
@@ -102,7 +116,11 @@ impl ClusterCa {
 
     /// Issues a certificate for `node` from a certificate signing request, ignoring whatever
     /// names the request asks for: the CA decides what a node is called.
-    pub fn sign_request(&self, csr_der: &[u8], node: NodeId) -> Result<CertificateDer<'static>, TlsError> {
+    pub fn sign_request(
+        &self,
+        csr_der: &[u8],
+        node: NodeId,
+    ) -> Result<CertificateDer<'static>, TlsError> {
         let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
             .map_err(|e| TlsError::BadRequest(e.to_string()))?;
         let params = node_params(node)?;
@@ -115,14 +133,24 @@ impl ClusterCa {
         let key = KeyPair::generate()?;
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
         let cert = node_params(node)?.signed_by(&key, &issuer)?;
-        Ok(NodeCredentials { id: node, cert_der: cert.der().clone(), ca_der: self.cert_der.clone(), key_der: key.serialize_der() })
+        Ok(NodeCredentials {
+            id: node,
+            cert_der: cert.der().clone(),
+            ca_der: self.cert_der.clone(),
+            key_der: key.serialize_der(),
+        })
     }
 }
 
 fn node_params(node: NodeId) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(vec![node.dns_name(), NODE_DNS_SUFFIX.to_string()])?;
-    params.distinguished_name.push(DnType::CommonName, node.dns_name());
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params
+        .distinguished_name
+        .push(DnType::CommonName, node.dns_name());
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     Ok(params)
 }
@@ -139,12 +167,25 @@ impl PendingKey {
     pub fn generate(node: NodeId) -> Result<Self, TlsError> {
         let key = KeyPair::generate()?;
         let csr = node_params(node)?.serialize_request(&key)?;
-        Ok(PendingKey { csr_der: csr.der().to_vec(), key })
+        Ok(PendingKey {
+            csr_der: csr.der().to_vec(),
+            key,
+        })
     }
 
     /// Completes the credentials with the certificate the cluster granted.
-    pub fn into_credentials(self, node: NodeId, cert_der: Vec<u8>, ca_der: Vec<u8>) -> NodeCredentials {
-        NodeCredentials { id: node, cert_der: cert_der.into(), ca_der: ca_der.into(), key_der: self.key.serialize_der() }
+    pub fn into_credentials(
+        self,
+        node: NodeId,
+        cert_der: Vec<u8>,
+        ca_der: Vec<u8>,
+    ) -> NodeCredentials {
+        NodeCredentials {
+            id: node,
+            cert_der: cert_der.into(),
+            ca_der: ca_der.into(),
+            key_der: self.key.serialize_der(),
+        }
     }
 }
 
@@ -163,7 +204,9 @@ pub struct NodeCredentials {
 
 impl fmt::Debug for NodeCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodeCredentials").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("NodeCredentials")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -191,10 +234,11 @@ impl NodeCredentials {
     /// certificate from anywhere else fails the handshake); joiners may present none, and are
     /// then served nothing but the join exchange.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -205,9 +249,10 @@ impl NodeCredentials {
 
     /// The client side of member-to-member connections: mutual TLS against the cluster CA.
     pub fn member_client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
-        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots()?, provider())
-            .build()
-            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots()?, provider())
+                .build()
+                .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -224,7 +269,10 @@ pub fn join_client_config(ca_fingerprint: [u8; 32]) -> Result<rustls::ClientConf
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier { fingerprint: ca_fingerprint, provider: provider() }))
+        .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
+            fingerprint: ca_fingerprint,
+            provider: provider(),
+        }))
         .with_no_client_auth();
     config.alpn_protocols = vec![JOIN_ALPN.to_vec()];
     Ok(config)
@@ -254,10 +302,14 @@ impl ServerCertVerifier for PinnedCaVerifier {
             .ok_or_else(|| rustls::Error::General(PIN_MISMATCH.into()))?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let shared = ServerName::try_from(NODE_DNS_SUFFIX)
             .map_err(|e| rustls::Error::General(e.to_string()))?;
-        let shared = ServerName::try_from(NODE_DNS_SUFFIX).map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], &shared, ocsp_response, now)
     }
 
@@ -267,7 +319,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -276,11 +333,18 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -37,7 +37,12 @@ impl FromStr for TokenId {
     type Err = TokenError;
 
     fn from_str(s: &str) -> Result<Self, TokenError> {
-        let bad = || TokenError::Malformed(format!("a token id is 16 hex digits, got {:?}", s.chars().take(40).collect::<String>()));
+        let bad = || {
+            TokenError::Malformed(format!(
+                "a token id is 16 hex digits, got {:?}",
+                s.chars().take(40).collect::<String>()
+            ))
+        };
         if s.len() != 16 || !s.is_ascii() {
             return Err(bad());
         }
@@ -62,7 +67,9 @@ pub struct JoinToken {
 
 impl fmt::Debug for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JoinToken").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("JoinToken")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -89,7 +96,11 @@ impl fmt::Display for JoinToken {
         body.extend_from_slice(&self.secret);
         let sum = checksum(&body);
         body.extend_from_slice(&sum);
-        write!(f, "{PREFIX}{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(body))
+        write!(
+            f,
+            "{PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(body)
+        )
     }
 }
 
@@ -105,13 +116,22 @@ impl FromStr for JoinToken {
             .decode(rest)
             .map_err(|_| TokenError::Malformed("not valid base64url after the prefix".into()))?;
         if body.len() != BODY_LEN {
-            return Err(TokenError::Malformed(format!("expected {BODY_LEN} bytes, got {} (was it cut short?)", body.len())));
+            return Err(TokenError::Malformed(format!(
+                "expected {BODY_LEN} bytes, got {} (was it cut short?)",
+                body.len()
+            )));
         }
         let (payload, sum) = body.split_at(BODY_LEN - 4);
         if checksum(payload) != sum {
-            return Err(TokenError::Malformed("checksum mismatch (was it mistyped?)".into()));
+            return Err(TokenError::Malformed(
+                "checksum mismatch (was it mistyped?)".into(),
+            ));
         }
-        let mut token = JoinToken { ca_fingerprint: [0; 32], id: TokenId([0; 8]), secret: [0; 32] };
+        let mut token = JoinToken {
+            ca_fingerprint: [0; 32],
+            id: TokenId([0; 8]),
+            secret: [0; 32],
+        };
         token.ca_fingerprint.copy_from_slice(&payload[..32]);
         token.id.0.copy_from_slice(&payload[32..40]);
         token.secret.copy_from_slice(&payload[40..72]);
@@ -196,11 +216,19 @@ pub struct TokenAuthority<S> {
 impl<S: TokenStore> TokenAuthority<S> {
     /// An authority for the CA with this fingerprint, keeping records in `store`.
     pub fn new(store: S, ca_fingerprint: [u8; 32]) -> Self {
-        TokenAuthority { store, ca_fingerprint }
+        TokenAuthority {
+            store,
+            ca_fingerprint,
+        }
     }
 
     /// Creates a token valid for `ttl_secs` from `now_unix`, from 40 random bytes.
-    pub fn issue(&mut self, now_unix: u64, ttl_secs: u64, random: [u8; 40]) -> Result<JoinToken, StoreError> {
+    pub fn issue(
+        &mut self,
+        now_unix: u64,
+        ttl_secs: u64,
+        random: [u8; 40],
+    ) -> Result<JoinToken, StoreError> {
         let mut id = TokenId([0; 8]);
         id.0.copy_from_slice(&random[..8]);
         let mut secret = [0u8; 32];
@@ -217,7 +245,11 @@ impl<S: TokenStore> TokenAuthority<S> {
             },
         );
         self.store.save(&records)?;
-        Ok(JoinToken { ca_fingerprint: self.ca_fingerprint, id, secret })
+        Ok(JoinToken {
+            ca_fingerprint: self.ca_fingerprint,
+            id,
+            secret,
+        })
     }
 
     /// Every token with its status at `now_unix`.
@@ -245,19 +277,31 @@ impl<S: TokenStore> TokenAuthority<S> {
     /// Revokes a token; false when no such token exists.
     pub fn revoke(&mut self, id: TokenId) -> Result<bool, StoreError> {
         let mut records = self.store.load()?;
-        let Some(record) = records.get_mut(&id) else { return Ok(false) };
+        let Some(record) = records.get_mut(&id) else {
+            return Ok(false);
+        };
         record.revoked = true;
         self.store.save(&records)?;
         Ok(true)
     }
 
     /// Checks a presented id and secret at `now_unix`.
-    pub fn check(&self, id: TokenId, secret: &[u8; 32], now_unix: u64) -> Result<Result<(), JoinRefusal>, StoreError> {
+    pub fn check(
+        &self,
+        id: TokenId,
+        secret: &[u8; 32],
+        now_unix: u64,
+    ) -> Result<Result<(), JoinRefusal>, StoreError> {
         let records = self.store.load()?;
-        let Some(record) = records.get(&id) else { return Ok(Err(JoinRefusal::Unknown)) };
+        let Some(record) = records.get(&id) else {
+            return Ok(Err(JoinRefusal::Unknown));
+        };
         let presented = crate::tls::fingerprint(secret);
         // Compare without an early exit, so timing says nothing about how much matched.
-        let diff = presented.iter().zip(record.secret_hash.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff = presented
+            .iter()
+            .zip(record.secret_hash.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         Ok(if diff != 0 {
             Err(JoinRefusal::Unknown)
         } else if record.revoked {
@@ -295,15 +339,28 @@ mod tests {
 
     #[test]
     fn token_text_round_trips_and_damage_is_malformed() {
-        let t = JoinToken { ca_fingerprint: [1; 32], id: TokenId([2; 8]), secret: [3; 32] };
+        let t = JoinToken {
+            ca_fingerprint: [1; 32],
+            id: TokenId([2; 8]),
+            secret: [3; 32],
+        };
         let text = t.to_string();
         assert_eq!(text.parse::<JoinToken>().unwrap(), t);
-        assert!(matches!("hello".parse::<JoinToken>(), Err(TokenError::Malformed(_))));
-        assert!(matches!(text[..text.len() - 3].parse::<JoinToken>(), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            "hello".parse::<JoinToken>(),
+            Err(TokenError::Malformed(_))
+        ));
+        assert!(matches!(
+            text[..text.len() - 3].parse::<JoinToken>(),
+            Err(TokenError::Malformed(_))
+        ));
         let mut typo = text.clone().into_bytes();
         let i = typo.len() - 10;
         typo[i] = if typo[i] == b'A' { b'B' } else { b'A' };
-        let err = String::from_utf8(typo).unwrap().parse::<JoinToken>().unwrap_err();
+        let err = String::from_utf8(typo)
+            .unwrap()
+            .parse::<JoinToken>()
+            .unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
     }
 
@@ -313,12 +370,24 @@ mod tests {
         let t = a.issue(100, 10, [5; 40]).unwrap();
         assert_eq!(t.ca_fingerprint, [9; 32]);
         assert_eq!(a.check(t.id, &t.secret, 105).unwrap(), Ok(()));
-        assert_eq!(a.check(t.id, &t.secret, 110).unwrap(), Err(JoinRefusal::Expired));
-        assert_eq!(a.check(t.id, &[0; 32], 105).unwrap(), Err(JoinRefusal::Unknown));
-        assert_eq!(a.check(TokenId([1; 8]), &t.secret, 105).unwrap(), Err(JoinRefusal::Unknown));
+        assert_eq!(
+            a.check(t.id, &t.secret, 110).unwrap(),
+            Err(JoinRefusal::Expired)
+        );
+        assert_eq!(
+            a.check(t.id, &[0; 32], 105).unwrap(),
+            Err(JoinRefusal::Unknown)
+        );
+        assert_eq!(
+            a.check(TokenId([1; 8]), &t.secret, 105).unwrap(),
+            Err(JoinRefusal::Unknown)
+        );
         assert!(a.revoke(t.id).unwrap());
         assert!(!a.revoke(TokenId([1; 8])).unwrap());
-        assert_eq!(a.check(t.id, &t.secret, 105).unwrap(), Err(JoinRefusal::Revoked));
+        assert_eq!(
+            a.check(t.id, &t.secret, 105).unwrap(),
+            Err(JoinRefusal::Revoked)
+        );
         assert_eq!(a.list(105).unwrap()[0].status, "revoked");
     }
 }

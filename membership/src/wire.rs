@@ -130,7 +130,8 @@ fn versioned(buf: &[u8], limit: usize) -> Result<&[u8], WireError> {
 }
 
 fn exact<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
-    let (value, rest) = postcard::take_from_bytes(body).map_err(|e| WireError::Body(e.to_string()))?;
+    let (value, rest) =
+        postcard::take_from_bytes(body).map_err(|e| WireError::Body(e.to_string()))?;
     if !rest.is_empty() {
         return Err(WireError::Body(format!("{} trailing bytes", rest.len())));
     }
@@ -231,24 +232,57 @@ mod tests {
 
     #[test]
     fn messages_round_trip() {
-        let update = MetaUpdate { id: NodeId([3; 8]), version: 7, meta: NodeMeta { name: "n".into(), ..Default::default() } };
-        assert_eq!(decode_datagram(&encode_meta(&update)).unwrap(), Datagram::Meta(update.clone()));
-        assert_eq!(decode_meta_broadcast(&encode_meta_broadcast(&update)).unwrap(), update);
-        assert_eq!(decode_datagram(&encode_swim(b"xyz")).unwrap(), Datagram::Swim(b"xyz"));
-        let req = ControlRequest::TokenRevoke { id: TokenId([1; 8]) };
-        assert_eq!(decode_control_request(&encode_control(&req), MAX_CONTROL_MESSAGE).unwrap(), req);
+        let update = MetaUpdate {
+            id: NodeId([3; 8]),
+            version: 7,
+            meta: NodeMeta {
+                name: "n".into(),
+                ..Default::default()
+            },
+        };
+        assert_eq!(
+            decode_datagram(&encode_meta(&update)).unwrap(),
+            Datagram::Meta(update.clone())
+        );
+        assert_eq!(
+            decode_meta_broadcast(&encode_meta_broadcast(&update)).unwrap(),
+            update
+        );
+        assert_eq!(
+            decode_datagram(&encode_swim(b"xyz")).unwrap(),
+            Datagram::Swim(b"xyz")
+        );
+        let req = ControlRequest::TokenRevoke {
+            id: TokenId([1; 8]),
+        };
+        assert_eq!(
+            decode_control_request(&encode_control(&req), MAX_CONTROL_MESSAGE).unwrap(),
+            req
+        );
     }
 
     #[test]
     fn bad_headers_are_named() {
         assert_eq!(decode_datagram(&[]), Err(WireError::Truncated));
         assert_eq!(decode_datagram(&[9, 0, 1]), Err(WireError::Version(9)));
-        assert_eq!(decode_datagram(&[FORMAT_VERSION, 77]), Err(WireError::Kind(77)));
-        assert_eq!(decode_datagram(&[FORMAT_VERSION, KIND_SWIM]), Err(WireError::Truncated));
+        assert_eq!(
+            decode_datagram(&[FORMAT_VERSION, 77]),
+            Err(WireError::Kind(77))
+        );
+        assert_eq!(
+            decode_datagram(&[FORMAT_VERSION, KIND_SWIM]),
+            Err(WireError::Truncated)
+        );
         let mut trailing = encode_control(&ControlRequest::TokenList);
         trailing.push(0);
-        assert!(matches!(decode_control_request(&trailing, MAX_CONTROL_MESSAGE), Err(WireError::Body(_))));
-        assert!(matches!(decode_control_request(&vec![1; MAX_CONTROL_MESSAGE + 1], MAX_CONTROL_MESSAGE), Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            decode_control_request(&trailing, MAX_CONTROL_MESSAGE),
+            Err(WireError::Body(_))
+        ));
+        assert!(matches!(
+            decode_control_request(&vec![1; MAX_CONTROL_MESSAGE + 1], MAX_CONTROL_MESSAGE),
+            Err(WireError::TooLarge(_))
+        ));
     }
 
     proptest! {

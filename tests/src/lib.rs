@@ -17,7 +17,11 @@ pub fn blx_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("blx");
-    assert!(bin.exists(), "{} not found: run `cargo build -p blx` first (make test does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p blx` first (make test does)",
+        bin.display()
+    );
     bin
 }
 
@@ -69,20 +73,35 @@ impl Agent {
         let gossip = SocketAddr::from((ip, 7946));
         let api = SocketAddr::from((ip, 7947));
         let log = root.join(format!("{name}.log"));
-        let mut agent = Agent { name: name.into(), gossip, api, data_dir, child: None, log };
+        let mut agent = Agent {
+            name: name.into(),
+            gossip,
+            api,
+            data_dir,
+            child: None,
+            log,
+        };
         agent.spawn(extra);
         agent
     }
 
     fn spawn(&mut self, extra: &[String]) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let out = self.log.with_extension("out");
         let child = Command::new(blx_bin())
             .arg("agent")
-            .arg("--data-dir").arg(&self.data_dir)
-            .arg("--bind").arg(self.gossip.to_string())
-            .arg("--api").arg(self.api.to_string())
-            .arg("--name").arg(&self.name)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--bind")
+            .arg(self.gossip.to_string())
+            .arg("--api")
+            .arg(self.api.to_string())
+            .arg("--name")
+            .arg(&self.name)
             .arg("--no-mdns")
             .args(extra)
             .env("BLX_LOG", "info,blx_membership=debug")
@@ -122,10 +141,11 @@ impl Agent {
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Some(c) = self.child.as_mut()
-                && let Ok(Some(_)) = c.try_wait() {
-                    self.child = None;
-                    return true;
-                }
+                && let Ok(Some(_)) = c.try_wait()
+            {
+                self.child = None;
+                return true;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         false
@@ -133,7 +153,13 @@ impl Agent {
 
     /// Runs a `blx` client command against this agent.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(blx_bin()).args(args).arg("--api").arg(self.api.to_string()).stdin(Stdio::null()).output().expect("run blx")
+        Command::new(blx_bin())
+            .args(args)
+            .arg("--api")
+            .arg(self.api.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run blx")
     }
 
     /// The member table, or None if the agent does not answer.
@@ -147,7 +173,10 @@ impl Agent {
 
     /// The state this agent reports for `name`, if it lists it.
     pub fn state_of(&self, name: &str) -> Option<String> {
-        self.members()?.into_iter().find(|m| m.name == name).map(|m| m.state)
+        self.members()?
+            .into_iter()
+            .find(|m| m.name == name)
+            .map(|m| m.state)
     }
 
     /// `blx status -o json`, or None if the agent does not answer.
@@ -162,7 +191,11 @@ impl Agent {
     /// Runs a `blx` client command and returns (success, stdout, stderr).
     pub fn run(&self, args: &[&str]) -> (bool, String, String) {
         let out = self.cli(args);
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// True while the process runs.
@@ -173,8 +206,15 @@ impl Agent {
     /// Creates a token through this agent's API.
     pub fn token(&self, ttl: &str) -> String {
         let out = self.cli(&["token", "create", "--ttl", ttl]);
-        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8")
+            .trim()
+            .to_string()
     }
 }
 
@@ -191,7 +231,10 @@ pub fn wait_until(within: Duration, what: &str, mut cond: impl FnMut() -> bool) 
         if cond() {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for: {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -203,6 +246,7 @@ pub struct Cluster {
     /// The bootstrap token.
     pub token: String,
     net: [u8; 3],
+    extra: Vec<String>,
     /// Root of all data dirs (kept on failure for inspection when BLX_KEEP is set).
     pub root: tempfile::TempDir,
 }
@@ -210,15 +254,39 @@ pub struct Cluster {
 impl Cluster {
     /// Bootstraps one agent and waits for its token.
     pub fn bootstrap() -> Cluster {
-        let root = tempfile::Builder::new().prefix("blx-it-").tempdir().expect("tempdir");
+        Cluster::bootstrap_with(&[])
+    }
+
+    /// Like [`Cluster::bootstrap`], with extra flags for every agent of this cluster.
+    pub fn bootstrap_with(extra: &[&str]) -> Cluster {
+        let root = tempfile::Builder::new()
+            .prefix("blx-it-")
+            .tempdir()
+            .expect("tempdir");
         let net = subnet();
-        let first = Agent::start(root.path(), "n1", Ipv4Addr::new(net[0], net[1], net[2], 1), &[]);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let first = Agent::start(
+            root.path(),
+            "n1",
+            Ipv4Addr::new(net[0], net[1], net[2], 1),
+            &extra,
+        );
         let mut token = String::new();
-        wait_until(Duration::from_secs(20), "the first agent prints a token", || {
-            token = first.stdout().trim().to_string();
-            !token.is_empty()
-        });
-        Cluster { agents: vec![first], token, net, root }
+        wait_until(
+            Duration::from_secs(20),
+            "the first agent prints a token",
+            || {
+                token = first.stdout().trim().to_string();
+                !token.is_empty()
+            },
+        );
+        Cluster {
+            agents: vec![first],
+            token,
+            net,
+            root,
+            extra,
+        }
     }
 
     /// The IP the agent with this 1-based index uses.
@@ -229,7 +297,13 @@ impl Cluster {
     /// Starts agent `n<k>` joining through the first agent with the bootstrap token.
     pub fn join(&mut self) -> &Agent {
         let k = u8::try_from(self.agents.len() + 1).expect("fewer than 255 agents");
-        let args = vec!["--token".to_string(), self.token.clone(), "--seed".to_string(), self.agents[0].gossip.to_string()];
+        let mut args = vec![
+            "--token".to_string(),
+            self.token.clone(),
+            "--seed".to_string(),
+            self.agents[0].gossip.to_string(),
+        ];
+        args.extend(self.extra.iter().cloned());
         let agent = Agent::start(self.root.path(), &format!("n{k}"), self.ip(k), &args);
         self.agents.push(agent);
         self.agents.last().expect("just pushed")
@@ -239,12 +313,18 @@ impl Cluster {
     pub fn try_join(&self, name: &str, token: &str) -> Output {
         let ip = self.ip(200);
         Command::new(blx_bin())
-            .arg("join").arg(token)
-            .arg("--data-dir").arg(self.root.path().join(name))
-            .arg("--bind").arg(format!("{ip}:7946"))
-            .arg("--api").arg(format!("{ip}:7947"))
-            .arg("--name").arg(name)
-            .arg("--seed").arg(self.agents[0].gossip.to_string())
+            .arg("join")
+            .arg(token)
+            .arg("--data-dir")
+            .arg(self.root.path().join(name))
+            .arg("--bind")
+            .arg(format!("{ip}:7946"))
+            .arg("--api")
+            .arg(format!("{ip}:7947"))
+            .arg("--name")
+            .arg(name)
+            .arg("--seed")
+            .arg(self.agents[0].gossip.to_string())
             .arg("--no-mdns")
             .stdin(Stdio::null())
             .output()
@@ -255,7 +335,8 @@ impl Cluster {
     pub fn wait_alive(&self, n: usize, within: Duration) {
         wait_until(within, &format!("every agent sees {n} alive"), || {
             self.agents.iter().filter(|a| a.child.is_some()).all(|a| {
-                a.members().is_some_and(|ms| ms.iter().filter(|m| m.state == "alive").count() == n)
+                a.members()
+                    .is_some_and(|ms| ms.iter().filter(|m| m.state == "alive").count() == n)
             })
         });
     }
@@ -264,19 +345,34 @@ impl Cluster {
     /// agreeing on one leader; returns the leader's index in `agents`.
     pub fn wait_raft(&self, voters: usize, learners: usize, within: Duration) -> usize {
         let mut leader_index = 0;
-        wait_until(within, &format!("{voters} voters and {learners} learners"), || {
-            let running: Vec<(usize, serde_json::Value)> =
-                self.agents.iter().enumerate().filter(|(_, a)| a.is_running()).filter_map(|(i, a)| a.status().map(|s| (i, s))).collect();
-            let Some((i, leader)) = running.iter().find(|(_, s)| s["role"] == "leader") else { return false };
-            let ok = leader["voters"].as_array().map(Vec::len) == Some(voters) && leader["learners"].as_array().map(Vec::len) == Some(learners);
-            leader_index = *i;
-            ok && running.iter().all(|(_, s)| s["leader"] == leader["id"])
-        });
+        wait_until(
+            within,
+            &format!("{voters} voters and {learners} learners"),
+            || {
+                let running: Vec<(usize, serde_json::Value)> = self
+                    .agents
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, a)| a.is_running())
+                    .filter_map(|(i, a)| a.status().map(|s| (i, s)))
+                    .collect();
+                let Some((i, leader)) = running.iter().find(|(_, s)| s["role"] == "leader") else {
+                    return false;
+                };
+                let ok = leader["voters"].as_array().map(Vec::len) == Some(voters)
+                    && leader["learners"].as_array().map(Vec::len) == Some(learners);
+                leader_index = *i;
+                ok && running.iter().all(|(_, s)| s["leader"] == leader["id"])
+            },
+        );
         leader_index
     }
 
     /// Dumps every agent's log (for a failing test).
     pub fn logs(&self) -> String {
-        self.agents.iter().map(|a| format!("--- {} ---\n{}", a.name, a.log())).collect()
+        self.agents
+            .iter()
+            .map(|a| format!("--- {} ---\n{}", a.name, a.log()))
+            .collect()
     }
 }

@@ -12,20 +12,36 @@ use blx_tests::{Agent, Cluster, wait_until};
 fn refused(cluster: &Cluster, name: &str, token: &str, expect: &str) {
     let out = cluster.try_join(name, token);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "join of {name} with a bad token succeeded");
-    assert!(stderr.contains(expect), "join of {name}: expected {expect:?} in stderr, got:\n{stderr}");
+    assert!(
+        !out.status.success(),
+        "join of {name} with a bad token succeeded"
+    );
+    assert!(
+        stderr.contains(expect),
+        "join of {name}: expected {expect:?} in stderr, got:\n{stderr}"
+    );
     let members = cluster.agents[0].members().expect("n1 answers");
-    assert!(members.iter().all(|m| m.name != name), "{name} shows up as a member: {members:?}");
+    assert!(
+        members.iter().all(|m| m.name != name),
+        "{name} shows up as a member: {members:?}"
+    );
 }
 
 #[test]
 fn expired_revoked_forged_garbled_and_foreign_tokens_are_refused() {
     let cluster = Cluster::bootstrap();
-    wait_until(Duration::from_secs(20), "n1 answers", || cluster.agents[0].members().is_some());
+    wait_until(Duration::from_secs(20), "n1 answers", || {
+        cluster.agents[0].members().is_some()
+    });
     let n1 = &cluster.agents[0];
 
     tracing::info!("--- garbled");
-    refused(&cluster, "garbled", "blx1.this-is-not-a-token", "malformed join token");
+    refused(
+        &cluster,
+        "garbled",
+        "blx1.this-is-not-a-token",
+        "malformed join token",
+    );
     let mut cut = cluster.token.clone();
     cut.truncate(cut.len() - 5);
     refused(&cluster, "cut", &cut, "malformed join token");
@@ -39,7 +55,11 @@ fn expired_revoked_forged_garbled_and_foreign_tokens_are_refused() {
     let token = n1.token("1h");
     let id = token.parse::<JoinToken>().unwrap().id.to_string();
     let out = n1.cli(&["token", "revoke", &id]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     refused(&cluster, "revoked", &token, "revoked");
 
     tracing::info!("--- expired");
@@ -47,7 +67,9 @@ fn expired_revoked_forged_garbled_and_foreign_tokens_are_refused() {
     let id = token.parse::<JoinToken>().unwrap().id.to_string();
     wait_until(Duration::from_secs(10), "the 1s token expires", || {
         let out = n1.cli(&["token", "list"]);
-        String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with(&id) && l.contains("expired"))
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("expired"))
     });
     refused(&cluster, "expired", &token, "expired");
 
@@ -62,10 +84,17 @@ fn expired_revoked_forged_garbled_and_foreign_tokens_are_refused() {
     let out = n1.cli(&["token", "create", "--ttl", "0s"]);
     assert!(!out.status.success());
     let out = n1.cli(&["token", "revoke", "0000000000000000"]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no token"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     tracing::info!("--- shell completions are generated");
-    let out = std::process::Command::new(blx_tests::blx_bin()).args(["completions", "bash"]).output().unwrap();
+    let out = std::process::Command::new(blx_tests::blx_bin())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("token"));
 
     tracing::info!("--- the good token still works after all that");
@@ -112,7 +141,10 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
 
 /// Dials `addr` on the member ALPN with an optional client certificate; returns whether the
 /// connection survived long enough to carry a datagram, after sending one.
-async fn stranger_dial(addr: SocketAddr, cert: Option<(rustls::pki_types::CertificateDer<'static>, Vec<u8>)>) -> Result<(), String> {
+async fn stranger_dial(
+    addr: SocketAddr,
+    cert: Option<(rustls::pki_types::CertificateDer<'static>, Vec<u8>)>,
+) -> Result<(), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -121,7 +153,10 @@ async fn stranger_dial(addr: SocketAddr, cert: Option<(rustls::pki_types::Certif
         .with_custom_certificate_verifier(Arc::new(AnyServer(provider)));
     let mut tls = match cert {
         Some((cert, key)) => builder
-            .with_client_auth_cert(vec![cert], rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()))
+            .with_client_auth_cert(
+                vec![cert],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+            )
             .unwrap(),
         None => builder.with_no_client_auth(),
     };
@@ -129,7 +164,11 @@ async fn stranger_dial(addr: SocketAddr, cert: Option<(rustls::pki_types::Certif
     let client = blx_membership::quic::client_config(tls).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(client);
-    let conn = endpoint.connect(addr, "node.blx").unwrap().await.map_err(|e| format!("handshake: {e}"))?;
+    let conn = endpoint
+        .connect(addr, "node.blx")
+        .unwrap()
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
     // A garbage SWIM announce; then see whether the agent keeps the connection.
     let _ = conn.send_datagram(vec![1u8, 0, 1, 2, 3].into());
     match tokio::time::timeout(Duration::from_secs(3), conn.closed()).await {
@@ -144,24 +183,50 @@ fn strangers_cannot_gossip_and_garbage_changes_nothing() {
     cluster.join();
     cluster.wait_alive(2, Duration::from_secs(60));
     let n1: &Agent = &cluster.agents[0];
-    let before: Vec<(String, String, u64)> = n1.members().unwrap().into_iter().map(|m| (m.id, m.state, m.generation)).collect();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let before: Vec<(String, String, u64)> = n1
+        .members()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.id, m.state, m.generation))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
 
     tracing::info!("--- a self-signed certificate fails the handshake");
     let key = rcgen::KeyPair::generate().unwrap();
-    let self_signed = rcgen::CertificateParams::new(vec!["node.blx".to_string()]).unwrap().self_signed(&key).unwrap();
-    let result = rt.block_on(stranger_dial(n1.gossip, Some((self_signed.der().clone(), key.serialize_der()))));
-    assert!(result.is_err(), "a self-signed peer kept a member connection");
+    let self_signed = rcgen::CertificateParams::new(vec!["node.blx".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let result = rt.block_on(stranger_dial(
+        n1.gossip,
+        Some((self_signed.der().clone(), key.serialize_der())),
+    ));
+    assert!(
+        result.is_err(),
+        "a self-signed peer kept a member connection"
+    );
 
     tracing::info!("--- a certificate from another CA fails too");
     let rogue_ca = blx_membership::tls::ClusterCa::generate("rogue").unwrap();
     let rogue = rogue_ca.issue_node(blx_membership::NodeId([9; 8])).unwrap();
-    let result = rt.block_on(stranger_dial(n1.gossip, Some((rogue.cert_der.clone(), rogue.key_der.clone()))));
-    assert!(result.is_err(), "a peer of another CA kept a member connection");
+    let result = rt.block_on(stranger_dial(
+        n1.gossip,
+        Some((rogue.cert_der.clone(), rogue.key_der.clone())),
+    ));
+    assert!(
+        result.is_err(),
+        "a peer of another CA kept a member connection"
+    );
 
     tracing::info!("--- no certificate on the member protocol: closed at once");
     let result = rt.block_on(stranger_dial(n1.gossip, None));
-    assert!(result.is_err(), "a peer without a certificate kept a member connection");
+    assert!(
+        result.is_err(),
+        "a peer without a certificate kept a member connection"
+    );
 
     tracing::info!("--- random bytes on the UDP port");
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -181,7 +246,12 @@ fn strangers_cannot_gossip_and_garbage_changes_nothing() {
 
     tracing::info!("--- the cluster is exactly as it was");
     std::thread::sleep(Duration::from_secs(2)); // let the probes of a full period run
-    let after: Vec<(String, String, u64)> = n1.members().unwrap().into_iter().map(|m| (m.id, m.state, m.generation)).collect();
+    let after: Vec<(String, String, u64)> = n1
+        .members()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.id, m.state, m.generation))
+        .collect();
     assert_eq!(before, after);
     cluster.wait_alive(2, Duration::from_secs(5));
 }

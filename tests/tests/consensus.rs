@@ -46,7 +46,10 @@ fn writes_survive_the_leaders_death_and_bad_input_changes_nothing() {
     tracing::info!("--- bad input: each refused with a clear error, nothing applied");
     let f = &cluster.agents[follower];
     let (ok, _, err) = f.run(&["kv", "put", "app/k01", "x", "--cas", "1"]);
-    assert!(!ok && err.contains("compare-and-set failed"), "stale CAS: {err}");
+    assert!(
+        !ok && err.contains("compare-and-set failed"),
+        "stale CAS: {err}"
+    );
     for (voters, why) in [("4", "odd"), ("0", "odd"), ("7", "more than")] {
         let (ok, _, err) = f.run(&["config", "set", "--desired-voters", voters]);
         assert!(!ok && err.contains(why), "desired_voters {voters}: {err}");
@@ -68,7 +71,14 @@ fn writes_survive_the_leaders_death_and_bad_input_changes_nothing() {
     let (ok, _, _) = f.run(&["kv", "get", "app/big"]);
     assert!(!ok, "a refused write created a key");
     let (_, history, _) = f.run(&["config", "history"]);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&history).unwrap().as_array().unwrap().len(), 1);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&history)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     tracing::info!("--- config set, then rollback restores the previous version");
     let (ok, _, err) = f.run(&["config", "set", "--voter-grace-secs", "45"]);
@@ -76,13 +86,22 @@ fn writes_survive_the_leaders_death_and_bad_input_changes_nothing() {
     let (ok, _, err) = f.run(&["config", "rollback"]);
     assert!(ok, "{err}");
     let (_, cfg, _) = f.run(&["config", "get"]);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&cfg).unwrap()["config"]["voter_grace_secs"], 30);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&cfg).unwrap()["config"]["voter_grace_secs"],
+        30
+    );
 
-    tracing::info!("--- SIGKILL the leader: a new one is elected and every acknowledged write is there");
+    tracing::info!(
+        "--- SIGKILL the leader: a new one is elected and every acknowledged write is there"
+    );
     let old_leader = cluster.agents[leader].status().unwrap()["id"].clone();
     cluster.agents[leader].kill();
     let survivor = &cluster.agents[follower];
-    wait_until(LONG, "a new leader", || survivor.status().is_some_and(|s| s["leader"].is_u64() && s["leader"] != old_leader));
+    wait_until(LONG, "a new leader", || {
+        survivor
+            .status()
+            .is_some_and(|s| s["leader"].is_u64() && s["leader"] != old_leader)
+    });
     for i in 0..20 {
         let (ok, out, err) = survivor.run(&["kv", "get", &format!("app/k{i:02}")]);
         assert!(ok, "k{i:02} lost: {err}\n{}", cluster.logs());
@@ -90,4 +109,167 @@ fn writes_survive_the_leaders_death_and_bad_input_changes_nothing() {
     }
     let (ok, _, err) = survivor.run(&["kv", "put", "app/after", "yes"]);
     assert!(ok, "write after failover: {err}");
+}
+
+#[test]
+fn a_voter_down_past_the_grace_period_is_replaced_by_a_learner() {
+    let mut cluster = Cluster::bootstrap();
+    for _ in 0..3 {
+        cluster.join();
+    }
+    cluster.wait_alive(4, LONG);
+    let leader = cluster.wait_raft(3, 1, LONG);
+    let (ok, _, err) = cluster.agents[leader].run(&["config", "set", "--voter-grace-secs", "3"]);
+    assert!(ok, "{err}");
+
+    tracing::info!("--- kill a voter that does not lead");
+    let status = cluster.agents[leader].status().unwrap();
+    let learner = status["learners"][0].as_u64().unwrap();
+    let victim_id = status["voters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .find(|v| Some(*v) != status["id"].as_u64())
+        .unwrap();
+    let victim = cluster
+        .agents
+        .iter()
+        .position(|a| {
+            a.status()
+                .is_some_and(|s| s["id"].as_u64() == Some(victim_id))
+        })
+        .unwrap();
+    cluster.agents[victim].kill();
+
+    tracing::info!("--- the learner takes its place; the dead voter leaves the group");
+    wait_until(
+        LONG,
+        "the learner becomes a voter in place of the dead one",
+        || {
+            cluster.agents[leader].status().is_some_and(|s| {
+                let voters: Vec<u64> = s["voters"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_u64().unwrap())
+                    .collect();
+                voters.len() == 3 && voters.contains(&learner) && !voters.contains(&victim_id)
+            })
+        },
+    );
+}
+
+#[test]
+fn every_acknowledged_write_survives_a_whole_cluster_crash() {
+    let mut cluster = Cluster::bootstrap();
+    cluster.join();
+    cluster.join();
+    cluster.wait_alive(3, LONG);
+    cluster.wait_raft(3, 0, LONG);
+    for i in 0..30 {
+        let (ok, _, err) =
+            cluster.agents[i % 3].run(&["kv", "put", &format!("crash/k{i:02}"), &format!("v{i}")]);
+        assert!(ok, "{err}");
+    }
+
+    tracing::info!("--- SIGKILL every agent, then start them again from their data dirs, no token");
+    for a in cluster.agents.iter_mut() {
+        a.kill();
+    }
+    for a in cluster.agents.iter_mut() {
+        a.restart();
+    }
+    cluster.wait_raft(3, 0, LONG);
+    for i in 0..30 {
+        let (ok, out, err) =
+            cluster.agents[(i + 1) % 3].run(&["kv", "get", &format!("crash/k{i:02}")]);
+        assert!(ok, "crash/k{i:02} lost: {err}\n{}", cluster.logs());
+        assert_eq!(out, format!("v{i}"));
+    }
+}
+
+#[test]
+fn leadership_moves_on_request_and_a_late_joiner_catches_up_by_snapshot() {
+    let mut cluster = Cluster::bootstrap_with(&["--raft-snapshot-logs", "20"]);
+    cluster.join();
+    cluster.join();
+    cluster.wait_alive(3, LONG);
+    let leader = cluster.wait_raft(3, 0, LONG);
+
+    tracing::info!("--- transfer-leader hands over to another voter");
+    let old = cluster.agents[leader].status().unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let (ok, _, err) = cluster.agents[leader].run(&["operator", "transfer-leader"]);
+    assert!(ok, "{err}");
+    let leader = cluster.wait_raft(3, 0, LONG);
+    assert_ne!(
+        cluster.agents[leader].status().unwrap()["id"]
+            .as_u64()
+            .unwrap(),
+        old
+    );
+
+    tracing::info!("--- enough writes that the log before a snapshot is purged");
+    for i in 0..80 {
+        let (ok, _, err) =
+            cluster.agents[i % 3].run(&["kv", "put", &format!("snap/k{i:02}"), &format!("v{i}")]);
+        assert!(ok, "{err}");
+    }
+    wait_until(LONG, "the leader purges its log", || {
+        cluster.agents[leader]
+            .status()
+            .is_some_and(|s| s["purged_index"].as_u64() > Some(10))
+    });
+
+    tracing::info!("--- a new agent gets the state by snapshot, not from the purged log");
+    cluster.join();
+    cluster.wait_raft(3, 1, LONG);
+    let late = cluster.agents.last().unwrap();
+    wait_until(LONG, "the late joiner has the first write", || {
+        late.run(&["kv", "get", "snap/k00", "--stale"]).1 == "v0"
+    });
+    assert!(
+        late.status().unwrap()["snapshot_index"].as_u64() > Some(0),
+        "the late joiner did not install a snapshot"
+    );
+    assert_eq!(late.run(&["kv", "get", "snap/k79", "--stale"]).1, "v79");
+}
+
+#[test]
+fn a_saved_snapshot_restores_into_a_fresh_cluster() {
+    let source = Cluster::bootstrap();
+    let a = &source.agents[0];
+    wait_until(LONG, "the source leads", || {
+        a.status().is_some_and(|s| s["role"] == "leader")
+    });
+    for i in 0..10 {
+        assert!(
+            a.run(&["kv", "put", &format!("saved/k{i}"), &format!("v{i}")])
+                .0
+        );
+    }
+    let file = source.root.path().join("state.snap");
+    let (ok, _, err) = a.run(&["operator", "snapshot", "save", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+
+    let fresh = Cluster::bootstrap();
+    let b = &fresh.agents[0];
+    wait_until(LONG, "the fresh cluster leads", || {
+        b.status().is_some_and(|s| s["role"] == "leader")
+    });
+    tracing::info!("--- garbage is refused and changes nothing");
+    let junk = fresh.root.path().join("junk");
+    std::fs::write(&junk, b"not a snapshot").unwrap();
+    let (ok, _, err) = b.run(&["operator", "snapshot", "restore", junk.to_str().unwrap()]);
+    assert!(!ok && err.contains("not a blx snapshot"), "{err}");
+    let (ok, _, err) = b.run(&["operator", "snapshot", "restore", file.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    for i in 0..10 {
+        assert_eq!(
+            b.run(&["kv", "get", &format!("saved/k{i}")]).1,
+            format!("v{i}")
+        );
+    }
 }
