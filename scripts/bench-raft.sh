@@ -15,15 +15,15 @@ trap cleanup EXIT
 val=$(head -c 48 /dev/zero | base64 -w0)
 
 run_wrk() { # connections url lua -> "rps p50 p99 errors"
-  wrk -t"$(( $1 < 2 ? 1 : 2 ))" -c"$1" -d"${D}s" --latency -s "$3" "$2" >"$work/wrk.out"
-  python3 - "$work/wrk.out" <<'PY'
+  wrk -t"$(( $1 < 2 ? 1 : 2 ))" -c"$1" -d"${D}s" --latency -s "$3" "$2" >"$work/wrk.out" 2>&1
+  python3 - "$work/wrk.out" <<'PY' || { sed 's/^/  wrk: /' "$work/wrk.out" >&2; echo "0 0 0 failed"; }
 import re,sys
 t=open(sys.argv[1]).read()
 def ms(s):
-    v,u=re.match(r"([\d.]+)(us|ms|s)",s).groups(); v=float(v)
-    return v/1000 if u=="us" else v*1000 if u=="s" else v
+    v,u=re.match(r"([\d.]+)(us|ms|s|m)$",s).groups(); v=float(v)
+    return {"us": v/1000, "ms": v, "s": v*1000, "m": v*60000}[u]
 rps=float(re.search(r"Requests/sec:\s+([\d.]+)",t).group(1))
-p50=ms(re.search(r"50%\s+(\S+)",t).group(1)); p99=ms(re.search(r"99%\s+(\S+)",t).group(1))
+p50=ms(re.search(r"^\s+50%\s+(\S+)",t,re.M).group(1)); p99=ms(re.search(r"^\s+99%\s+(\S+)",t,re.M).group(1))
 e=re.search(r"Non-2xx or 3xx responses: (\d+)",t)
 print(f"{rps:.0f} {p50:.2f} {p99:.2f} {e.group(1) if e else 0}")
 PY

@@ -15,9 +15,11 @@ pub mod autopilot;
 pub mod machine;
 pub mod mem;
 pub mod network;
+#[cfg(feature = "rocks")]
 pub mod node;
+#[cfg(feature = "rocks")]
 pub mod rocks;
 pub mod state;
 
-#[cfg(test)]
+#[cfg(all(test, feature = "rocks"))]
 mod store_suite;

@@ -128,7 +128,7 @@ impl ConsensusNode {
     /// Proposes a command if this node leads.
     pub async fn write(&self, cmd: Command) -> Result<Response, ConsensusError> {
         // Refuse before proposing what would be refused on apply.
-        if let Err(e) = self.machine.state().validate(&cmd) {
+        if let Err(e) = self.machine.validate(&cmd) {
             return Ok(Err(e));
         }
         match self.raft.client_write(cmd).await {
@@ -233,7 +233,7 @@ impl ConsensusNode {
                     matched.get(id).map(|idx| last.saturating_sub(*idx))
                 };
             }
-            let config = self.machine.state().config.1;
+            let config = self.machine.config();
             let plan_nodes: BTreeMap<u64, NodeView> =
                 views.iter().map(|(id, (v, _))| (*id, v.clone())).collect();
             let p = plan(&plan_nodes, &raft_view, &config);
