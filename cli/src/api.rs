@@ -261,6 +261,27 @@ fn refused(e: blx_consensus::state::CommandError) -> ApiError {
     ApiError(status, e.to_string())
 }
 
+/// Proposes a command through the leader and turns its outcome into an API answer: the
+/// applied result, a refusal (400, or 409 for a failed compare-and-set), or 503.
+async fn write(
+    state: &ApiState,
+    cmd: blx_consensus::state::Command,
+) -> Result<blx_consensus::state::Applied, ApiError> {
+    state
+        .cluster
+        .write(cmd)
+        .await
+        .map_err(cluster_error)?
+        .map_err(refused)
+}
+
+fn unexpected(applied: blx_consensus::state::Applied) -> ApiError {
+    ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("unexpected result {applied:?}"),
+    )
+}
+
 async fn status(State(state): State<ApiState>) -> Json<blx_consensus::node::Status> {
     Json(state.cluster.node.status())
 }
@@ -343,15 +364,11 @@ async fn kv_put(
         value: body.to_vec(),
         cas: q.cas,
     };
-    match state.cluster.write(cmd).await.map_err(cluster_error)? {
-        Ok(blx_consensus::state::Applied::Kv { index }) => {
+    match write(&state, cmd).await? {
+        blx_consensus::state::Applied::Kv { index } => {
             Ok(Json(serde_json::json!({ "index": index })))
         }
-        Ok(other) => Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected result {other:?}"),
-        )),
-        Err(e) => Err(refused(e)),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -361,16 +378,16 @@ async fn kv_delete(
     q: Query,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let q = query(q)?;
-    let cmd = blx_consensus::state::Command::KvDelete { key, cas: q.cas };
-    match state.cluster.write(cmd).await.map_err(cluster_error)? {
-        Ok(blx_consensus::state::Applied::Deleted { existed }) => {
+    match write(
+        &state,
+        blx_consensus::state::Command::KvDelete { key, cas: q.cas },
+    )
+    .await?
+    {
+        blx_consensus::state::Applied::Deleted { existed } => {
             Ok(Json(serde_json::json!({ "deleted": existed })))
         }
-        Ok(other) => Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected result {other:?}"),
-        )),
-        Err(e) => Err(refused(e)),
+        other => Err(unexpected(other)),
     }
 }
 
@@ -413,36 +430,24 @@ async fn config_set(
         config,
         nodes: u32::try_from(nodes).unwrap_or(u32::MAX),
     };
-    match state.cluster.write(cmd).await.map_err(cluster_error)? {
-        Ok(blx_consensus::state::Applied::Config { version }) => {
+    config_version(write(&state, cmd).await?)
+}
+
+fn config_version(
+    applied: blx_consensus::state::Applied,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    match applied {
+        blx_consensus::state::Applied::Config { version } => {
             Ok(Json(serde_json::json!({ "version": version })))
         }
-        Ok(other) => Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected result {other:?}"),
-        )),
-        Err(e) => Err(refused(e)),
+        other => Err(unexpected(other)),
     }
 }
 
 async fn config_rollback(
     State(state): State<ApiState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    match state
-        .cluster
-        .write(blx_consensus::state::Command::ConfigRollback)
-        .await
-        .map_err(cluster_error)?
-    {
-        Ok(blx_consensus::state::Applied::Config { version }) => {
-            Ok(Json(serde_json::json!({ "version": version })))
-        }
-        Ok(other) => Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected result {other:?}"),
-        )),
-        Err(e) => Err(refused(e)),
-    }
+    config_version(write(&state, blx_consensus::state::Command::ConfigRollback).await?)
 }
 
 /// Largest snapshot `PUT /v1/operator/snapshot` accepts.
@@ -493,15 +498,12 @@ async fn snapshot_restore(
     let saved: blx_consensus::state::ClusterState = blx_consensus::machine::decode(&body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("not a blx snapshot: {e}")))?;
     let keys = saved.kv.len();
-    match state
-        .cluster
-        .write(blx_consensus::state::Command::Restore {
+    write(
+        &state,
+        blx_consensus::state::Command::Restore {
             state: Box::new(saved),
-        })
-        .await
-        .map_err(cluster_error)?
-    {
-        Ok(_) => Ok(Json(serde_json::json!({ "restored_keys": keys }))),
-        Err(e) => Err(refused(e)),
-    }
+        },
+    )
+    .await?;
+    Ok(Json(serde_json::json!({ "restored_keys": keys })))
 }

@@ -2,6 +2,7 @@
 //! log entries to [`ClusterState`], and encode or decode the whole of it as a snapshot.
 
 use std::io::Cursor;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::{AnyError, EntryPayload, LogId, StorageError, StorageIOError, StoredMembership};
 use serde::{Deserialize, Serialize};
@@ -121,5 +122,85 @@ pub fn snapshot_of(data: &MachineData, seq: u64) -> StoredSnapshot {
     StoredSnapshot {
         meta,
         data: data.encode(),
+    }
+}
+
+#[derive(Default)]
+struct MachineInner {
+    data: MachineData,
+    snapshot: Option<StoredSnapshot>,
+    snapshots_built: u64,
+}
+
+/// The state machine's in-memory half, shared by every store: the applied data and the latest
+/// snapshot. Stores add persistence around it (the RocksDB store writes snapshots to disk).
+#[derive(Clone, Default)]
+pub struct MachineCell(Arc<Mutex<MachineInner>>);
+
+impl MachineCell {
+    /// A cell holding `data`, with `snapshot` as the latest snapshot.
+    pub fn new(data: MachineData, snapshot: Option<StoredSnapshot>) -> Self {
+        MachineCell(Arc::new(Mutex::new(MachineInner {
+            data,
+            snapshot,
+            snapshots_built: 0,
+        })))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MachineInner> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the cluster state as applied so far.
+    pub fn state(&self) -> ClusterState {
+        self.lock().data.state.clone()
+    }
+
+    /// The current cluster config.
+    pub fn config(&self) -> crate::state::ClusterConfig {
+        self.lock().data.state.config.1.clone()
+    }
+
+    /// Checks a command against the applied state, without copying it.
+    pub fn validate(&self, cmd: &Command) -> Result<(), CommandError> {
+        self.lock().data.state.validate(cmd)
+    }
+
+    /// The last applied entry and membership.
+    pub fn applied_state(&self) -> (Option<LogId<u64>>, Membership) {
+        let inner = self.lock();
+        (inner.data.last_applied, inner.data.last_membership.clone())
+    }
+
+    /// Applies entries in order.
+    pub fn apply(&self, entries: impl IntoIterator<Item = Entry>) -> Vec<Response> {
+        self.lock().data.apply(entries)
+    }
+
+    /// Builds a snapshot of the applied data (not yet recorded as the latest).
+    pub fn build_snapshot(&self) -> StoredSnapshot {
+        let mut inner = self.lock();
+        inner.snapshots_built += 1;
+        snapshot_of(&inner.data, inner.snapshots_built)
+    }
+
+    /// Records `snapshot` as the latest.
+    pub fn set_snapshot(&self, snapshot: StoredSnapshot) {
+        self.lock().snapshot = Some(snapshot);
+    }
+
+    /// Replaces the applied data with a received snapshot's, which becomes the latest.
+    pub fn replace(&self, data: MachineData, snapshot: StoredSnapshot) {
+        let mut inner = self.lock();
+        inner.data = data;
+        inner.snapshot = Some(snapshot);
+    }
+
+    /// The latest snapshot, as openraft hands them around.
+    pub fn current_snapshot(&self) -> Option<openraft::Snapshot<TypeConfig>> {
+        self.lock()
+            .snapshot
+            .as_ref()
+            .map(StoredSnapshot::to_snapshot)
     }
 }

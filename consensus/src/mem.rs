@@ -13,8 +13,8 @@ use openraft::{
 };
 
 use crate::machine::{
-    Entry, MachineData, Membership, Node, Response, StoreError, StoredSnapshot, TypeConfig,
-    snapshot_of,
+    Entry, MachineCell, MachineData, Membership, Node, Response, StoreError, StoredSnapshot,
+    TypeConfig,
 };
 
 #[derive(Default)]
@@ -122,36 +122,23 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 }
 
-#[derive(Default)]
-struct MachineInner {
-    data: MachineData,
-    snapshot: Option<StoredSnapshot>,
-    snapshots_built: u64,
-}
-
 /// The state machine in memory.
 #[derive(Clone, Default)]
 pub struct MemStateMachine {
-    inner: Arc<Mutex<MachineInner>>,
+    cell: MachineCell,
 }
 
 impl MemStateMachine {
-    fn lock(&self) -> std::sync::MutexGuard<'_, MachineInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// A copy of the cluster state as applied so far.
     pub fn state(&self) -> crate::state::ClusterState {
-        self.lock().data.state.clone()
+        self.cell.state()
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for MemStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StoreError> {
-        let mut inner = self.lock();
-        inner.snapshots_built += 1;
-        let snapshot = snapshot_of(&inner.data, inner.snapshots_built);
-        inner.snapshot = Some(snapshot.clone());
+        let snapshot = self.cell.build_snapshot();
+        self.cell.set_snapshot(snapshot.clone());
         Ok(snapshot.to_snapshot())
     }
 }
@@ -160,8 +147,7 @@ impl RaftStateMachine<TypeConfig> for MemStateMachine {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, Membership), StoreError> {
-        let inner = self.lock();
-        Ok((inner.data.last_applied, inner.data.last_membership.clone()))
+        Ok(self.cell.applied_state())
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StoreError>
@@ -169,7 +155,7 @@ impl RaftStateMachine<TypeConfig> for MemStateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        Ok(self.lock().data.apply(entries))
+        Ok(self.cell.apply(entries))
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -185,22 +171,16 @@ impl RaftStateMachine<TypeConfig> for MemStateMachine {
         meta: &SnapshotMeta<u64, Node>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StoreError> {
-        let bytes = snapshot.into_inner();
-        let data = MachineData::decode(&bytes)?;
-        let mut inner = self.lock();
-        inner.data = data;
-        inner.snapshot = Some(StoredSnapshot {
+        let stored = StoredSnapshot {
             meta: meta.clone(),
-            data: bytes,
-        });
+            data: snapshot.into_inner(),
+        };
+        let data = MachineData::decode(&stored.data)?;
+        self.cell.replace(data, stored);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
-        Ok(self
-            .lock()
-            .snapshot
-            .as_ref()
-            .map(StoredSnapshot::to_snapshot))
+        Ok(self.cell.current_snapshot())
     }
 }

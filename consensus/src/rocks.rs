@@ -10,7 +10,7 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -22,8 +22,8 @@ use rocksdb::{
 };
 
 use crate::machine::{
-    Entry, MachineData, Membership, Node, Response, StoreError, StoredSnapshot, TypeConfig, decode,
-    encode, snapshot_of,
+    Entry, MachineCell, MachineData, Membership, Node, Response, StoreError, StoredSnapshot,
+    TypeConfig, decode, encode,
 };
 
 const CF_LOG: &str = "log";
@@ -224,17 +224,11 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
     }
 }
 
-struct MachineInner {
-    data: MachineData,
-    snapshot: Option<StoredSnapshot>,
-    snapshots_built: u64,
-}
-
 /// The state machine, in memory, with its snapshots in RocksDB.
 #[derive(Clone)]
 pub struct RocksStateMachine {
     db: Arc<DB>,
-    inner: Arc<Mutex<MachineInner>>,
+    cell: MachineCell,
 }
 
 impl RocksStateMachine {
@@ -257,16 +251,8 @@ impl RocksStateMachine {
         };
         Ok(RocksStateMachine {
             db,
-            inner: Arc::new(Mutex::new(MachineInner {
-                data,
-                snapshot,
-                snapshots_built: 0,
-            })),
+            cell: MachineCell::new(data, snapshot),
         })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, MachineInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn persist(&self, snapshot: &StoredSnapshot) -> Result<(), StoreError> {
@@ -283,29 +269,25 @@ impl RocksStateMachine {
 
     /// A copy of the cluster state as applied so far.
     pub fn state(&self) -> crate::state::ClusterState {
-        self.lock().data.state.clone()
+        self.cell.state()
     }
 
     /// The current cluster config.
     pub fn config(&self) -> crate::state::ClusterConfig {
-        self.lock().data.state.config.1.clone()
+        self.cell.config()
     }
 
     /// Checks a command against the applied state, without copying it.
     pub fn validate(&self, cmd: &crate::state::Command) -> Result<(), crate::state::CommandError> {
-        self.lock().data.state.validate(cmd)
+        self.cell.validate(cmd)
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for RocksStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StoreError> {
-        let snapshot = {
-            let mut inner = self.lock();
-            inner.snapshots_built += 1;
-            snapshot_of(&inner.data, inner.snapshots_built)
-        };
+        let snapshot = self.cell.build_snapshot();
         self.persist(&snapshot)?;
-        self.lock().snapshot = Some(snapshot.clone());
+        self.cell.set_snapshot(snapshot.clone());
         Ok(snapshot.to_snapshot())
     }
 }
@@ -314,8 +296,7 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, Membership), StoreError> {
-        let inner = self.lock();
-        Ok((inner.data.last_applied, inner.data.last_membership.clone()))
+        Ok(self.cell.applied_state())
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StoreError>
@@ -323,7 +304,7 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        Ok(self.lock().data.apply(entries))
+        Ok(self.cell.apply(entries))
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -339,24 +320,18 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         meta: &SnapshotMeta<u64, Node>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StoreError> {
-        let bytes = snapshot.into_inner();
-        let data = MachineData::decode(&bytes)?;
         let stored = StoredSnapshot {
             meta: meta.clone(),
-            data: bytes,
+            data: snapshot.into_inner(),
         };
+        let data = MachineData::decode(&stored.data)?;
+        // On disk first: a crash after this keeps the snapshot, and the log catches up.
         self.persist(&stored)?;
-        let mut inner = self.lock();
-        inner.data = data;
-        inner.snapshot = Some(stored);
+        self.cell.replace(data, stored);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
-        Ok(self
-            .lock()
-            .snapshot
-            .as_ref()
-            .map(StoredSnapshot::to_snapshot))
+        Ok(self.cell.current_snapshot())
     }
 }
