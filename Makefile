@@ -22,7 +22,7 @@ run:
 test:
 	scripts/setup.sh test
 	$(BUILD)
-	cargo test --workspace --no-fail-fast
+	scripts/run-tests.sh
 
 bench:
 	scripts/setup.sh bench

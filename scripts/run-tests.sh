@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the whole test suite and ends with one line totalling every test binary's results
+# (cargo prints a result per binary, the last often a doc-test run with nothing in it).
+set -uo pipefail
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+awk '/^test result:/ { for (i = 2; i <= NF; i++) { if ($i == "passed;") p += $(i-1); if ($i == "failed;") f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
