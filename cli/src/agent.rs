@@ -42,6 +42,9 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     let advertise = advertise_addr(&args)?;
+    if token.is_none() && !args.seeds.is_empty() && !DataDir::is_member(&args.data_dir) {
+        bail!("joining through --seed needs a join token (--token or `blx join TOKEN`)");
+    }
 
     let dir = DataDir::open(&args.data_dir)?;
     let id = dir.node_id(random())?;

@@ -61,6 +61,12 @@ impl DataDir {
         Ok(DataDir { root })
     }
 
+    /// Whether `root` holds a node that already belongs to a cluster. Reads only; creates
+    /// nothing, so callers can refuse bad flags before the directory exists.
+    pub fn is_member(root: &Path) -> bool {
+        root.join(NODE_CERT).is_file()
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.root
