@@ -3,9 +3,9 @@
 #   scripts/setup.sh run|test|bench
 set -euo pipefail
 case "${1:-run}" in
-  run)   pkgs=(iproute2 clang libclang-dev) ;;
-  test)  pkgs=(iproute2 nftables clang libclang-dev) ;;
-  bench) pkgs=(iproute2 nftables serf bc clang libclang-dev etcd-server etcd-client wrk) ;;
+  run)   pkgs=(iproute2 g++ pkg-config clang libclang-dev) ;;
+  test)  pkgs=(iproute2 nftables g++ pkg-config clang libclang-dev) ;;
+  bench) pkgs=(iproute2 nftables g++ pkg-config serf bc clang libclang-dev etcd-server etcd-client wrk) ;;
   *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
 esac
 missing=()

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::Raft;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -17,7 +18,6 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{AnyError, Raft};
 use serde::{Deserialize, Serialize};
 
 use crate::machine::{Node, TypeConfig, decode, encode};
@@ -186,9 +186,4 @@ pub async fn serve(raft: &Raft<TypeConfig>, payload: &[u8]) -> Vec<u8> {
         Err(e) => RaftReply::Malformed(e),
     };
     encode(&reply)
-}
-
-/// Keeps `AnyError` in the public signature family for callers building errors.
-pub fn any_error(e: impl std::fmt::Display) -> AnyError {
-    AnyError::error(e.to_string())
 }
