@@ -345,7 +345,7 @@ impl Cluster {
     /// agreeing on one leader; returns the leader's index in `agents`.
     pub fn wait_raft(&self, voters: usize, learners: usize, within: Duration) -> usize {
         let mut leader_index = 0;
-        wait_until(
+        self.wait_or_dump(
             within,
             &format!("{voters} voters and {learners} learners"),
             || {
@@ -366,6 +366,30 @@ impl Cluster {
             },
         );
         leader_index
+    }
+
+    /// Like [`wait_until`], but a timeout shows the last lines of every agent's log.
+    pub fn wait_or_dump(&self, within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + within;
+        while !cond() {
+            if Instant::now() >= deadline {
+                let tails: String = self
+                    .agents
+                    .iter()
+                    .map(|a| {
+                        let log = a.log();
+                        let lines: Vec<&str> = log.lines().collect();
+                        format!(
+                            "--- {} (last 30 lines) ---\n{}\n",
+                            a.name,
+                            lines[lines.len().saturating_sub(30)..].join("\n")
+                        )
+                    })
+                    .collect();
+                panic!("timed out after {within:?} waiting for: {what}\n{tails}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Dumps every agent's log (for a failing test).
