@@ -20,6 +20,7 @@ pub mod node;
 #[cfg(feature = "rocks")]
 pub mod rocks;
 pub mod state;
+pub mod workload;
 
 #[cfg(all(test, feature = "rocks"))]
 mod store_suite;

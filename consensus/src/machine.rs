@@ -134,17 +134,43 @@ struct MachineInner {
 
 /// The state machine's in-memory half, shared by every store: the applied data and the latest
 /// snapshot. Stores add persistence around it (the RocksDB store writes snapshots to disk).
-#[derive(Clone, Default)]
-pub struct MachineCell(Arc<Mutex<MachineInner>>);
+#[derive(Clone)]
+pub struct MachineCell(
+    Arc<Mutex<MachineInner>>,
+    Arc<tokio::sync::watch::Sender<u64>>,
+);
+
+impl Default for MachineCell {
+    fn default() -> Self {
+        MachineCell::new(MachineData::default(), None)
+    }
+}
 
 impl MachineCell {
     /// A cell holding `data`, with `snapshot` as the latest snapshot.
     pub fn new(data: MachineData, snapshot: Option<StoredSnapshot>) -> Self {
-        MachineCell(Arc::new(Mutex::new(MachineInner {
-            data,
-            snapshot,
-            snapshots_built: 0,
-        })))
+        MachineCell(
+            Arc::new(Mutex::new(MachineInner {
+                data,
+                snapshot,
+                snapshots_built: 0,
+            })),
+            Arc::new(tokio::sync::watch::channel(0).0),
+        )
+    }
+
+    /// Wakes on every change to the applied state; the value is the last applied index.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.1.subscribe()
+    }
+
+    fn changed(&self, index: Option<LogId<u64>>) {
+        self.1.send_replace(index.map(|l| l.index).unwrap_or(0));
+    }
+
+    /// Runs `f` on the applied state without copying it.
+    pub fn with_state<R>(&self, f: impl FnOnce(&ClusterState) -> R) -> R {
+        f(&self.lock().data.state)
     }
 
     fn lock(&self) -> MutexGuard<'_, MachineInner> {
@@ -174,7 +200,13 @@ impl MachineCell {
 
     /// Applies entries in order.
     pub fn apply(&self, entries: impl IntoIterator<Item = Entry>) -> Vec<Response> {
-        self.lock().data.apply(entries)
+        let (responses, last) = {
+            let mut inner = self.lock();
+            let r = inner.data.apply(entries);
+            (r, inner.data.last_applied)
+        };
+        self.changed(last);
+        responses
     }
 
     /// Builds a snapshot of the applied data (not yet recorded as the latest).
@@ -191,9 +223,13 @@ impl MachineCell {
 
     /// Replaces the applied data with a received snapshot's, which becomes the latest.
     pub fn replace(&self, data: MachineData, snapshot: StoredSnapshot) {
-        let mut inner = self.lock();
-        inner.data = data;
-        inner.snapshot = Some(snapshot);
+        let last = data.last_applied;
+        {
+            let mut inner = self.lock();
+            inner.data = data;
+            inner.snapshot = Some(snapshot);
+        }
+        self.changed(last);
     }
 
     /// The latest snapshot, as openraft hands them around.

@@ -161,6 +161,23 @@ impl ConsensusNode {
         Ok(self.machine.state())
     }
 
+    /// Wakes on every change to this node's applied state.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.machine.cell().subscribe()
+    }
+
+    /// Runs `f` on this node's applied state (stale: not confirmed with the leader).
+    pub fn with_local_state<R>(&self, f: impl FnOnce(&crate::state::ClusterState) -> R) -> R {
+        self.machine.cell().with_state(f)
+    }
+
+    /// Whether this node leads right now, as far as it knows.
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader
+    }
+
     /// Leader, term, indexes and the voter set.
     pub fn status(&self) -> Status {
         let m = self.raft.metrics().borrow().clone();

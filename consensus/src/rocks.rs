@@ -281,6 +281,11 @@ impl RocksStateMachine {
     pub fn validate(&self, cmd: &crate::state::Command) -> Result<(), crate::state::CommandError> {
         self.cell.validate(cmd)
     }
+
+    /// The shared state machine core.
+    pub fn cell(&self) -> &MachineCell {
+        &self.cell
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for RocksStateMachine {

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::workload::{NodeRecord, VmRecord, WorkloadApplied, WorkloadCommand};
+
 /// Longest KV key, in bytes.
 pub const MAX_KEY_LEN: usize = 512;
 /// Largest KV value, in bytes.
@@ -25,6 +27,11 @@ pub struct ClusterConfig {
     pub stabilization_secs: u64,
     /// Entries a learner may trail the leader by and still count as caught up.
     pub max_learner_lag: u64,
+    /// How the scheduler chooses among nodes that fit: `Binpack` or `Spread`.
+    pub scheduler: blx_scheduler::Strategy,
+    /// Seconds a node may stay down before its VMs are placed elsewhere. Failure detection
+    /// has already waited out its suspicion period when a node counts as down.
+    pub vm_grace_secs: u64,
 }
 
 impl Default for ClusterConfig {
@@ -34,6 +41,8 @@ impl Default for ClusterConfig {
             voter_grace_secs: 30,
             stabilization_secs: 5,
             max_learner_lag: 256,
+            scheduler: blx_scheduler::Strategy::Binpack,
+            vm_grace_secs: 0,
         }
     }
 }
@@ -53,6 +62,11 @@ impl ClusterConfig {
         {
             return Err(CommandError::InvalidConfig(
                 "voter_grace_secs must be 1 to 86400 and stabilization_secs at most 3600".into(),
+            ));
+        }
+        if self.vm_grace_secs > 86_400 {
+            return Err(CommandError::InvalidConfig(
+                "vm_grace_secs must be at most 86400".into(),
             ));
         }
         Ok(())
@@ -79,6 +93,10 @@ pub struct ClusterState {
     pub config_history: Vec<(u64, ClusterConfig)>,
     /// The KV namespace, ordered by key.
     pub kv: BTreeMap<String, KvEntry>,
+    /// Nodes by hex id, as the leader's membership recorded them.
+    pub nodes: BTreeMap<String, NodeRecord>,
+    /// VMs by name.
+    pub vms: BTreeMap<String, VmRecord>,
 }
 
 /// A change to [`ClusterState`].
@@ -116,6 +134,8 @@ pub enum Command {
         /// The saved state.
         state: Box<ClusterState>,
     },
+    /// A change to nodes or VMs.
+    Workload(WorkloadCommand),
 }
 
 /// Why a command was refused. Refused commands change nothing.
@@ -143,6 +163,21 @@ pub enum CommandError {
     /// Rollback with no earlier version.
     #[error("no earlier config version to roll back to")]
     NothingToRollBack,
+    /// A VM spec breaks a rule.
+    #[error("invalid VM: {0}")]
+    InvalidVm(String),
+    /// A VM of that name exists.
+    #[error("a VM named {0} already exists")]
+    VmExists(String),
+    /// No VM of that name.
+    #[error("no VM named {0}")]
+    NoSuchVm(String),
+    /// No node of that id.
+    #[error("no node {0} in the cluster")]
+    NoSuchNode(String),
+    /// The command was made against a state that has moved on.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// What an applied command answers.
@@ -165,6 +200,8 @@ pub enum Applied {
         /// The version (log index).
         version: u64,
     },
+    /// A workload command took effect.
+    Workload(WorkloadApplied),
 }
 
 fn check_key(key: &str) -> Result<(), CommandError> {
@@ -219,6 +256,7 @@ impl ClusterState {
                 }
                 Ok(())
             }
+            Command::Workload(w) => self.validate_workload(w),
         }
     }
 
@@ -277,6 +315,7 @@ impl ClusterState {
                 self.kv = state.kv.clone();
                 Applied::Config { version: index }
             }
+            Command::Workload(w) => Applied::Workload(self.apply_workload(index, w)),
         })
     }
 
