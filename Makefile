@@ -29,6 +29,9 @@ bench:
 	cargo build --release -p blx
 	scripts/bench-membership.sh $(CARGO_TARGET_DIR)/release/blx
 	scripts/bench-raft.sh $(CARGO_TARGET_DIR)/release/blx
+	cargo bench -p blx-scheduler --bench placement
+	scripts/bench-vm-boot.sh $(CARGO_TARGET_DIR)/release/blx
+	scripts/bench-failover.sh $(CARGO_TARGET_DIR)/release/blx
 
 fuzz:
 	scripts/fuzz.sh

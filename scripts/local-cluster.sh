@@ -4,10 +4,16 @@
 #   scripts/local-cluster.sh path/to/blx
 set -euo pipefail
 blx=${1:?usage: $0 path/to/blx}
-root=.blx/local
+root=$PWD/.blx/local
+pkill -9 -f -- "$root/" 2>/dev/null || true
 rm -rf "$root"; mkdir -p "$root"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+  "$blx" vm delete hello --api 127.0.0.11:7947 >/dev/null 2>&1 || true
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  # VMs outlive their agent by design (a restarted agent adopts them); this demo's do not.
+  pkill -9 -f -- "$root/" 2>/dev/null || true
+}
 trap cleanup EXIT INT TERM
 start() { # name ip [extra args...]
   local name=$1 ip=$2; shift 2
@@ -35,6 +41,14 @@ echo "== Raft group, built by the autopilot with no operator step (blx status):"
 echo "== KV round trip: written through n3, read back through n2:"
 "$blx" kv put greeting "hello from blx" --api 127.0.0.13:7947
 echo "blx kv get greeting -> $("$blx" kv get greeting --api 127.0.0.12:7947)"
+echo "== a real microVM: QEMU -M microvm booting the default guest image (blx vm run hello):"
+"$blx" vm run hello --memory 256MiB --api 127.0.0.11:7947
+echo "== VMs (blx vm list):"
+"$blx" vm list --api 127.0.0.11:7947
+echo "== its serial console (blx vm logs hello):"
+"$blx" vm logs hello --api 127.0.0.12:7947 | grep -a BLX_READY || { echo "no readiness line on the console" >&2; exit 1; }
+echo "== nodes (blx node list):"
+"$blx" node list --api 127.0.0.11:7947
 echo "== join token (blx join TOKEN --seed 127.0.0.11:7946 ...):"
 echo "$token"
 if [ -t 0 ]; then

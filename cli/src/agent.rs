@@ -42,6 +42,10 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
         );
     }
     let advertise = advertise_addr(&args)?;
+    let images = args
+        .image_dir
+        .clone()
+        .unwrap_or_else(blx_vmm::image::default_dir);
     if token.is_none() && !args.seeds.is_empty() && !DataDir::is_member(&args.data_dir) {
         bail!("joining through --seed needs a join token (--token or `blx join TOKEN`)");
     }
@@ -85,7 +89,7 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut meta = NodeMeta {
         name: args.name.clone().unwrap_or_else(|| default_name(id)),
         labels: args.labels.iter().cloned().collect(),
-        capacity: host_capacity(),
+        capacity: capacity(&args),
         ..Default::default()
     };
     meta.zone = meta.labels.get("zone").cloned();
@@ -133,8 +137,25 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
         // Only the cluster's first agent ever initializes; everyone else is added by it.
         node.initialize(advertise).await?;
     }
-    let cluster = crate::raft::Cluster::new(node.clone(), membership.clone(), transport.clone());
+    let run_root = args.data_dir.join("vms");
+    let cluster = crate::raft::Cluster::new(
+        node.clone(),
+        membership.clone(),
+        transport.clone(),
+        run_root.clone(),
+        id,
+    );
     control.set_cluster(cluster.clone());
+    let controller = tokio::spawn(crate::controller::run(cluster.clone(), membership.clone()));
+    crate::worker::spawn(
+        cluster.clone(),
+        id.to_string(),
+        crate::worker::WorkerConfig {
+            run_root,
+            images: images.clone(),
+            accel: args.accel.into(),
+        },
+    );
     let autopilot = tokio::spawn(node.clone().run_autopilot(
         Duration::from_secs(1),
         crate::raft::member_views(membership.clone()),
@@ -163,6 +184,7 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
             api_token: args.api_token.clone(),
             self_id: id,
             cluster_id: hex(&creds.ca_fingerprint()),
+            images,
         },
     )
     .await?;
@@ -176,6 +198,7 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
         tracing::info!("stopping: leaving the cluster first");
     }
     autopilot.abort();
+    controller.abort();
     step_down(&node).await;
     membership.leave().await.ok();
     peers_task.abort();
@@ -319,6 +342,19 @@ fn default_name(id: blx_membership::NodeId) -> String {
         .map(|h| h.trim().to_string())
         .filter(|h| blx_membership::meta::validate_name(h).is_ok())
         .unwrap_or_else(|| format!("node-{}", id.short()))
+}
+
+/// The host's resources, or what the flags say to offer instead.
+fn capacity(args: &AgentArgs) -> Capacity {
+    let host = host_capacity();
+    Capacity {
+        vcpus: args.vcpus.unwrap_or(host.vcpus),
+        memory_mib: args
+            .memory
+            .map(|b| b / (1024 * 1024))
+            .unwrap_or(host.memory_mib),
+        disk_gib: host.disk_gib,
+    }
 }
 
 fn host_capacity() -> Capacity {

@@ -18,6 +18,7 @@
 //! | `GET /v1/config/history`, `POST /v1/config/rollback` | earlier versions; restore the previous one |
 //! | `POST /v1/operator/transfer-leader` `{"to": "ID"}` | hand leadership to a voter |
 //! | `GET /v1/operator/snapshot`, `PUT /v1/operator/snapshot` | save the state; restore it (binary) |
+//! | `/v1/vms...`, `/v1/nodes...` | VMs and nodes: see `api_vms` |
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub(crate) struct ApiState {
     pub(crate) api_token: Option<String>,
     pub(crate) self_id: NodeId,
     pub(crate) cluster_id: String,
+    /// This node's guest image folder.
+    pub(crate) images: std::path::PathBuf,
 }
 
 /// A member as the API and `blx members --output json` show it.
@@ -86,7 +89,7 @@ impl MemberView {
 }
 
 /// An API error: a status and a message, sent as `{"error": "..."}`.
-pub(crate) struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -127,6 +130,25 @@ pub(crate) async fn serve(
             blx_consensus::state::MAX_VALUE_LEN + 1,
         ))
         .route("/v1/operator/transfer-leader", post(transfer_leader))
+        .route(
+            "/v1/vms",
+            post(crate::api_vms::vm_create).get(crate::api_vms::vm_list),
+        )
+        .route(
+            "/v1/vms/{name}",
+            get(crate::api_vms::vm_get).delete(crate::api_vms::vm_delete),
+        )
+        .route("/v1/vms/{name}/logs", get(crate::api_vms::vm_logs))
+        .route("/v1/vms/{name}/{action}", post(crate::api_vms::vm_action))
+        .route("/v1/nodes", get(crate::api_vms::node_list))
+        .route(
+            "/v1/nodes/{node}/labels",
+            axum::routing::put(crate::api_vms::node_labels),
+        )
+        .route(
+            "/v1/nodes/{node}/{action}",
+            post(crate::api_vms::node_action),
+        )
         .route(
             "/v1/operator/snapshot",
             get(snapshot_save)
@@ -249,7 +271,7 @@ async fn token_revoke(
     }
 }
 
-fn cluster_error(e: crate::raft::ClusterError) -> ApiError {
+pub(crate) fn cluster_error(e: crate::raft::ClusterError) -> ApiError {
     ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
@@ -263,7 +285,7 @@ fn refused(e: blx_consensus::state::CommandError) -> ApiError {
 
 /// Proposes a command through the leader and turns its outcome into an API answer: the
 /// applied result, a refusal (400, or 409 for a failed compare-and-set), or 503.
-async fn write(
+pub(crate) async fn write(
     state: &ApiState,
     cmd: blx_consensus::state::Command,
 ) -> Result<blx_consensus::state::Applied, ApiError> {
@@ -297,7 +319,7 @@ struct KvQuery {
 }
 
 /// `?stale` and `?stale=true` are both true; `?stale=false` is false.
-fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+pub(crate) fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     let s: Option<String> = Option::deserialize(d)?;
     match s.as_deref() {
         None | Some("") | Some("true") | Some("1") => Ok(true),

@@ -60,6 +60,15 @@ pub(crate) enum Command {
     /// Operator actions on the Raft group.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Create, inspect and control microVMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// List nodes and change how they are scheduled.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Build guest images.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -167,6 +176,12 @@ pub(crate) enum ConfigCommand {
         /// Seconds a learner must be healthy before promotion.
         #[arg(long)]
         stabilization_secs: Option<u64>,
+        /// Seconds a down node keeps its VMs before they are placed elsewhere.
+        #[arg(long)]
+        vm_grace_secs: Option<u64>,
+        /// Placement strategy.
+        #[arg(long, value_enum)]
+        scheduler: Option<StrategyArg>,
     },
     /// Print every kept version.
     History {
@@ -212,6 +227,200 @@ pub(crate) enum SnapshotCommand {
         api: ApiArgs,
         /// A file from `blx operator snapshot save`.
         file: PathBuf,
+    },
+}
+
+/// `blx vm ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum VmCommand {
+    /// Create a VM; the cluster places and starts it. Prints it as created.
+    Create(VmCreateArgs),
+    /// Create a VM and wait until it runs (or fails), then print it.
+    Run(VmCreateArgs),
+    /// List VMs.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show one VM.
+    Show(VmNameArgs),
+    /// Print the tail of a VM's serial console.
+    Logs {
+        #[command(flatten)]
+        vm: VmNameArgs,
+        /// How many bytes from the end.
+        #[arg(long, default_value_t = 65536)]
+        bytes: u64,
+    },
+    /// Stop a VM (it keeps its definition; `start` starts it again).
+    Stop(VmNameArgs),
+    /// Start a stopped VM.
+    Start(VmNameArgs),
+    /// Pause a VM's vCPUs.
+    Pause(VmNameArgs),
+    /// Resume a paused VM.
+    Resume(VmNameArgs),
+    /// Delete a VM; its node stops it.
+    Delete(VmNameArgs),
+}
+
+/// A VM by name.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct VmNameArgs {
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
+    /// The VM's name.
+    pub(crate) name: String,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    pub(crate) output: Output,
+}
+
+/// Flags of `blx vm create` and `blx vm run`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct VmCreateArgs {
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
+    /// Unique name: a-z, 0-9, '-', '_', '.'.
+    pub(crate) name: String,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) vcpus: u32,
+    /// Guest memory: 256MiB, 1GiB.
+    #[arg(long, default_value = "256MiB", value_parser = crate::size::parse_size)]
+    pub(crate) memory: u64,
+    /// Guest image (qemu); `default` is built by scripts/build-image.sh.
+    #[arg(long, conflicts_with = "kernel")]
+    pub(crate) image: Option<String>,
+    /// Kernel to boot instead of an image (absolute path on the nodes).
+    #[arg(long)]
+    pub(crate) kernel: Option<String>,
+    /// Initramfs for --kernel.
+    #[arg(long, requires = "kernel")]
+    pub(crate) initrd: Option<String>,
+    /// Extra kernel command line.
+    #[arg(long)]
+    pub(crate) cmdline: Option<String>,
+    /// The driver (default: process when a command follows `--`, else qemu).
+    #[arg(long, value_enum)]
+    pub(crate) driver: Option<DriverArg>,
+    /// The line that means "ready" on the console (default: the image's).
+    #[arg(long)]
+    pub(crate) ready_marker: Option<String>,
+    /// How long the VM may take to become ready.
+    #[arg(long, default_value = "60s", value_parser = crate::duration::parse_ttl)]
+    pub(crate) boot_timeout: std::time::Duration,
+    /// VM label `key=value` (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub(crate) labels: Vec<(String, String)>,
+    /// Hard constraint on node labels: `key=value`, `key!=value`, `key in a,b`, `key`, `!key`.
+    #[arg(long = "constraint", value_name = "EXPR")]
+    pub(crate) constraints: Vec<String>,
+    /// Soft preference: a constraint with an optional `:weight` (-100 to 100).
+    #[arg(long = "prefer", value_name = "EXPR[:WEIGHT]")]
+    pub(crate) preferences: Vec<String>,
+    /// Priority 0 to 1000; a higher one may preempt lower ones when nothing fits.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) priority: u16,
+    /// Anti-affinity group: VMs of one group land on different nodes.
+    #[arg(long)]
+    pub(crate) group: Option<String>,
+    /// Spread the group across zones.
+    #[arg(long)]
+    pub(crate) spread_zones: bool,
+    /// What to do when the VM exits.
+    #[arg(long, value_enum, default_value_t = RestartArg::Always)]
+    pub(crate) restart: RestartArg,
+    /// How long `run` waits for the VM to run.
+    #[arg(long, default_value = "120s", value_parser = crate::duration::parse_ttl)]
+    pub(crate) wait: std::time::Duration,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table)]
+    pub(crate) output: Output,
+    /// The command the process driver runs, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub(crate) command: Vec<String>,
+}
+
+/// `--scheduler`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum StrategyArg {
+    /// Fill nodes before using empty ones.
+    Binpack,
+    /// Prefer the emptiest node.
+    Spread,
+}
+
+/// `--driver`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum DriverArg {
+    /// QEMU microvm.
+    Qemu,
+    /// A plain process.
+    Process,
+}
+
+/// `--restart`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum RestartArg {
+    /// Whatever the exit.
+    Always,
+    /// After a failure only.
+    OnFailure,
+    /// Never.
+    Never,
+}
+
+/// `blx node ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum NodeCommand {
+    /// List nodes with capacity, allocation and scheduling flags.
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Move every VM off a node, and place nothing new on it.
+    Drain(NodeRefArgs),
+    /// Place nothing new on a node.
+    Cordon(NodeRefArgs),
+    /// Undo cordon and drain.
+    Uncordon(NodeRefArgs),
+    /// Set or remove operator labels on a node.
+    Label {
+        #[command(flatten)]
+        node: NodeRefArgs,
+        /// `key=value` to set.
+        #[arg(value_name = "KEY=VALUE", value_parser = parse_label)]
+        set: Vec<(String, String)>,
+        /// Label key to remove (repeatable).
+        #[arg(long)]
+        remove: Vec<String>,
+    },
+}
+
+/// A node by id or name.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct NodeRefArgs {
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
+    /// Node id (16 hex digits) or name.
+    pub(crate) node: String,
+}
+
+/// `blx image ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum ImageCommand {
+    /// Build the default guest image (Debian's cloud kernel and a busybox initramfs).
+    Build {
+        /// Where to put it (default: $BLX_IMAGE_DIR/default or ~/.cache/blx/images/default).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -275,6 +484,39 @@ pub(crate) struct AgentArgs {
     /// How long a fresh cluster's first join token is valid.
     #[arg(long, default_value = "24h", value_parser = crate::duration::parse_ttl)]
     pub(crate) bootstrap_token_ttl: std::time::Duration,
+    /// vCPUs this node offers to VMs (default: the host's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub(crate) vcpus: Option<u32>,
+    /// Memory this node offers to VMs: 512MiB, 8GiB (default: the host's).
+    #[arg(long, value_parser = crate::size::parse_size)]
+    pub(crate) memory: Option<u64>,
+    /// Folder of named guest images (default: $BLX_IMAGE_DIR or ~/.cache/blx/images).
+    #[arg(long)]
+    pub(crate) image_dir: Option<PathBuf>,
+    /// QEMU acceleration: probe KVM with a test boot and fall back to TCG (auto), or force one.
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub(crate) accel: AccelArg,
+}
+
+/// `--accel`.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub(crate) enum AccelArg {
+    /// KVM when a probe boot works, TCG otherwise.
+    Auto,
+    /// KVM.
+    Kvm,
+    /// QEMU's software emulator.
+    Tcg,
+}
+
+impl From<AccelArg> for blx_vmm::qemu::Accel {
+    fn from(a: AccelArg) -> Self {
+        match a {
+            AccelArg::Auto => blx_vmm::qemu::Accel::Auto,
+            AccelArg::Kvm => blx_vmm::qemu::Accel::Kvm,
+            AccelArg::Tcg => blx_vmm::qemu::Accel::Tcg,
+        }
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

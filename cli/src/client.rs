@@ -18,23 +18,26 @@ pub(crate) struct Unreachable {
     reason: String,
 }
 
-struct Client {
+pub(crate) struct Client {
     http: reqwest::Client,
     api: ApiArgs,
 }
 
 impl Client {
-    fn new(api: &ApiArgs) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()?;
+    pub(crate) fn new(api: &ApiArgs) -> anyhow::Result<Self> {
+        Self::with_timeout(api, Duration::from_secs(30))
+    }
+
+    /// A client whose requests may take up to `timeout` (long polls).
+    pub(crate) fn with_timeout(api: &ApiArgs, timeout: Duration) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder().timeout(timeout).build()?;
         Ok(Client {
             http,
             api: api.clone(),
         })
     }
 
-    async fn call<T: DeserializeOwned>(
+    pub(crate) async fn call<T: DeserializeOwned>(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -51,7 +54,7 @@ impl Client {
         })
     }
 
-    async fn call_raw(
+    pub(crate) async fn call_raw(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -178,7 +181,7 @@ pub(crate) async fn token_revoke(api: &ApiArgs, id: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn print_table(header: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -337,9 +340,7 @@ pub(crate) async fn config_get(api: &ApiArgs) -> anyhow::Result<()> {
 pub(crate) async fn config_set(
     api: &ApiArgs,
     file: Option<&str>,
-    desired_voters: Option<u8>,
-    voter_grace_secs: Option<u64>,
-    stabilization_secs: Option<u64>,
+    fields: &[(&str, serde_json::Value)],
 ) -> anyhow::Result<()> {
     let client = Client::new(api)?;
     let mut config: serde_json::Value = match file {
@@ -357,14 +358,8 @@ pub(crate) async fn config_set(
             .await?["config"]
             .clone(),
     };
-    if let Some(v) = desired_voters {
-        config["desired_voters"] = v.into();
-    }
-    if let Some(v) = voter_grace_secs {
-        config["voter_grace_secs"] = v.into();
-    }
-    if let Some(v) = stabilization_secs {
-        config["stabilization_secs"] = v.into();
+    for (field, value) in fields {
+        config[*field] = value.clone();
     }
     let r: serde_json::Value = client
         .call(reqwest::Method::PUT, "/v1/config", Some(config))

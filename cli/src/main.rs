@@ -3,11 +3,16 @@
 
 mod agent;
 mod api;
+mod api_vms;
 mod args;
 mod client;
+mod client_vms;
 mod control;
+mod controller;
 mod duration;
 mod raft;
+mod size;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -85,15 +90,33 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
             desired_voters,
             voter_grace_secs,
             stabilization_secs,
+            vm_grace_secs,
+            scheduler,
         }) => {
-            client::config_set(
-                &api,
-                file.as_deref(),
-                desired_voters,
-                voter_grace_secs,
-                stabilization_secs,
-            )
-            .await
+            let mut fields: Vec<(&str, serde_json::Value)> = Vec::new();
+            if let Some(v) = desired_voters {
+                fields.push(("desired_voters", v.into()));
+            }
+            if let Some(v) = voter_grace_secs {
+                fields.push(("voter_grace_secs", v.into()));
+            }
+            if let Some(v) = stabilization_secs {
+                fields.push(("stabilization_secs", v.into()));
+            }
+            if let Some(v) = vm_grace_secs {
+                fields.push(("vm_grace_secs", v.into()));
+            }
+            if let Some(v) = scheduler {
+                fields.push((
+                    "scheduler",
+                    match v {
+                        args::StrategyArg::Binpack => "Binpack",
+                        args::StrategyArg::Spread => "Spread",
+                    }
+                    .into(),
+                ));
+            }
+            client::config_set(&api, file.as_deref(), &fields).await
         }
         args::Command::Config(args::ConfigCommand::History { api }) => {
             client::config_history(&api).await
@@ -111,6 +134,36 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
         args::Command::Operator(args::OperatorCommand::Snapshot(
             args::SnapshotCommand::Restore { api, file },
         )) => client::snapshot_restore(&api, &file).await,
+        args::Command::Vm(vm) => {
+            use args::VmCommand as V;
+            match vm {
+                V::Create(a) => client_vms::vm_create(&a, false).await,
+                V::Run(a) => client_vms::vm_create(&a, true).await,
+                V::List { api, output } => client_vms::vm_list(&api, output).await,
+                V::Show(a) => client_vms::vm_show(&a).await,
+                V::Logs { vm, bytes } => client_vms::vm_logs(&vm, bytes).await,
+                V::Stop(a) => client_vms::vm_action(&a, "stop").await,
+                V::Start(a) => client_vms::vm_action(&a, "start").await,
+                V::Pause(a) => client_vms::vm_action(&a, "pause").await,
+                V::Resume(a) => client_vms::vm_action(&a, "resume").await,
+                V::Delete(a) => client_vms::vm_delete(&a).await,
+            }
+        }
+        args::Command::Node(node) => {
+            use args::NodeCommand as N;
+            match node {
+                N::List { api, output } => client_vms::node_list(&api, output).await,
+                N::Drain(a) => client_vms::node_action(&a, "drain").await,
+                N::Cordon(a) => client_vms::node_action(&a, "cordon").await,
+                N::Uncordon(a) => client_vms::node_action(&a, "uncordon").await,
+                N::Label { node, set, remove } => {
+                    client_vms::node_label(&node, &set, &remove).await
+                }
+            }
+        }
+        args::Command::Image(args::ImageCommand::Build { out }) => {
+            client_vms::image_build(out.as_deref())
+        }
         args::Command::Completions { shell } => {
             clap_complete::generate(
                 shell,

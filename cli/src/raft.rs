@@ -23,6 +23,13 @@ pub(crate) const SERVICE_WRITE: u8 = 2;
 pub(crate) const SERVICE_READ: u8 = 3;
 /// Ask a voter to start an election (leadership transfer).
 pub(crate) const SERVICE_ELECT: u8 = 4;
+/// The leader's read index: what a node must have applied to be as current as the leader.
+pub(crate) const SERVICE_INDEX: u8 = 5;
+/// The tail of a VM's console log, from the node that hosts it.
+pub(crate) const SERVICE_LOGS: u8 = 6;
+
+/// Most console log bytes sent in one answer.
+pub(crate) const MAX_LOG_TAIL: u64 = 1024 * 1024;
 
 /// How long a forwarded write or read may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,6 +93,10 @@ pub(crate) struct Cluster {
     pub(crate) node: ConsensusNode,
     membership: Membership,
     transport: QuicTransport,
+    /// This node's VM run directories (console logs).
+    pub(crate) run_root: std::path::PathBuf,
+    /// This node's id.
+    pub(crate) self_id: NodeId,
 }
 
 impl Cluster {
@@ -93,11 +104,15 @@ impl Cluster {
         node: ConsensusNode,
         membership: Membership,
         transport: QuicTransport,
+        run_root: std::path::PathBuf,
+        self_id: NodeId,
     ) -> Self {
         Cluster {
             node,
             membership,
             transport,
+            run_root,
+            self_id,
         }
     }
 
@@ -160,6 +175,62 @@ impl Cluster {
                     .map_err(ClusterError::Consensus)
             }
             Err(e) => Err(ClusterError::Consensus(e.to_string())),
+        }
+    }
+
+    /// The leader's read index: the applied index at which the leader confirmed, with a
+    /// quorum, that it still leads. A node that has applied up to it is as current as the
+    /// leader was when asked.
+    pub(crate) async fn read_index(&self) -> Result<u64, ClusterError> {
+        match self.node.read(false).await.map(|_| ()) {
+            Ok(()) => Ok(self.node.status().applied_index),
+            Err(ConsensusError::NotLeader { leader }) => {
+                let bytes = self.forward(leader, SERVICE_INDEX, Vec::new()).await?;
+                decode::<Result<u64, String>>(&bytes)
+                    .map_err(ClusterError::Consensus)?
+                    .map_err(ClusterError::Consensus)
+            }
+            Err(e) => Err(ClusterError::Consensus(e.to_string())),
+        }
+    }
+
+    /// The tail of a VM's console log from the node that hosts it (hex id).
+    pub(crate) async fn console_log(
+        &self,
+        node: &str,
+        vm: &str,
+        max: u64,
+    ) -> Result<Vec<u8>, ClusterError> {
+        let id: NodeId = node
+            .parse()
+            .map_err(|_| ClusterError::Consensus(format!("bad node id {node}")))?;
+        if id == self.self_id {
+            return crate::worker::console_tail(&self.run_root, vm, max)
+                .map_err(ClusterError::Consensus);
+        }
+        let addr = self
+            .membership
+            .members()
+            .get(&id)
+            .map(|m| m.identity.addr)
+            .ok_or_else(|| ClusterError::Consensus(format!("node {node} is not a member")))?;
+        let request = ControlRequest::Service {
+            service: SERVICE_LOGS,
+            payload: encode(&(vm.to_string(), max)),
+        };
+        match self
+            .transport
+            .request_within(addr, Some(id), &request, FORWARD_TIMEOUT)
+            .await
+        {
+            Ok(ControlResponse::Service(bytes)) => decode::<Result<Vec<u8>, String>>(&bytes)
+                .map_err(ClusterError::Consensus)?
+                .map_err(ClusterError::Consensus),
+            Ok(ControlResponse::Failed(e)) => Err(ClusterError::Consensus(e)),
+            Ok(other) => Err(ClusterError::Consensus(format!(
+                "unexpected answer {other:?}"
+            ))),
+            Err(e) => Err(ClusterError::Consensus(format!("asking node {node}: {e}"))),
         }
     }
 
@@ -241,6 +312,19 @@ impl Cluster {
             SERVICE_ELECT => ControlResponse::Service(encode(
                 &self.node.elect().await.map_err(|e| e.to_string()),
             )),
+            SERVICE_INDEX => ControlResponse::Service(encode(&match self.node.read(false).await {
+                Ok(_) => Ok(self.node.status().applied_index),
+                Err(e) => Err(e.to_string()),
+            })),
+            SERVICE_LOGS => {
+                ControlResponse::Service(encode(&match decode::<(String, u64)>(payload) {
+                    Ok((vm, max)) if blx_consensus::workload::valid_vm_name(&vm) => {
+                        crate::worker::console_tail(&self.run_root, &vm, max.min(MAX_LOG_TAIL))
+                    }
+                    Ok((vm, _)) => Err(format!("bad VM name {vm:?}")),
+                    Err(e) => Err(format!("bad request: {e}")),
+                }))
+            }
             other => ControlResponse::Failed(format!("unknown service {other}")),
         }
     }

@@ -114,8 +114,37 @@ impl Agent {
 
     /// Restarts a stopped agent with the same data dir and no token.
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// Restarts a stopped agent with the same data dir, no token and these flags.
+    pub fn restart_with(&mut self, extra: &[String]) {
         assert!(self.child.is_none(), "agent {} still running", self.name);
-        self.spawn(&[]);
+        self.spawn(extra);
+    }
+
+    /// Processes running a workload (QEMU or a process-driver command) of this agent's VMs:
+    /// found by this agent's data dir in their command line or environment.
+    pub fn workload_pids(&self) -> Vec<u32> {
+        workload_pids(&self.data_dir)
+    }
+
+    /// `blx vm show NAME -o json`, or None if the agent does not answer or has no such VM.
+    pub fn vm(&self, name: &str) -> Option<serde_json::Value> {
+        let out = self.cli(&["vm", "show", name, "--output", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `blx vm list -o json`.
+    pub fn vms(&self) -> Option<Vec<serde_json::Value>> {
+        let out = self.cli(&["vm", "list", "--output", "json"]);
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
     }
 
     /// What the agent printed on stdout (the bootstrap token).
@@ -153,10 +182,13 @@ impl Agent {
 
     /// Runs a `blx` client command against this agent.
     pub fn cli(&self, args: &[&str]) -> Output {
+        // `--api` goes before a `--` that starts a workload's command.
+        let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
         Command::new(blx_bin())
-            .args(args)
+            .args(&args[..split])
             .arg("--api")
             .arg(self.api.to_string())
+            .args(&args[split..])
             .stdin(Stdio::null())
             .output()
             .expect("run blx")
@@ -221,6 +253,44 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
+        // VMs outlive their agent by design (the next agent adopts them); a test's do not.
+        kill_workloads(&self.data_dir);
+    }
+}
+
+/// Processes whose command line or environment names `dir`: the workloads of the agent whose
+/// data dir it is.
+pub fn workload_pids(dir: &Path) -> Vec<u32> {
+    let needle = format!("{}/", dir.to_string_lossy().trim_end_matches('/'));
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me)
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let has = |b: &[u8]| String::from_utf8_lossy(b).contains(&needle);
+            // The agent itself names its data dir too; workloads are the others.
+            let agent = String::from_utf8_lossy(&cmdline).contains("--data-dir");
+            !agent && (has(&cmdline) || has(&environ))
+        })
+        .collect()
+}
+
+/// SIGKILLs every workload of the agent whose data dir is `dir`, with its process group.
+pub fn kill_workloads(dir: &Path) {
+    for pid in workload_pids(dir) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pid}")])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -390,6 +460,38 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until `name`, as the agent at `via` shows it, satisfies `cond`; returns it.
+    pub fn wait_vm(
+        &self,
+        via: usize,
+        name: &str,
+        within: Duration,
+        what: &str,
+        mut cond: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        self.wait_or_dump(within, &format!("VM {name}: {what}"), || {
+            match self.agents[via].vm(name) {
+                Some(v) => {
+                    let ok = cond(&v);
+                    last = v;
+                    ok
+                }
+                None => false,
+            }
+        });
+        last
+    }
+
+    /// The index in `agents` of the agent with this node id.
+    pub fn index_of(&self, node_id: &str) -> Option<usize> {
+        self.agents.iter().position(|a| {
+            std::fs::read_to_string(a.data_dir.join("node-id"))
+                .map(|s| s.trim() == node_id)
+                .unwrap_or(false)
+        })
     }
 
     /// Dumps every agent's log (for a failing test).

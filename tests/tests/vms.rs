@@ -1,0 +1,330 @@
+//! VMs with real `blx` processes: a real QEMU microvm boots the default image, and process
+//! workloads are placed, moved off dead and drained nodes, preempted and spread.
+
+use std::time::Duration;
+
+use blx_tests::{Cluster, wait_until};
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn phase(v: &serde_json::Value) -> &str {
+    v["phase"].as_str().unwrap_or("")
+}
+
+/// A process workload that prints a readiness line and then waits.
+const WORKLOAD: [&str; 6] = [
+    "--ready-marker",
+    "READY",
+    "--",
+    "sh",
+    "-c",
+    "echo READY; exec sleep 600",
+];
+
+fn create(cluster: &Cluster, via: usize, name: &str, extra: &[&str]) {
+    let mut args = vec!["vm", "create", name];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--") {
+        args.extend_from_slice(&WORKLOAD);
+    }
+    let (ok, _, err) = cluster.agents[via].run(&args);
+    assert!(ok, "vm create {name}: {err}");
+}
+
+fn three_nodes(extra: &[&str]) -> Cluster {
+    let mut cluster = Cluster::bootstrap_with(extra);
+    cluster.join();
+    cluster.join();
+    cluster.wait_alive(3, LONG);
+    cluster.wait_raft(3, 0, LONG);
+    cluster
+}
+
+#[test]
+fn the_default_image_boots_in_qemu_and_obeys_stop_start_pause_resume_delete() {
+    let image = blx_vmm_image_dir().join("default/image.json");
+    assert!(
+        image.is_file(),
+        "no default guest image at {}: run scripts/build-image.sh (make test does)",
+        image.display()
+    );
+    let cluster = Cluster::bootstrap();
+    cluster.wait_raft(1, 0, LONG);
+    let a = &cluster.agents[0];
+
+    let (ok, out, err) = a.run(&["vm", "run", "web", "--memory", "256MiB", "--wait", "120s"]);
+    assert!(ok, "vm run: {err}\n{out}\n{}", cluster.logs());
+    let v = a.vm("web").unwrap();
+    assert_eq!(phase(&v), "running");
+    assert!(v["boot_ms"].as_u64().is_some_and(|b| b > 0), "{v}");
+    let (_, logs, _) = a.run(&["vm", "logs", "web"]);
+    assert!(
+        logs.contains("BLX_READY"),
+        "the console shows no readiness line:\n{logs}"
+    );
+    assert_eq!(a.workload_pids().len(), 1, "one QEMU process");
+
+    let (ok, _, err) = a.run(&["vm", "pause", "web"]);
+    assert!(ok, "{err}");
+    cluster.wait_vm(0, "web", LONG, "paused", |v| phase(v) == "paused");
+    let (ok, _, err) = a.run(&["vm", "resume", "web"]);
+    assert!(ok, "{err}");
+    cluster.wait_vm(0, "web", LONG, "running again", |v| phase(v) == "running");
+
+    let (ok, _, err) = a.run(&["vm", "stop", "web"]);
+    assert!(ok, "{err}");
+    cluster.wait_vm(0, "web", LONG, "stopped", |v| phase(v) == "stopped");
+    wait_until(LONG, "no QEMU process after stop", || {
+        a.workload_pids().is_empty()
+    });
+
+    let (ok, _, err) = a.run(&["vm", "start", "web"]);
+    assert!(ok, "{err}");
+    let v = cluster.wait_vm(0, "web", LONG, "running after start", |v| {
+        phase(v) == "running"
+    });
+    assert!(
+        v["incarnation"].as_u64() > Some(2),
+        "a start is a fresh incarnation: {v}"
+    );
+
+    let (ok, _, err) = a.run(&["vm", "delete", "web"]);
+    assert!(ok, "{err}");
+    wait_until(LONG, "no QEMU process after delete", || {
+        a.workload_pids().is_empty()
+    });
+    assert!(a.vm("web").is_none(), "a deleted VM is still listed");
+}
+
+fn blx_vmm_image_dir() -> std::path::PathBuf {
+    std::env::var_os("BLX_IMAGE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/blx/images")
+        })
+}
+
+#[test]
+fn a_vm_comes_back_elsewhere_when_its_host_dies_and_the_old_host_does_not_run_it() {
+    let mut cluster = three_nodes(&[]);
+    create(&cluster, 0, "job", &[]);
+    let v = cluster.wait_vm(0, "job", LONG, "running", |v| phase(v) == "running");
+    let host = cluster.index_of(v["node"].as_str().unwrap()).unwrap();
+    let via = (host + 1) % 3;
+    let old_pids = cluster.agents[host].workload_pids();
+    assert_eq!(old_pids.len(), 1, "one workload on the host");
+
+    cluster.agents[host].kill();
+    let v = cluster.wait_vm(via, "job", LONG, "running on another node", |v| {
+        phase(v) == "running" && cluster.index_of(v["node"].as_str().unwrap_or("")) != Some(host)
+    });
+    let new_host = cluster.index_of(v["node"].as_str().unwrap()).unwrap();
+    assert_eq!(cluster.agents[new_host].workload_pids().len(), 1);
+
+    // The old workload outlived its agent (no agent, no fencing yet). The restarted agent
+    // adopts it, learns the VM now lives elsewhere, and stops it.
+    cluster.agents[host].restart();
+    wait_until(LONG, "the old host stops its stale copy", || {
+        cluster.agents[host].workload_pids().is_empty()
+    });
+    let v = cluster.agents[via].vm("job").unwrap();
+    assert_eq!(
+        cluster.index_of(v["node"].as_str().unwrap()),
+        Some(new_host)
+    );
+    assert_eq!(phase(&v), "running");
+}
+
+#[test]
+fn drain_moves_every_vm_off_a_node() {
+    let cluster = three_nodes(&[]);
+    for i in 0..4 {
+        create(&cluster, 0, &format!("w{i}"), &["--memory", "64MiB"]);
+    }
+    for i in 0..4 {
+        cluster.wait_vm(0, &format!("w{i}"), LONG, "running", |v| {
+            phase(v) == "running"
+        });
+    }
+    // Binpack put them together; drain whichever node holds the first.
+    let node = cluster.agents[0].vm("w0").unwrap()["node"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let drained = cluster.index_of(&node).unwrap();
+    let (ok, _, err) = cluster.agents[0].run(&["node", "drain", &cluster.agents[drained].name]);
+    assert!(ok, "{err}");
+    for i in 0..4 {
+        cluster.wait_vm(
+            0,
+            &format!("w{i}"),
+            LONG,
+            "running off the drained node",
+            |v| phase(v) == "running" && v["node"].as_str() != Some(node.as_str()),
+        );
+    }
+    wait_until(LONG, "the drained node runs nothing", || {
+        cluster.agents[drained].workload_pids().is_empty()
+    });
+    let (_, out, _) = cluster.agents[0].run(&["node", "list"]);
+    assert!(out.contains("draining"), "{out}");
+}
+
+#[test]
+fn priority_preempts_when_nothing_fits_and_a_group_spreads_over_nodes() {
+    let cluster = three_nodes(&["--vcpus", "2", "--memory", "1GiB"]);
+    for i in 1..=3 {
+        create(
+            &cluster,
+            0,
+            &format!("low{i}"),
+            &["--memory", "768MiB", "--priority", "100"],
+        );
+    }
+    for i in 1..=3 {
+        cluster.wait_vm(0, &format!("low{i}"), LONG, "running", |v| {
+            phase(v) == "running"
+        });
+    }
+    create(
+        &cluster,
+        1,
+        "high",
+        &["--memory", "768MiB", "--priority", "900"],
+    );
+    cluster.wait_vm(0, "high", LONG, "running", |v| phase(v) == "running");
+    let vms = cluster.agents[0].vms().unwrap();
+    let preempted: Vec<&serde_json::Value> = vms
+        .iter()
+        .filter(|v| v["name"].as_str().unwrap().starts_with("low") && phase(v) == "pending")
+        .collect();
+    assert_eq!(preempted.len(), 1, "exactly one low VM gives way: {vms:?}");
+    assert!(
+        preempted[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("preempted by high"),
+        "{:?}",
+        preempted[0]
+    );
+
+    for i in 1..=3 {
+        let (ok, _, err) = cluster.agents[0].run(&["vm", "delete", &format!("low{i}")]);
+        assert!(ok, "{err}");
+    }
+    let (ok, _, err) = cluster.agents[0].run(&["vm", "delete", "high"]);
+    assert!(ok, "{err}");
+    for i in 1..=3 {
+        create(
+            &cluster,
+            2,
+            &format!("g{i}"),
+            &["--memory", "64MiB", "--group", "web"],
+        );
+    }
+    let mut nodes = std::collections::BTreeSet::new();
+    for i in 1..=3 {
+        let v = cluster.wait_vm(0, &format!("g{i}"), LONG, "running", |v| {
+            phase(v) == "running"
+        });
+        nodes.insert(v["node"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        nodes.len(),
+        3,
+        "an anti-affinity group of 3 lands on 3 nodes"
+    );
+}
+
+#[test]
+fn bad_vm_input_is_refused_and_nothing_is_half_created() {
+    let cluster = Cluster::bootstrap_with(&["--vcpus", "2", "--memory", "2GiB"]);
+    cluster.wait_raft(1, 0, LONG);
+    let a = &cluster.agents[0];
+    create(&cluster, 0, "taken", &[]);
+
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["vm", "create", "zero", "--memory", "0", "--", "true"],
+            "memory",
+        ),
+        (
+            &["vm", "create", "absurd", "--memory", "2TiB", "--", "true"],
+            "memory",
+        ),
+        (
+            &["vm", "create", "noimg", "--image", "nope"],
+            "unknown image",
+        ),
+        (
+            &[
+                "vm",
+                "create",
+                "nokernel",
+                "--kernel",
+                "/nonexistent/vmlinux",
+            ],
+            "does not exist",
+        ),
+        (&["vm", "create", "taken", "--", "true"], "already exists"),
+        (&["vm", "create", "Bad Name", "--", "true"], "VM name"),
+        (
+            &[
+                "vm",
+                "create",
+                "badc",
+                "--constraint",
+                "disk>ssd",
+                "--",
+                "true",
+            ],
+            "constraint",
+        ),
+        (
+            &[
+                "vm",
+                "create",
+                "badprio",
+                "--priority",
+                "5000",
+                "--",
+                "true",
+            ],
+            "priority",
+        ),
+        (
+            &[
+                "vm", "create", "mixed", "--image", "default", "--driver", "process", "--", "true",
+            ],
+            "process driver",
+        ),
+    ];
+    for (args, expect) in cases {
+        let (ok, _, err) = a.run(args);
+        assert!(!ok, "{args:?} was accepted");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected {expect:?} in: {err}"
+        );
+    }
+    let names: Vec<String> = a
+        .vms()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["taken"], "a refused create left something behind");
+
+    // A constraint no node satisfies: accepted, and pending with a reason to act on.
+    create(&cluster, 0, "nowhere", &["--constraint", "gpu=a100"]);
+    let v = cluster.wait_vm(0, "nowhere", LONG, "pending with a reason", |v| {
+        phase(v) == "pending" && v["reason"].as_str().unwrap_or("").contains("gpu=a100")
+    });
+    assert!(v["node"].is_null());
+    // More memory than any node has: pending, and the reason names the shortfall.
+    create(&cluster, 0, "toobig", &["--memory", "4GiB"]);
+    cluster.wait_vm(0, "toobig", LONG, "pending on memory", |v| {
+        phase(v) == "pending" && v["reason"].as_str().unwrap_or("").contains("4096")
+    });
+}
