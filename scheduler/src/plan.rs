@@ -28,6 +28,9 @@ use crate::{
     Allocation, NodeView, Op, Placement, Plan, Preemption, Resources, Strategy, Unplaced, VmRequest,
 };
 
+/// Feasible nodes scored for a VM with preferences or zone spread.
+const PREFERENCE_SAMPLE: usize = 64;
+
 /// Score units: the whole utilisation range of a node, empty to full, is worth this much.
 /// A preference of weight 100 is worth as much, and so is one more VM of the group in a zone.
 const SCALE: i64 = 1_000_000;
@@ -596,12 +599,20 @@ impl<'a> Pass<'a> {
     }
 
     /// The best of up to `sample_size` feasible nodes, visited in a seeded order; every node
-    /// is visited before giving up.
+    /// is visited before giving up. A VM with preferences or zone spread scores a wider sample
+    /// ([`PREFERENCE_SAMPLE`] feasible nodes): in clusters up to that size it sees every node, so
+    /// a small cluster never misses the node it prefers; beyond it, preferences that match a
+    /// fair share of nodes (a zone, a disk type) are still found, at a bounded cost.
     fn sample(&self, vm: &Compiled, strategy: Strategy, rng: &mut SplitMix64) -> Option<usize> {
         let n = self.schedulable.len();
         if n == 0 {
             return None;
         }
+        let limit = if vm.preferences.is_empty() && !vm.spread_zones {
+            self.sample_size
+        } else {
+            self.sample_size.max(PREFERENCE_SAMPLE)
+        };
         let mut position = rng.below(n);
         let stride = self.strides[rng.below(self.strides.len())] as usize;
         let mut best: Option<(i64, usize)> = None;
@@ -623,7 +634,7 @@ impl<'a> Pass<'a> {
                 best = Some((score, node));
             }
             found += 1;
-            if found >= self.sample_size {
+            if found >= limit {
                 break;
             }
         }

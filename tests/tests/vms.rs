@@ -169,6 +169,36 @@ fn drain_moves_every_vm_off_a_node() {
     });
     let (_, out, _) = cluster.agents[0].run(&["node", "list"]);
     assert!(out.contains("draining"), "{out}");
+
+    // Cordon a second node and label the third: a VM constrained to the label lands there,
+    // and nothing lands on the cordoned or drained node.
+    let cordoned = (drained + 1) % 3;
+    let labelled = (drained + 2) % 3;
+    let (ok, _, err) = cluster.agents[1].run(&["node", "cordon", &cluster.agents[cordoned].name]);
+    assert!(ok, "{err}");
+    let (ok, _, err) =
+        cluster.agents[1].run(&["node", "label", &cluster.agents[labelled].name, "disk=ssd"]);
+    assert!(ok, "{err}");
+    create(&cluster, 1, "fast", &["--constraint", "disk=ssd", "--memory", "64MiB"]);
+    let v = cluster.wait_vm(1, "fast", LONG, "running", |v| phase(v) == "running");
+    assert_eq!(cluster.index_of(v["node"].as_str().unwrap()), Some(labelled));
+    create(&cluster, 1, "anywhere", &["--memory", "64MiB"]);
+    let v = cluster.wait_vm(1, "anywhere", LONG, "running", |v| phase(v) == "running");
+    assert_eq!(cluster.index_of(v["node"].as_str().unwrap()), Some(labelled), "{v}");
+
+    // Uncordon: the node takes work again; with the w VMs gone it is the emptiest, and the
+    // spread strategy picks it.
+    for i in 0..4 {
+        let (ok, _, err) = cluster.agents[1].run(&["vm", "delete", &format!("w{i}")]);
+        assert!(ok, "{err}");
+    }
+    let (ok, _, err) = cluster.agents[1].run(&["node", "uncordon", &cluster.agents[cordoned].name]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cluster.agents[1].run(&["config", "set", "--scheduler", "spread"]);
+    assert!(ok, "{err}");
+    create(&cluster, 1, "spread", &["--memory", "64MiB"]);
+    let v = cluster.wait_vm(1, "spread", LONG, "running", |v| phase(v) == "running");
+    assert_eq!(cluster.index_of(v["node"].as_str().unwrap()), Some(cordoned), "{v}");
 }
 
 #[test]
