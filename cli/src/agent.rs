@@ -146,6 +146,10 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
         id,
     );
     control.set_cluster(cluster.clone());
+    let replicate = {
+        let control = control.clone();
+        tokio::spawn(async move { control.replicate_authority().await })
+    };
     let controller = tokio::spawn(crate::controller::run(cluster.clone(), membership.clone()));
     crate::worker::spawn(
         cluster.clone(),
@@ -199,6 +203,7 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     autopilot.abort();
     controller.abort();
+    replicate.abort();
     step_down(&node).await;
     membership.leave().await.ok();
     peers_task.abort();

@@ -508,7 +508,7 @@ async fn snapshot_save(State(state): State<ApiState>) -> Result<Response, ApiErr
     let s = state.cluster.read(false).await.map_err(cluster_error)?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-        blx_consensus::machine::encode(&s),
+        blx_consensus::machine::encode(&s.without_secrets()),
     )
         .into_response())
 }

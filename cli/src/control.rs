@@ -1,14 +1,23 @@
-//! The agent's answers to control requests: admission and token management. The authority
-//! (the node holding the CA key) answers itself; any other member forwards to it over QUIC.
+//! The agent's answers to control requests: admission and token management.
+//!
+//! Once the cluster CA and token records are in the replicated state (the first agent moves
+//! them there as soon as consensus is up), every member answers from a linearizable read of
+//! that state and changes tokens through Raft, so any member can admit a node. Before that,
+//! and whenever no leader is reachable, the first agent's local copy answers (the authority
+//! role), and other members forward to it.
 
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use blx_consensus::authority::{AuthorityCommand, AuthorityState};
+use blx_consensus::state::{Applied, Command};
 use blx_membership::meta::Role;
 use blx_membership::quic::{Caller, ControlService, QuicTransport};
 use blx_membership::store::FileTokenStore;
 use blx_membership::tls::ClusterCa;
-use blx_membership::token::{JoinRefusal, TokenAuthority, TokenId, TokenInfo};
+use blx_membership::token::{
+    JoinRefusal, MemTokenStore, TokenAuthority, TokenId, TokenInfo, TokenStore,
+};
 use blx_membership::wire::{ControlRequest, ControlResponse, JoinGrant, JoinRequest};
 use blx_membership::{MemberState, Membership};
 
@@ -69,8 +78,12 @@ impl AgentControl {
             .map(|a| a.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Serves a request here if this node is the authority, or forwards it there.
+    /// Serves a request from the replicated CA and tokens; failing that, here if this node is
+    /// the authority, or forwarded there.
     pub(crate) async fn serve(&self, request: ControlRequest) -> ControlResponse {
+        if let Some(response) = self.serve_replicated(&request).await {
+            return response;
+        }
         if self.authority.is_some() {
             return self.serve_locally(request);
         }
@@ -88,6 +101,105 @@ impl AgentControl {
         match transport.request(addr, Some(id), &request).await {
             Ok(response) => response,
             Err(e) => ControlResponse::Failed(format!("forwarding to the authority failed: {e}")),
+        }
+    }
+
+    /// Answers from the replicated state, or None when it holds no CA yet or no leader
+    /// answers (the caller falls back to the authority node).
+    async fn serve_replicated(&self, request: &ControlRequest) -> Option<ControlResponse> {
+        let cluster = self.cluster.get()?;
+        let state = cluster.read(false).await.ok()?;
+        let replicated = state.authority?;
+        let now = now_unix();
+        let ca = match ClusterCa::from_pem(&replicated.ca_cert_pem, &replicated.ca_key_pem) {
+            Ok(ca) => ca,
+            Err(e) => return Some(ControlResponse::Failed(format!("the replicated CA: {e}"))),
+        };
+        let mut tokens =
+            TokenAuthority::new(MemTokenStore::new(replicated.tokens), ca.fingerprint());
+        let failed = |e: String| Some(ControlResponse::Failed(e));
+        match request {
+            ControlRequest::Join(req) => {
+                Some(admit(&ca, &tokens, req.clone(), now, self.member_addrs()))
+            }
+            ControlRequest::TokenCreate { ttl_secs } => {
+                if *ttl_secs == 0 || *ttl_secs > crate::duration::MAX_TTL.as_secs() {
+                    return failed("ttl must be between 1 second and a year".into());
+                }
+                let token = match tokens.issue(now, *ttl_secs, random()) {
+                    Ok(t) => t,
+                    Err(e) => return failed(e.to_string()),
+                };
+                let Some(record) = tokens.store().records().get(&token.id).cloned() else {
+                    return failed("the new token has no record".into());
+                };
+                let cmd = Command::Authority(AuthorityCommand::TokenPut(record));
+                match cluster.write(cmd).await {
+                    Ok(Ok(_)) => Some(ControlResponse::Token(token.to_string())),
+                    Ok(Err(e)) => failed(e.to_string()),
+                    Err(e) => failed(e.to_string()),
+                }
+            }
+            ControlRequest::TokenList => Some(
+                tokens
+                    .list(now)
+                    .map(ControlResponse::Tokens)
+                    .unwrap_or_else(|e| ControlResponse::Failed(e.to_string())),
+            ),
+            ControlRequest::TokenRevoke { id } => {
+                let cmd = Command::Authority(AuthorityCommand::TokenRevoke(*id));
+                match cluster.write(cmd).await {
+                    Ok(Ok(Applied::Revoked { existed })) => Some(ControlResponse::Revoked(existed)),
+                    Ok(Ok(other)) => failed(format!("unexpected result {other:?}")),
+                    Ok(Err(e)) => failed(e.to_string()),
+                    Err(e) => failed(e.to_string()),
+                }
+            }
+            ControlRequest::Service { .. } => None,
+        }
+    }
+
+    /// Moves this node's CA and tokens into the replicated state, once consensus answers.
+    /// Only the first agent holds them; on every later start the state already has them.
+    pub(crate) async fn replicate_authority(&self) {
+        let Some(cluster) = self.cluster.get() else {
+            return;
+        };
+        loop {
+            match cluster.read(false).await {
+                Ok(state) if state.authority.is_some() => return,
+                Ok(_) => {
+                    let init = {
+                        let Some(authority) = self.authority() else {
+                            return;
+                        };
+                        match authority.tokens.list_records() {
+                            Ok(tokens) => AuthorityState {
+                                ca_cert_pem: authority.ca.cert_pem(),
+                                ca_key_pem: authority.ca.key_pem(),
+                                tokens,
+                            },
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot read the local token records");
+                                return;
+                            }
+                        }
+                    };
+                    match cluster
+                        .write(Command::Authority(AuthorityCommand::Init(init)))
+                        .await
+                    {
+                        Ok(Ok(_)) => {
+                            tracing::info!("the cluster CA and join tokens are now replicated");
+                            return;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "replicating the CA"),
+                        Err(e) => tracing::debug!(error = %e, "replicating the CA"),
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "waiting for consensus to replicate the CA"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -114,7 +226,7 @@ impl AgentControl {
         match request {
             ControlRequest::Join(req) => {
                 let members = self.member_addrs();
-                admit(&authority, req, now, members)
+                admit(&authority.ca, &authority.tokens, req, now, members)
             }
             ControlRequest::TokenCreate { ttl_secs } => {
                 if ttl_secs == 0 || ttl_secs > crate::duration::MAX_TTL.as_secs() {
@@ -190,13 +302,14 @@ fn failure(response: ControlResponse) -> String {
     }
 }
 
-fn admit(
-    authority: &Authority,
+fn admit<S: TokenStore>(
+    ca: &ClusterCa,
+    tokens: &TokenAuthority<S>,
     req: JoinRequest,
     now: u64,
     members: Vec<std::net::SocketAddr>,
 ) -> ControlResponse {
-    match authority.tokens.check(req.token_id, &req.secret, now) {
+    match tokens.check(req.token_id, &req.secret, now) {
         Ok(Ok(())) => {}
         Ok(Err(refusal)) => {
             tracing::warn!(token = %req.token_id, %refusal, "join refused");
@@ -204,12 +317,12 @@ fn admit(
         }
         Err(e) => return ControlResponse::Failed(e.to_string()),
     }
-    match authority.ca.sign_request(&req.csr_der, req.node) {
+    match ca.sign_request(&req.csr_der, req.node) {
         Ok(cert) => {
             tracing::info!(node = %req.node, token = %req.token_id, "admitted a new node");
             ControlResponse::Joined(JoinGrant {
                 cert_der: cert.to_vec(),
-                ca_der: authority.ca.cert_der().to_vec(),
+                ca_der: ca.cert_der().to_vec(),
                 members,
             })
         }

@@ -11,6 +11,7 @@
 //! simulator runs them as they are. Not here yet: the RocksDB log store and state machine, Raft
 //! RPC over QUIC, and the agent wiring (see the consensus issue).
 
+pub mod authority;
 pub mod autopilot;
 pub mod machine;
 pub mod mem;

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::authority::{AuthorityCommand, AuthorityState};
 use crate::workload::{NodeRecord, VmRecord, WorkloadApplied, WorkloadCommand};
 
 /// Longest KV key, in bytes.
@@ -97,6 +98,18 @@ pub struct ClusterState {
     pub nodes: BTreeMap<String, NodeRecord>,
     /// VMs by name.
     pub vms: BTreeMap<String, VmRecord>,
+    /// The cluster CA and join tokens, once the first agent has moved them here.
+    pub authority: Option<AuthorityState>,
+}
+
+impl ClusterState {
+    /// A copy without the CA key and token records: what `operator snapshot save` writes.
+    pub fn without_secrets(&self) -> ClusterState {
+        ClusterState {
+            authority: None,
+            ..self.clone()
+        }
+    }
 }
 
 /// A change to [`ClusterState`].
@@ -136,6 +149,8 @@ pub enum Command {
     },
     /// A change to nodes or VMs.
     Workload(WorkloadCommand),
+    /// A change to the cluster CA or join tokens.
+    Authority(AuthorityCommand),
 }
 
 /// Why a command was refused. Refused commands change nothing.
@@ -178,6 +193,9 @@ pub enum CommandError {
     /// The command was made against a state that has moved on.
     #[error("{0}")]
     Conflict(String),
+    /// Token commands before the CA is in the replicated state.
+    #[error("the cluster CA is not in the replicated state yet")]
+    NoAuthority,
 }
 
 /// What an applied command answers.
@@ -202,6 +220,11 @@ pub enum Applied {
     },
     /// A workload command took effect.
     Workload(WorkloadApplied),
+    /// A token revocation; whether the token existed.
+    Revoked {
+        /// The token existed.
+        existed: bool,
+    },
 }
 
 fn check_key(key: &str) -> Result<(), CommandError> {
@@ -257,6 +280,7 @@ impl ClusterState {
                 Ok(())
             }
             Command::Workload(w) => self.validate_workload(w),
+            Command::Authority(a) => self.validate_authority(a),
         }
     }
 
@@ -316,6 +340,13 @@ impl ClusterState {
                 Applied::Config { version: index }
             }
             Command::Workload(w) => Applied::Workload(self.apply_workload(index, w)),
+            Command::Authority(a) => {
+                let existed = self.apply_authority(a);
+                match a {
+                    AuthorityCommand::TokenRevoke(_) => Applied::Revoked { existed },
+                    _ => Applied::Nothing,
+                }
+            }
         })
     }
 

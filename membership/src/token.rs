@@ -213,6 +213,20 @@ pub struct TokenAuthority<S> {
     ca_fingerprint: [u8; 32],
 }
 
+impl<S> TokenAuthority<S> {
+    /// The store, for reading back what changed.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+}
+
+impl<S: TokenStore> TokenAuthority<S> {
+    /// Every record, ordered by id (hashes only, never secrets).
+    pub fn list_records(&self) -> Result<BTreeMap<TokenId, TokenRecord>, StoreError> {
+        self.store.load()
+    }
+}
+
 impl<S: TokenStore> TokenAuthority<S> {
     /// An authority for the CA with this fingerprint, keeping records in `store`.
     pub fn new(store: S, ca_fingerprint: [u8; 32]) -> Self {
@@ -314,9 +328,22 @@ impl<S: TokenStore> TokenAuthority<S> {
     }
 }
 
-/// A store in memory, for unit tests of code that takes a [`TokenStore`].
+/// A store in memory: for tests, and for working on a copy of records kept elsewhere (the
+/// replicated cluster state), with the changes read back from [`MemTokenStore::records`].
 #[derive(Default)]
 pub struct MemTokenStore(BTreeMap<TokenId, TokenRecord>);
+
+impl MemTokenStore {
+    /// A store holding these records.
+    pub fn new(records: BTreeMap<TokenId, TokenRecord>) -> Self {
+        MemTokenStore(records)
+    }
+
+    /// The records as they are now.
+    pub fn records(&self) -> &BTreeMap<TokenId, TokenRecord> {
+        &self.0
+    }
+}
 
 impl TokenStore for MemTokenStore {
     fn load(&self) -> Result<BTreeMap<TokenId, TokenRecord>, StoreError> {

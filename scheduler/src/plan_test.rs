@@ -245,7 +245,9 @@ fn preferences_outweigh_utilisation() {
 fn a_preferred_node_is_found_however_many_nodes_there_are() {
     // With 64 nodes the plain sample is 6 nodes and would miss the one preferred node most of
     // the time; a VM with preferences scores up to 64.
-    let nodes: Vec<NodeView> = (0..64).map(|i| node(&format!("n{i:02}"), 8, 8192)).collect();
+    let nodes: Vec<NodeView> = (0..64)
+        .map(|i| node(&format!("n{i:02}"), 8, 8192))
+        .collect();
     for seed in 0..20 {
         let request = VmRequest {
             preferences: vec!["node.name=n37:100".parse().unwrap()],

@@ -366,12 +366,18 @@ impl Cluster {
 
     /// Starts agent `n<k>` joining through the first agent with the bootstrap token.
     pub fn join(&mut self) -> &Agent {
+        let token = self.token.clone();
+        self.join_through(0, &token)
+    }
+
+    /// Starts agent `n<k>` joining through agent `seed` with `token`.
+    pub fn join_through(&mut self, seed: usize, token: &str) -> &Agent {
         let k = u8::try_from(self.agents.len() + 1).expect("fewer than 255 agents");
         let mut args = vec![
             "--token".to_string(),
-            self.token.clone(),
+            token.to_string(),
             "--seed".to_string(),
-            self.agents[0].gossip.to_string(),
+            self.agents[seed].gossip.to_string(),
         ];
         args.extend(self.extra.iter().cloned());
         let agent = Agent::start(self.root.path(), &format!("n{k}"), self.ip(k), &args);
@@ -381,6 +387,11 @@ impl Cluster {
 
     /// Runs `blx join` for a node that should be refused; returns its output.
     pub fn try_join(&self, name: &str, token: &str) -> Output {
+        self.try_join_through(0, name, token)
+    }
+
+    /// Like [`Cluster::try_join`], through agent `seed`.
+    pub fn try_join_through(&self, seed: usize, name: &str, token: &str) -> Output {
         let ip = self.ip(200);
         Command::new(blx_bin())
             .arg("join")
@@ -394,7 +405,7 @@ impl Cluster {
             .arg("--name")
             .arg(name)
             .arg("--seed")
-            .arg(self.agents[0].gossip.to_string())
+            .arg(self.agents[seed].gossip.to_string())
             .arg("--no-mdns")
             .stdin(Stdio::null())
             .output()

@@ -273,3 +273,55 @@ fn a_saved_snapshot_restores_into_a_fresh_cluster() {
         );
     }
 }
+
+#[test]
+fn any_member_admits_and_manages_tokens_once_the_first_agent_is_gone() {
+    let mut cluster = Cluster::bootstrap();
+    cluster.join();
+    cluster.join();
+    cluster.wait_alive(3, LONG);
+    cluster.wait_raft(3, 0, LONG);
+    cluster.wait_or_dump(LONG, "the CA and tokens are replicated", || {
+        cluster.agents[0]
+            .log()
+            .contains("the cluster CA and join tokens are now replicated")
+    });
+
+    tracing::info!("--- the first agent, which made the CA, dies");
+    cluster.agents[0].kill();
+    let mut token = String::new();
+    cluster.wait_or_dump(LONG, "a token from n2", || {
+        let (ok, out, _) = cluster.agents[1].run(&["token", "create", "--ttl", "1h"]);
+        token = out.trim().to_string();
+        ok
+    });
+    let (ok, list, err) = cluster.agents[2].run(&["token", "list", "--output", "json"]);
+    assert!(ok, "{err}");
+    let id = token
+        .parse::<blx_membership::token::JoinToken>()
+        .expect("a well-formed token")
+        .id
+        .to_string();
+    assert!(
+        list.contains(&id) && list.matches("\"valid\"").count() == 2,
+        "n3 lists the bootstrap token and the new one: {list}"
+    );
+
+    tracing::info!("--- a new node joins through n3 with n2's token");
+    cluster.join_through(2, &token);
+    cluster.wait_or_dump(LONG, "n4 alive on n2", || {
+        cluster.agents[1].state_of("n4").as_deref() == Some("alive")
+    });
+
+    tracing::info!("--- revoked through n3, the token admits nobody");
+    let (ok, _, err) = cluster.agents[2].run(&["token", "revoke", &id]);
+    assert!(ok, "{err}");
+    let out = cluster.try_join_through(1, "late", &token);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("revoked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+

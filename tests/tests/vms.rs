@@ -138,7 +138,8 @@ fn a_vm_comes_back_elsewhere_when_its_host_dies_and_the_old_host_does_not_run_it
 
 #[test]
 fn drain_moves_every_vm_off_a_node() {
-    let cluster = three_nodes(&[]);
+    // Room for every VM of the test on any one node, whatever this host has.
+    let cluster = three_nodes(&["--vcpus", "16", "--memory", "4GiB"]);
     for i in 0..4 {
         create(&cluster, 0, &format!("w{i}"), &["--memory", "64MiB"]);
     }
@@ -179,12 +180,24 @@ fn drain_moves_every_vm_off_a_node() {
     let (ok, _, err) =
         cluster.agents[1].run(&["node", "label", &cluster.agents[labelled].name, "disk=ssd"]);
     assert!(ok, "{err}");
-    create(&cluster, 1, "fast", &["--constraint", "disk=ssd", "--memory", "64MiB"]);
+    create(
+        &cluster,
+        1,
+        "fast",
+        &["--constraint", "disk=ssd", "--memory", "64MiB"],
+    );
     let v = cluster.wait_vm(1, "fast", LONG, "running", |v| phase(v) == "running");
-    assert_eq!(cluster.index_of(v["node"].as_str().unwrap()), Some(labelled));
+    assert_eq!(
+        cluster.index_of(v["node"].as_str().unwrap()),
+        Some(labelled)
+    );
     create(&cluster, 1, "anywhere", &["--memory", "64MiB"]);
     let v = cluster.wait_vm(1, "anywhere", LONG, "running", |v| phase(v) == "running");
-    assert_eq!(cluster.index_of(v["node"].as_str().unwrap()), Some(labelled), "{v}");
+    assert_eq!(
+        cluster.index_of(v["node"].as_str().unwrap()),
+        Some(labelled),
+        "{v}"
+    );
 
     // Uncordon: the node takes work again; with the w VMs gone it is the emptiest, and the
     // spread strategy picks it.
@@ -198,7 +211,11 @@ fn drain_moves_every_vm_off_a_node() {
     assert!(ok, "{err}");
     create(&cluster, 1, "spread", &["--memory", "64MiB"]);
     let v = cluster.wait_vm(1, "spread", LONG, "running", |v| phase(v) == "running");
-    assert_eq!(cluster.index_of(v["node"].as_str().unwrap()), Some(cordoned), "{v}");
+    assert_eq!(
+        cluster.index_of(v["node"].as_str().unwrap()),
+        Some(cordoned),
+        "{v}"
+    );
 }
 
 #[test]
