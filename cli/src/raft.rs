@@ -164,11 +164,26 @@ impl Cluster {
         }
     }
 
-    /// Reads the state: linearizable through the leader, or this node's copy if `stale`.
+    /// Reads the state: this node's copy if `stale`; otherwise linearizable. A follower asks
+    /// the leader for its read index, waits to have applied that far, and reads its own copy
+    /// (Raft's read-index read, served by followers), so no state crosses the network; only if
+    /// it cannot catch up in time does the leader send its copy.
     pub(crate) async fn read(&self, stale: bool) -> Result<ClusterState, ClusterError> {
         match self.node.read(stale).await {
             Ok(s) => Ok(s),
             Err(ConsensusError::NotLeader { leader }) => {
+                let bytes = self.forward(leader, SERVICE_INDEX, Vec::new()).await?;
+                let index = decode::<Result<u64, String>>(&bytes)
+                    .map_err(ClusterError::Consensus)?
+                    .map_err(ClusterError::Consensus)?;
+                let mut applied = self.node.subscribe();
+                let caught_up =
+                    tokio::time::timeout(FORWARD_TIMEOUT / 2, applied.wait_for(|a| *a >= index))
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                if caught_up {
+                    return Ok(self.node.with_local_state(ClusterState::clone));
+                }
                 let bytes = self.forward(leader, SERVICE_READ, Vec::new()).await?;
                 decode::<Result<ClusterState, String>>(&bytes)
                     .map_err(ClusterError::Consensus)?

@@ -149,13 +149,14 @@ impl Default for MachineCell {
 impl MachineCell {
     /// A cell holding `data`, with `snapshot` as the latest snapshot.
     pub fn new(data: MachineData, snapshot: Option<StoredSnapshot>) -> Self {
+        let applied = data.last_applied.map(|l| l.index).unwrap_or(0);
         MachineCell(
             Arc::new(Mutex::new(MachineInner {
                 data,
                 snapshot,
                 snapshots_built: 0,
             })),
-            Arc::new(tokio::sync::watch::channel(0).0),
+            Arc::new(tokio::sync::watch::channel(applied).0),
         )
     }
 
