@@ -398,7 +398,7 @@ pub(crate) async fn vm_get(
         Some("running") => {
             // Long poll on this node's copy: it wakes on every applied change.
             let timeout = Duration::from_millis(q.timeout_ms.unwrap_or(60_000).min(600_000));
-            let mut applied = state.cluster.node.subscribe();
+            let mut applied = state.cluster.node.subscribe_workload();
             let wait = async {
                 loop {
                     let view = state.cluster.node.with_local_state(|s| {

@@ -14,7 +14,7 @@ use crate::raft::Cluster;
 
 /// Runs until the task is dropped; does work only while this node leads.
 pub(crate) async fn run(cluster: Cluster, membership: Membership) {
-    let mut applied = cluster.node.subscribe();
+    let mut applied = cluster.node.subscribe_workload();
     let mut members = membership.watch();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

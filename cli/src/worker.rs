@@ -81,7 +81,7 @@ async fn feed_desired(
         }
     }
     tracing::info!("VMM worker caught up with the leader; reconciling");
-    let mut applied = cluster.node.subscribe();
+    let mut applied = cluster.node.subscribe_workload();
     let mut last: Option<BTreeMap<String, Wanted>> = None;
     loop {
         let desired = cluster.node.with_local_state(|s| {

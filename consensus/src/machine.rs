@@ -31,6 +31,15 @@ pub type StoreError = StorageError<u64>;
 /// The format version byte of every stored record.
 pub const RECORD_VERSION: u8 = 1;
 
+/// Whether applying `cmd` may change nodes or VMs.
+fn touches_workload(cmd: &Command) -> bool {
+    match cmd {
+        Command::Workload(_) => true,
+        Command::Batch(cmds) => cmds.iter().any(touches_workload),
+        _ => false,
+    }
+}
+
 /// Everything a snapshot holds.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineData {
@@ -138,6 +147,7 @@ struct MachineInner {
 pub struct MachineCell(
     Arc<Mutex<MachineInner>>,
     Arc<tokio::sync::watch::Sender<u64>>,
+    Arc<tokio::sync::watch::Sender<u64>>,
 );
 
 impl Default for MachineCell {
@@ -157,7 +167,14 @@ impl MachineCell {
                 snapshots_built: 0,
             })),
             Arc::new(tokio::sync::watch::channel(applied).0),
+            Arc::new(tokio::sync::watch::channel(applied).0),
         )
+    }
+
+    /// Wakes when nodes or VMs change (not on KV or config writes); the value is the applied
+    /// index of the change. What the scheduler and the VMM workers wait on.
+    pub fn subscribe_workload(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.2.subscribe()
     }
 
     /// Wakes on every change to the applied state; the value is the last applied index.
@@ -201,12 +218,21 @@ impl MachineCell {
 
     /// Applies entries in order.
     pub fn apply(&self, entries: impl IntoIterator<Item = Entry>) -> Vec<Response> {
+        let mut workload = false;
+        let entries = entries.into_iter().inspect(|e| {
+            if let EntryPayload::Normal(cmd) = &e.payload {
+                workload |= touches_workload(cmd);
+            }
+        });
         let (responses, last) = {
             let mut inner = self.lock();
             let r = inner.data.apply(entries);
             (r, inner.data.last_applied)
         };
         self.changed(last);
+        if workload {
+            self.2.send_replace(last.map(|l| l.index).unwrap_or(0));
+        }
         responses
     }
 
@@ -231,6 +257,7 @@ impl MachineCell {
             inner.snapshot = Some(snapshot);
         }
         self.changed(last);
+        self.2.send_replace(last.map(|l| l.index).unwrap_or(0));
     }
 
     /// The latest snapshot, as openraft hands them around.

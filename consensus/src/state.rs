@@ -151,7 +151,14 @@ pub enum Command {
     Workload(WorkloadCommand),
     /// A change to the cluster CA or join tokens.
     Authority(AuthorityCommand),
+    /// Several clients' commands in one log entry, applied in order, each whole or not at all
+    /// on its own: the leader groups writes that arrive together, so they share one append
+    /// and one fsync. Never nested.
+    Batch(Vec<Command>),
 }
+
+/// Most commands in one [`Command::Batch`].
+pub const MAX_BATCH: usize = 1024;
 
 /// Why a command was refused. Refused commands change nothing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -225,6 +232,8 @@ pub enum Applied {
         /// The token existed.
         existed: bool,
     },
+    /// Each command of a batch's own outcome, in order.
+    Batch(Vec<Result<Applied, CommandError>>),
 }
 
 fn check_key(key: &str) -> Result<(), CommandError> {
@@ -281,6 +290,19 @@ impl ClusterState {
             }
             Command::Workload(w) => self.validate_workload(w),
             Command::Authority(a) => self.validate_authority(a),
+            // Each command is checked when it is applied, against the state the ones before it
+            // left; the batch itself only has a shape to respect.
+            Command::Batch(cmds) => {
+                if cmds.is_empty()
+                    || cmds.len() > MAX_BATCH
+                    || cmds.iter().any(|c| matches!(c, Command::Batch(_)))
+                {
+                    return Err(CommandError::InvalidConfig(format!(
+                        "a batch holds 1 to {MAX_BATCH} commands and no batch"
+                    )));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -340,6 +362,9 @@ impl ClusterState {
                 Applied::Config { version: index }
             }
             Command::Workload(w) => Applied::Workload(self.apply_workload(index, w)),
+            Command::Batch(cmds) => {
+                Applied::Batch(cmds.iter().map(|c| self.apply(index, c)).collect())
+            }
             Command::Authority(a) => {
                 let existed = self.apply_authority(a);
                 match a {
@@ -473,6 +498,32 @@ mod tests {
         assert_eq!(s.config, (3, five));
         s.apply(4, &Command::ConfigRollback).unwrap();
         assert_eq!(s.config.1, ClusterConfig::default());
+    }
+
+    #[test]
+    fn a_batch_applies_each_command_on_its_own_in_order() {
+        let mut s = ClusterState::default();
+        let batch = Command::Batch(vec![
+            put("a", b"1", Some(0)),
+            put("a", b"2", Some(0)),
+            put("b", b"3", None),
+        ]);
+        let Ok(Applied::Batch(results)) = s.apply(4, &batch) else {
+            panic!("a batch answers per command");
+        };
+        assert_eq!(results[0], Ok(Applied::Kv { index: 4 }));
+        assert!(
+            matches!(results[1], Err(CommandError::CasMismatch { .. })),
+            "the second sees the first"
+        );
+        assert_eq!(results[2], Ok(Applied::Kv { index: 4 }));
+        assert_eq!(s.kv["a"].value, b"1");
+        for bad in [
+            Command::Batch(vec![]),
+            Command::Batch(vec![Command::Batch(vec![put("x", b"", None)])]),
+        ] {
+            assert!(s.apply(5, &bad).is_err());
+        }
     }
 
     #[test]
