@@ -62,9 +62,17 @@ times = {"host": [], "leader and host": []}
 def alive(): return next(i for i in (1, 2, 3) if procs[i].poll() is None)
 for trial in range(n):
     kind = "leader and host" if trial % 2 else "host"
+    a = alive()
+    leader = index[f'{api(a, "/v1/status")["leader"]:016x}']
+    on = index[api(a, "/v1/vms/job")["node"]]
+    if kind == "host" and on == leader:
+        # Move the VM off the leader so this trial kills a follower only.
+        follower = next(i for i in (1, 2, 3) if i != leader)
+        api(a, "/v1/vms/job", "DELETE")
+        api(a, "/v1/vms", "POST", dict(JOB, preferences=[f"node.name=n{follower}:100"]))
+        wait("job running on a follower", lambda: api(a, "/v1/vms/job")["phase"] == "running"
+             and index[api(a, "/v1/vms/job")["node"]] == follower)
     if kind == "leader and host":
-        a = alive()
-        leader = index[f'{api(a, "/v1/status")["leader"]:016x}']
         api(a, "/v1/vms/job", "DELETE")
         api(a, "/v1/vms", "POST", dict(JOB, preferences=[f"node.name=n{leader}:100"]))
         wait("job running on the leader", lambda: api(a, "/v1/vms/job")["phase"] == "running"
@@ -77,7 +85,9 @@ for trial in range(n):
     procs[host].send_signal(signal.SIGKILL); procs[host].wait()
     def moved():
         v = api(via, "/v1/vms/job?stale")
-        return v["phase"] == "running" and v["incarnation"] > vm["incarnation"]
+        # The same VM (not one deleted before), placed anew, on another node.
+        return (v["phase"] == "running" and v["create_index"] == vm["create_index"]
+                and v["incarnation"] > vm["incarnation"] and v["node"] != vm["node"])
     wait("failover", moved)
     times[kind].append(time.monotonic() - t0)
     start(host)

@@ -85,6 +85,10 @@ pub(crate) enum ClusterError {
     /// The consensus layer failed.
     #[error("{0}")]
     Consensus(String),
+    /// The leader changed while a forwarded request was in flight: a write may or may not
+    /// have been applied.
+    #[error("the leader changed while the request was in flight (a write may or may not have been applied); retry")]
+    LeaderChanged,
 }
 
 /// The agent's handle on consensus, with forwarding to the leader.
@@ -133,12 +137,28 @@ impl Cluster {
             .or(self.node.status().leader)
             .ok_or(ClusterError::NoLeader)?;
         let addr = self.leader_addr(leader).ok_or(ClusterError::NoLeader)?;
-        let request = ControlRequest::Service { service, payload };
-        match self
-            .transport
-            .request_within(addr, Some(node_id(leader)), &request, FORWARD_TIMEOUT)
-            .await
+        if self
+            .membership
+            .members()
+            .get(&node_id(leader))
+            .is_some_and(|m| matches!(m.state, MemberState::Down | MemberState::Left))
         {
+            return Err(ClusterError::NoLeader);
+        }
+        let request = ControlRequest::Service { service, payload };
+        // A leader that dies mid-request never answers: stop waiting as soon as this node
+        // learns of another leader (or of none), rather than at the timeout.
+        let mut metrics = self.node.raft.metrics();
+        let request = self
+            .transport
+            .request_within(addr, Some(node_id(leader)), &request, FORWARD_TIMEOUT);
+        let answer = tokio::select! {
+            answer = request => answer,
+            _ = metrics.wait_for(|m| m.current_leader != Some(leader)) => {
+                return Err(ClusterError::LeaderChanged);
+            }
+        };
+        match answer {
             Ok(ControlResponse::Service(bytes)) => Ok(bytes),
             Ok(ControlResponse::Failed(e)) => Err(ClusterError::Consensus(e)),
             Ok(other) => Err(ClusterError::Consensus(format!(
