@@ -215,9 +215,10 @@ pub(crate) async fn vm_delete(a: &VmNameArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) async fn node_list(api: &ApiArgs, output: Output) -> anyhow::Result<()> {
-    let nodes: Vec<NodeView> = Client::new(api)?
+    let mut nodes: Vec<NodeView> = Client::new(api)?
         .call(Method::GET, "/v1/nodes", None)
         .await?;
+    nodes.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&nodes)?),
         Output::Table => {

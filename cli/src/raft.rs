@@ -87,7 +87,9 @@ pub(crate) enum ClusterError {
     Consensus(String),
     /// The leader changed while a forwarded request was in flight: a write may or may not
     /// have been applied.
-    #[error("the leader changed while the request was in flight (a write may or may not have been applied); retry")]
+    #[error(
+        "the leader changed while the request was in flight (a write may or may not have been applied); retry"
+    )]
     LeaderChanged,
 }
 
@@ -149,9 +151,9 @@ impl Cluster {
         // A leader that dies mid-request never answers: stop waiting as soon as this node
         // learns of another leader (or of none), rather than at the timeout.
         let mut metrics = self.node.raft.metrics();
-        let request = self
-            .transport
-            .request_within(addr, Some(node_id(leader)), &request, FORWARD_TIMEOUT);
+        let request =
+            self.transport
+                .request_within(addr, Some(node_id(leader)), &request, FORWARD_TIMEOUT);
         let answer = tokio::select! {
             answer = request => answer,
             _ = metrics.wait_for(|m| m.current_leader != Some(leader)) => {
