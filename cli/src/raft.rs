@@ -215,6 +215,25 @@ impl Cluster {
         }
     }
 
+    /// Whether this node's gossip view shows a majority of the Raft voters alive (itself
+    /// included). A node that does not is cut off from the cluster, or the cluster has lost
+    /// its quorum.
+    pub(crate) fn sees_majority(&self) -> bool {
+        let status = self.node.status();
+        let members = self.membership.members();
+        let alive = status
+            .voters
+            .iter()
+            .filter(|v| {
+                **v == status.id
+                    || members
+                        .get(&node_id(**v))
+                        .is_some_and(|m| m.state == MemberState::Alive)
+            })
+            .count();
+        status.voters.is_empty() || alive * 2 > status.voters.len()
+    }
+
     /// The leader's read index: the applied index at which the leader confirmed, with a
     /// quorum, that it still leads. A node that has applied up to it is as current as the
     /// leader was when asked.

@@ -58,45 +58,80 @@ pub(crate) fn spawn(cluster: Cluster, self_id: String, config: WorkerConfig) {
     tokio::spawn(report(cluster, self_id, report_rx));
 }
 
-/// Sends the desired set to the thread whenever the applied state changes, starting once this
-/// node has caught up with the leader.
+/// Sends the desired set to the thread whenever this node's VMs change, starting once this
+/// node has caught up with the leader. While this node cannot see a majority of the voters
+/// (its gossip view counts them down or suspect for [`FENCE_AFTER`]), it is cut off and the
+/// others will place its VMs elsewhere: it stops them all (self-fencing), and after the cut
+/// heals it catches up again before it runs anything.
 async fn feed_desired(
     cluster: Cluster,
     self_id: String,
     config: WorkerConfig,
     tx: std_mpsc::Sender<Option<BTreeMap<String, Wanted>>>,
 ) {
-    // Catch up first: wait for the leader's read index, then for this node to apply it.
+    loop {
+        catch_up(&cluster).await;
+        tracing::info!("VMM worker caught up with the leader; reconciling");
+        let mut applied = cluster.node.subscribe_workload();
+        let mut check = tokio::time::interval(Duration::from_millis(250));
+        let mut cut_off_since: Option<tokio::time::Instant> = None;
+        let mut last: Option<BTreeMap<String, Wanted>> = None;
+        loop {
+            let desired = cluster.node.with_local_state(|s| {
+                s.vms_on(&self_id)
+                    .map(|vm| (vm.spec.name.clone(), resolve(vm, &config)))
+                    .collect::<BTreeMap<_, _>>()
+            });
+            if last.as_ref() != Some(&desired) {
+                if tx.send(Some(desired.clone())).is_err() {
+                    return;
+                }
+                last = Some(desired);
+            }
+            tokio::select! {
+                r = applied.changed() => if r.is_err() { return },
+                _ = check.tick() => {}
+            }
+            if cluster.sees_majority() {
+                cut_off_since = None;
+            } else if cut_off_since
+                .get_or_insert_with(tokio::time::Instant::now)
+                .elapsed()
+                >= FENCE_AFTER
+            {
+                break;
+            }
+        }
+        tracing::warn!("cut off from a majority of the voters: stopping every VM on this node");
+        if tx.send(Some(BTreeMap::new())).is_err() {
+            return;
+        }
+        while !cluster.sees_majority() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        tracing::info!("a majority of the voters is reachable again");
+    }
+}
+
+/// How long a node may see no majority of the voters before it stops its VMs. Gossip marks a
+/// silent member suspect within about a second and down 1.5 s later, and the leader replaces
+/// a node's VMs once it is down: fencing on a sustained suspicion stops the old copy before
+/// the new one starts, in the common case.
+const FENCE_AFTER: Duration = Duration::from_millis(1500);
+
+/// Waits for the leader's read index, then for this node to have applied that far.
+async fn catch_up(cluster: &Cluster) {
     loop {
         match cluster.read_index().await {
             Ok(index) => {
                 let mut applied = cluster.node.subscribe();
                 let _ = applied.wait_for(|a| *a >= index).await;
-                break;
+                return;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "worker waiting for the leader");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        }
-    }
-    tracing::info!("VMM worker caught up with the leader; reconciling");
-    let mut applied = cluster.node.subscribe_workload();
-    let mut last: Option<BTreeMap<String, Wanted>> = None;
-    loop {
-        let desired = cluster.node.with_local_state(|s| {
-            s.vms_on(&self_id)
-                .map(|vm| (vm.spec.name.clone(), resolve(vm, &config)))
-                .collect::<BTreeMap<_, _>>()
-        });
-        if last.as_ref() != Some(&desired) {
-            if tx.send(Some(desired.clone())).is_err() {
-                return;
-            }
-            last = Some(desired);
-        }
-        if applied.changed().await.is_err() {
-            return;
         }
     }
 }

@@ -375,3 +375,66 @@ fn bad_vm_input_is_refused_and_nothing_is_half_created() {
         phase(v) == "pending" && v["reason"].as_str().unwrap_or("").contains("4096")
     });
 }
+
+/// Drops every UDP packet to or from `ip` (its gossip and Raft traffic) while alive; the
+/// agent's HTTP API, on TCP, stays reachable.
+struct Partition {
+    table: String,
+}
+
+impl Partition {
+    fn cut(ip: std::net::Ipv4Addr) -> Partition {
+        let table = format!("blx_partition_{}", std::process::id());
+        let script = format!(
+            "add table inet {table}\n\
+             add chain inet {table} input {{ type filter hook input priority 0; }}\n\
+             add rule inet {table} input ip saddr {ip} meta l4proto udp drop\n\
+             add rule inet {table} input ip daddr {ip} meta l4proto udp drop\n"
+        );
+        let mut nft = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft (nftables) is needed for the partition test; make test installs it");
+        use std::io::Write;
+        nft.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        assert!(nft.wait().unwrap().success(), "nft refused the partition rules");
+        Partition { table }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
+    }
+}
+
+#[test]
+fn a_node_cut_off_from_the_cluster_stops_its_vms_while_they_run_elsewhere() {
+    let cluster = three_nodes(&[]);
+    create(&cluster, 0, "job", &[]);
+    let v = cluster.wait_vm(0, "job", LONG, "running", |v| phase(v) == "running");
+    let host = cluster.index_of(v["node"].as_str().unwrap()).unwrap();
+    let other = (host + 1) % 3;
+    assert_eq!(cluster.agents[host].workload_pids().len(), 1);
+
+    let cut = Partition::cut(cluster.ip(u8::try_from(host + 1).unwrap()));
+    tracing::info!("--- the host is cut off: the others run the VM, the host stops its copy");
+    cluster.wait_vm(other, "job", LONG, "running elsewhere", |v| {
+        phase(v) == "running" && cluster.index_of(v["node"].as_str().unwrap_or("")) != Some(host)
+    });
+    cluster.wait_or_dump(LONG, "the cut-off host stops its copy", || {
+        cluster.agents[host].workload_pids().is_empty()
+    });
+    assert!(cluster.agents[host].is_running(), "the cut-off agent itself keeps running");
+
+    drop(cut);
+    tracing::info!("--- healed: the host rejoins and still runs nothing");
+    cluster.wait_alive(3, LONG);
+    cluster.wait_raft(3, 0, LONG);
+    let v = cluster.agents[host].vm("job").unwrap();
+    assert_ne!(cluster.index_of(v["node"].as_str().unwrap()), Some(host));
+    assert!(cluster.agents[host].workload_pids().is_empty());
+}
