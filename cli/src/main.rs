@@ -7,6 +7,7 @@ mod api_vms;
 mod args;
 mod client;
 mod client_vms;
+mod console;
 mod control;
 mod controller;
 mod duration;

@@ -261,7 +261,7 @@ impl Cluster {
             .parse()
             .map_err(|_| ClusterError::Consensus(format!("bad node id {node}")))?;
         if id == self.self_id {
-            return crate::worker::console_tail(&self.run_root, vm, max)
+            return crate::console::console_tail(&self.run_root, vm, max)
                 .map_err(ClusterError::Consensus);
         }
         let addr = self
@@ -375,7 +375,7 @@ impl Cluster {
             SERVICE_LOGS => {
                 ControlResponse::Service(encode(&match decode::<(String, u64)>(payload) {
                     Ok((vm, max)) if blx_consensus::workload::valid_vm_name(&vm) => {
-                        crate::worker::console_tail(&self.run_root, &vm, max.min(MAX_LOG_TAIL))
+                        crate::console::console_tail(&self.run_root, &vm, max.min(MAX_LOG_TAIL))
                     }
                     Ok((vm, _)) => Err(format!("bad VM name {vm:?}")),
                     Err(e) => Err(format!("bad request: {e}")),

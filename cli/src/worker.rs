@@ -12,7 +12,7 @@
 //! on the strength of a stale copy of the state.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
@@ -317,20 +317,4 @@ async fn report(cluster: Cluster, self_id: String, mut rx: mpsc::UnboundedReceiv
             }
         }
     }
-}
-
-/// The tail of a VM's console log on this node, at most `max` bytes.
-pub(crate) fn console_tail(run_root: &Path, name: &str, max: u64) -> Result<Vec<u8>, String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let path = run_root.join(name).join("console.log");
-    let mut file = std::fs::File::open(&path)
-        .map_err(|e| format!("no console log for {name} on this node: {e}"))?;
-    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-    file.seek(SeekFrom::Start(len.saturating_sub(max)))
-        .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    file.take(max)
-        .read_to_end(&mut out)
-        .map_err(|e| e.to_string())?;
-    Ok(out)
 }

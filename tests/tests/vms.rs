@@ -397,8 +397,15 @@ impl Partition {
             .spawn()
             .expect("nft (nftables) is needed for the partition test; make test installs it");
         use std::io::Write;
-        nft.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
-        assert!(nft.wait().unwrap().success(), "nft refused the partition rules");
+        nft.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(
+            nft.wait().unwrap().success(),
+            "nft refused the partition rules"
+        );
         Partition { table }
     }
 }
@@ -428,7 +435,10 @@ fn a_node_cut_off_from_the_cluster_stops_its_vms_while_they_run_elsewhere() {
     cluster.wait_or_dump(LONG, "the cut-off host stops its copy", || {
         cluster.agents[host].workload_pids().is_empty()
     });
-    assert!(cluster.agents[host].is_running(), "the cut-off agent itself keeps running");
+    assert!(
+        cluster.agents[host].is_running(),
+        "the cut-off agent itself keeps running"
+    );
 
     drop(cut);
     tracing::info!("--- healed: the host rejoins and still runs nothing");
