@@ -258,6 +258,31 @@ impl Drop for Agent {
     }
 }
 
+/// One raw HTTP/1.1 request to `addr`; returns the status code and the body. For feeding the
+/// API what the CLI would never send.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to the API");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: blx\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).expect("send");
+    conn.write_all(body).expect("send");
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).expect("read");
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 /// Processes whose command line or environment names `dir`: the workloads of the agent whose
 /// data dir it is.
 pub fn workload_pids(dir: &Path) -> Vec<u32> {

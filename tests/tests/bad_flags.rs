@@ -46,6 +46,9 @@ fn bad_agent_flags_are_refused_before_anything_is_written() {
     agent_fails(&["--raft-snapshot-logs", "3"], "raft-snapshot-logs");
     agent_fails(&["--bootstrap-token-ttl", "2y"], "unit must be");
     agent_fails(&["--advertise", "0.0.0.0:7946"], "concrete address");
+    agent_fails(&["--vcpus", "0"], "vcpus");
+    agent_fails(&["--memory", "12XB"], "unit must be");
+    agent_fails(&["--accel", "xen"], "accel");
 }
 
 #[test]

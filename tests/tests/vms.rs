@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use blx_tests::{Cluster, wait_until};
+use blx_tests::{Cluster, http, wait_until};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -447,4 +447,147 @@ fn a_node_cut_off_from_the_cluster_stops_its_vms_while_they_run_elsewhere() {
     let v = cluster.agents[host].vm("job").unwrap();
     assert_ne!(cluster.index_of(v["node"].as_str().unwrap()), Some(host));
     assert!(cluster.agents[host].workload_pids().is_empty());
+}
+
+#[test]
+fn garbage_on_the_vm_and_node_routes_is_refused_with_nothing_changed() {
+    let cluster = Cluster::bootstrap();
+    cluster.wait_raft(1, 0, LONG);
+    let a = &cluster.agents[0];
+    create(&cluster, 0, "taken", &[]);
+    cluster.wait_vm(0, "taken", LONG, "running", |v| phase(v) == "running");
+    let vms_before = a.vms().unwrap();
+    let (_, nodes_before, _) = a.run(&["node", "list", "--output", "json"]);
+
+    let cases: &[(&str, &str, &str, u16, &str)] = &[
+        ("POST", "/v1/vms", "not json", 400, ""),
+        ("POST", "/v1/vms", r#"{"name":"x","bogus":1}"#, 400, "bogus"),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"x","memory_mib":"lots"}"#,
+            400,
+            "memory_mib",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"x","command":["true"],"constraints":["a>b"]}"#,
+            400,
+            "constraint",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"x","command":["true"],"restart":"sometimes"}"#,
+            400,
+            "restart policy",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"x","driver":"xen"}"#,
+            400,
+            "unknown driver",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"x","image":"../../etc"}"#,
+            400,
+            "image",
+        ),
+        (
+            "POST",
+            "/v1/vms",
+            r#"{"name":"taken","command":["true"]}"#,
+            409,
+            "already exists",
+        ),
+        ("GET", "/v1/vms/taken?wait=forever", "", 400, "wait"),
+        (
+            "GET",
+            "/v1/vms/taken?timeout_ms=-1&wait=running",
+            "",
+            400,
+            "timeout_ms",
+        ),
+        ("GET", "/v1/vms/taken/logs?bytes=abc", "", 400, "bytes"),
+        ("GET", "/v1/vms/nosuch/logs", "", 404, "no VM"),
+        (
+            "POST",
+            "/v1/vms/taken/explode",
+            "",
+            404,
+            "unknown VM action",
+        ),
+        ("POST", "/v1/vms/nosuch/stop", "", 404, "no VM"),
+        ("DELETE", "/v1/vms/nosuch", "", 404, "no VM"),
+        (
+            "POST",
+            "/v1/nodes/n1/explode",
+            "",
+            404,
+            "unknown node action",
+        ),
+        ("POST", "/v1/nodes/nosuch/drain", "", 404, "no node"),
+        ("PUT", "/v1/nodes/n1/labels", "garbage", 400, ""),
+        (
+            "PUT",
+            "/v1/nodes/n1/labels",
+            r#"{"set":{"bad key":"v"}}"#,
+            400,
+            "label",
+        ),
+        (
+            "PUT",
+            "/v1/nodes/n1/labels",
+            r#"{"set":{},"extra":1}"#,
+            400,
+            "extra",
+        ),
+    ];
+    for (method, path, body, status, expect) in cases {
+        let (got, text) = http(a.api, method, path, body.as_bytes());
+        assert_eq!(got, *status, "{method} {path} {body}: {text}");
+        assert!(
+            text.contains(expect),
+            "{method} {path} {body}: expected {expect:?} in {text}"
+        );
+    }
+    let strip = |vms: Vec<serde_json::Value>| -> Vec<(String, String, u64)> {
+        vms.iter()
+            .map(|v| {
+                (
+                    v["name"].to_string(),
+                    v["phase"].to_string(),
+                    v["incarnation"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        strip(a.vms().unwrap()),
+        strip(vms_before),
+        "refused requests changed the VMs"
+    );
+    let (_, nodes_after, _) = a.run(&["node", "list", "--output", "json"]);
+    let flags = |t: &str| -> Vec<(serde_json::Value, serde_json::Value, serde_json::Value)> {
+        serde_json::from_str::<Vec<serde_json::Value>>(t)
+            .unwrap()
+            .into_iter()
+            .map(|n| {
+                (
+                    n["labels"].clone(),
+                    n["cordoned"].clone(),
+                    n["draining"].clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        flags(&nodes_after),
+        flags(&nodes_before),
+        "refused requests changed a node"
+    );
 }
