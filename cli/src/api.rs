@@ -275,9 +275,13 @@ pub(crate) fn cluster_error(e: crate::raft::ClusterError) -> ApiError {
     ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
-fn refused(e: blx_consensus::state::CommandError) -> ApiError {
-    let status = match e {
-        blx_consensus::state::CommandError::CasMismatch { .. } => StatusCode::CONFLICT,
+/// A refused command as an HTTP answer: 409 when the state moved on or the name is taken, 404
+/// when what it names does not exist, 400 otherwise.
+pub(crate) fn refused(e: blx_consensus::state::CommandError) -> ApiError {
+    use blx_consensus::state::CommandError as E;
+    let status = match &e {
+        E::CasMismatch { .. } | E::VmExists(_) | E::Conflict(_) => StatusCode::CONFLICT,
+        E::NoSuchVm(_) | E::NoSuchNode(_) => StatusCode::NOT_FOUND,
         _ => StatusCode::BAD_REQUEST,
     };
     ApiError(status, e.to_string())

@@ -309,16 +309,6 @@ fn query(q: Query) -> Result<VmQuery, ApiError> {
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))
 }
 
-fn refused_vm(e: blx_consensus::state::CommandError) -> ApiError {
-    use blx_consensus::state::CommandError as E;
-    let status = match &e {
-        E::VmExists(_) | E::Conflict(_) => StatusCode::CONFLICT,
-        E::NoSuchVm(_) | E::NoSuchNode(_) => StatusCode::NOT_FOUND,
-        _ => StatusCode::BAD_REQUEST,
-    };
-    ApiError(status, e.to_string())
-}
-
 async fn workload(state: &ApiState, cmd: WorkloadCommand) -> Result<WorkloadApplied, ApiError> {
     match state
         .cluster
@@ -331,7 +321,7 @@ async fn workload(state: &ApiState, cmd: WorkloadCommand) -> Result<WorkloadAppl
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("unexpected result {other:?}"),
         )),
-        Err(e) => Err(refused_vm(e)),
+        Err(e) => Err(crate::api::refused(e)),
     }
 }
 
@@ -346,7 +336,7 @@ pub(crate) async fn vm_create(
         &state,
         WorkloadCommand::VmCreate {
             spec,
-            now_ms: crate::controller::now_ms(),
+            now_ms: crate::control::now_ms(),
         },
     )
     .await?;
@@ -473,7 +463,7 @@ pub(crate) async fn vm_action(
         WorkloadCommand::VmSetDesired {
             name: name.clone(),
             desired,
-            now_ms: crate::controller::now_ms(),
+            now_ms: crate::control::now_ms(),
         },
     )
     .await?;

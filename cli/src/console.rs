@@ -5,7 +5,7 @@ use std::path::Path;
 /// The tail of a VM's console log on this node, at most `max` bytes.
 pub(crate) fn console_tail(run_root: &Path, name: &str, max: u64) -> Result<Vec<u8>, String> {
     use std::io::{Read, Seek, SeekFrom};
-    let path = run_root.join(name).join("console.log");
+    let path = blx_vmm::console_log_path(run_root, name);
     let mut file = std::fs::File::open(&path)
         .map_err(|e| format!("no console log for {name} on this node: {e}"))?;
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);

@@ -42,6 +42,14 @@ pub(crate) fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Wall-clock milliseconds since the Unix epoch; the leader stamps state changes with it.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Bytes from the operating system's secure random source.
 pub(crate) fn random<const N: usize>() -> [u8; N] {
     use ring::rand::SecureRandom;

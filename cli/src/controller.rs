@@ -35,7 +35,7 @@ pub(crate) async fn run(cluster: Cluster, membership: Membership) {
                 &cluster,
                 blx_consensus::workload::WorkloadCommand::NodeSync {
                     nodes: changed,
-                    now_ms: now_ms(),
+                    now_ms: crate::control::now_ms(),
                 },
             )
             .await;
@@ -43,7 +43,7 @@ pub(crate) async fn run(cluster: Cluster, membership: Membership) {
         seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let plan = cluster
             .node
-            .with_local_state(|s| plan_schedule(s, now_ms(), seed));
+            .with_local_state(|s| plan_schedule(s, crate::control::now_ms(), seed));
         if let Some(cmd) = plan {
             propose(&cluster, cmd).await;
         }
@@ -57,14 +57,6 @@ async fn propose(cluster: &Cluster, cmd: blx_consensus::workload::WorkloadComman
         Ok(Err(e)) => tracing::debug!(error = %e, "scheduling pass refused"),
         Err(e) => tracing::debug!(error = %e, "scheduling pass not proposed"),
     }
-}
-
-/// Wall-clock milliseconds since the Unix epoch; the leader stamps state changes with it.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 /// Every member as a node record would hold it.

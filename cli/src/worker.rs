@@ -307,7 +307,7 @@ async fn report(cluster: Cluster, self_id: String, mut rx: mpsc::UnboundedReceiv
         let cmd = Command::Workload(WorkloadCommand::VmReports {
             node: self_id.clone(),
             reports: pending.values().cloned().collect(),
-            now_ms: crate::controller::now_ms(),
+            now_ms: crate::control::now_ms(),
         });
         match cluster.write(cmd).await {
             Ok(_) => pending.clear(),

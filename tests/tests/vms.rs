@@ -42,7 +42,7 @@ fn three_nodes(extra: &[&str]) -> Cluster {
 
 #[test]
 fn the_default_image_boots_in_qemu_and_obeys_stop_start_pause_resume_delete() {
-    let image = blx_vmm_image_dir().join("default/image.json");
+    let image = blx_vmm::image::default_dir().join("default/image.json");
     assert!(
         image.is_file(),
         "no default guest image at {}: run scripts/build-image.sh (make test does)",
@@ -94,15 +94,6 @@ fn the_default_image_boots_in_qemu_and_obeys_stop_start_pause_resume_delete() {
         a.workload_pids().is_empty()
     });
     assert!(a.vm("web").is_none(), "a deleted VM is still listed");
-}
-
-fn blx_vmm_image_dir() -> std::path::PathBuf {
-    std::env::var_os("BLX_IMAGE_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/blx/images")
-        })
 }
 
 #[test]

@@ -22,7 +22,7 @@ mod worker;
 mod workload;
 
 pub use reconcile::reconcile;
-pub use worker::Worker;
+pub use worker::{Worker, console_log_path};
 
 /// Which driver runs a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

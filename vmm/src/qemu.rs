@@ -275,6 +275,33 @@ impl QemuDriver {
         qmp_execute(&run_dir.join(QMP_SOCKET), command, QMP_TIMEOUT)
             .map_err(|e| DriverError::Io(format!("QMP {command} on {name}: {e}")))
     }
+
+    /// Moves a workload from phase `from` to `to` with one QMP command (`stop` or `cont`).
+    fn switch(
+        &mut self,
+        name: &str,
+        from: Phase,
+        command: &str,
+        to: Phase,
+        verb: &str,
+    ) -> Result<(), DriverError> {
+        let workload = self.workloads.get_mut(name)?;
+        if *workload.phase() != from {
+            return Err(DriverError::WrongPhase(format!(
+                "cannot {verb} {name}: it is {:?}, not {}",
+                workload.phase(),
+                if from == Phase::Running {
+                    "running"
+                } else {
+                    "paused"
+                }
+            )));
+        }
+        let run_dir = workload.run_dir().to_path_buf();
+        self.qmp(name, &run_dir, command)?;
+        self.workloads.get_mut(name)?.set_phase(to);
+        Ok(())
+    }
 }
 
 impl Driver for QemuDriver {
@@ -396,31 +423,11 @@ impl Driver for QemuDriver {
     }
 
     fn pause(&mut self, name: &str) -> Result<(), DriverError> {
-        let workload = self.workloads.get_mut(name)?;
-        if *workload.phase() != Phase::Running {
-            return Err(DriverError::WrongPhase(format!(
-                "cannot pause {name}: it is {:?}, not running",
-                workload.phase()
-            )));
-        }
-        let run_dir = workload.run_dir().to_path_buf();
-        self.qmp(name, &run_dir, "stop")?;
-        self.workloads.get_mut(name)?.set_phase(Phase::Paused);
-        Ok(())
+        self.switch(name, Phase::Running, "stop", Phase::Paused, "pause")
     }
 
     fn resume(&mut self, name: &str) -> Result<(), DriverError> {
-        let workload = self.workloads.get_mut(name)?;
-        if *workload.phase() != Phase::Paused {
-            return Err(DriverError::WrongPhase(format!(
-                "cannot resume {name}: it is {:?}, not paused",
-                workload.phase()
-            )));
-        }
-        let run_dir = workload.run_dir().to_path_buf();
-        self.qmp(name, &run_dir, "cont")?;
-        self.workloads.get_mut(name)?.set_phase(Phase::Running);
-        Ok(())
+        self.switch(name, Phase::Paused, "cont", Phase::Running, "resume")
     }
 
     fn adopt(&mut self, run_dir: &Path) -> Result<Option<Observed>, DriverError> {

@@ -22,6 +22,11 @@ use crate::{
     Action, BootSpec, Desired, Driver, DriverError, DriverKind, Observed, Phase, reconcile,
 };
 
+/// Where the worker keeps VM `name`'s serial console log under `run_root`.
+pub fn console_log_path(run_root: &Path, name: &str) -> PathBuf {
+    run_root.join(name).join(CONSOLE_LOG)
+}
+
 /// Runs this node's VMs: each [`Worker::tick`] polls the drivers, [`reconcile`]s with the
 /// desired set and applies the actions. Run directories are `<run_root>/<vm name>/`; a fresh
 /// incarnation starts with an empty console log, a restart under the same incarnation appends
@@ -130,7 +135,7 @@ impl Worker {
 
     /// `<run_root>/<name>/console.log`.
     pub fn console_log(&self, name: &str) -> PathBuf {
-        self.run_root.join(name).join(CONSOLE_LOG)
+        console_log_path(&self.run_root, name)
     }
 
     /// One round: polls the drivers, reconciles with `desired` (keyed by VM name), applies the
