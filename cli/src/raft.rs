@@ -352,9 +352,7 @@ impl Cluster {
     /// Serves a consensus service request from another member.
     pub(crate) async fn serve(&self, service: u8, payload: &[u8]) -> ControlResponse {
         match service {
-            SERVICE_RAFT => ControlResponse::Service(
-                blx_consensus::network::serve(&self.node.raft, payload).await,
-            ),
+            SERVICE_RAFT => ControlResponse::Service(self.node.serve_rpc(payload).await),
             SERVICE_WRITE => {
                 let result = match decode::<Command>(payload) {
                     Ok(cmd) => self.node.write(cmd).await.map_err(|e| e.to_string()),

@@ -8,11 +8,13 @@
 //! ```
 //!
 //! Both [`state`] and [`autopilot`] are pure: no IO, no clock, ordered collections only, so the
-//! simulator runs them as they are. Not here yet: the RocksDB log store and state machine, Raft
-//! RPC over QUIC, and the agent wiring (see the consensus issue).
+//! simulator runs them as they are. The log stores are [`rocks`] (the agent's) and [`mem`] (the
+//! simulator's), with [`durable`] saying which entries are on disk; [`network`] carries Raft RPC
+//! over any byte transport, and [`node`] puts them together for the agent.
 
 pub mod authority;
 pub mod autopilot;
+pub mod durable;
 pub mod machine;
 pub mod mem;
 pub mod network;
@@ -23,5 +25,7 @@ pub mod rocks;
 pub mod state;
 pub mod workload;
 
+#[cfg(test)]
+mod durable_cluster_test;
 #[cfg(all(test, feature = "rocks"))]
 mod store_suite;

@@ -1,5 +1,7 @@
 //! In-memory log store and state machine, for the simulator and tests. Same traits, same
-//! state machine core as the RocksDB stores; nothing survives the process.
+//! state machine core and the same durability rules as the RocksDB stores ([`crate::durable`]):
+//! a leader's own entries count as on disk only after a background "sync" task has run, and
+//! [`MemLogStore::after_power_loss`] gives what a machine's disk would hold after losing power.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -9,8 +11,11 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{
-    LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, Vote,
+    AnyError, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageIOError, Vote,
 };
+
+use crate::durable::{Durability, vote_after_restart};
 
 use crate::machine::{
     Entry, MachineCell, MachineData, Membership, Node, Response, StoreError, StoredSnapshot,
@@ -26,12 +31,68 @@ struct LogInner {
 }
 
 /// The Raft log in memory.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct MemLogStore {
     inner: Arc<Mutex<LogInner>>,
+    durability: Arc<Durability>,
+    /// While true, background syncs wait: a disk that has not flushed yet.
+    held: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for MemLogStore {
+    fn default() -> Self {
+        MemLogStore::new(0)
+    }
 }
 
 impl MemLogStore {
+    /// An empty log for node `id`.
+    pub fn new(id: u64) -> Self {
+        MemLogStore {
+            inner: Arc::default(),
+            durability: Durability::new(id, None, None),
+            held: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+
+    /// Holds background syncs back (`true`) or lets them finish (`false`): a slow disk, for
+    /// tests and the simulator.
+    pub fn hold_syncs(&self, hold: bool) {
+        self.held.send_replace(hold);
+    }
+
+    /// What of this log is "on disk"; shared with its state machine and the Raft network.
+    pub fn durability(&self) -> Arc<Durability> {
+        self.durability.clone()
+    }
+
+    /// The log a power loss would leave, as the restarted node opens it: the vote (always
+    /// saved synced, and never a committed one of its own: [`vote_after_restart`]), the entries
+    /// up to the last one on disk, and a committed index no later than that. A fresh store,
+    /// sharing nothing with this one.
+    pub fn after_power_loss(&self, id: u64) -> MemLogStore {
+        let inner = self.lock();
+        let durable = self.durability.durable();
+        let keep = durable.map_or(0, |l| l.index + 1);
+        let log: BTreeMap<u64, Entry> = inner
+            .log
+            .range(..keep)
+            .map(|(i, e)| (*i, e.clone()))
+            .collect();
+        let last = log.values().next_back().map(|e| e.log_id);
+        let vote = inner.vote.map(|v| vote_after_restart(id, v));
+        MemLogStore {
+            inner: Arc::new(Mutex::new(LogInner {
+                log,
+                vote,
+                committed: self.durability.clamp(inner.committed),
+                last_purged: inner.last_purged,
+            })),
+            durability: Durability::new(id, vote, last),
+            held: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, LogInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -74,6 +135,7 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StoreError> {
         self.lock().vote = Some(*vote);
+        self.durability.vote_saved(*vote);
         Ok(())
     }
 
@@ -99,18 +161,38 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let Some(last) = entries.last().map(|e| e.log_id) else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
+        let defer = self.durability.may_defer(&entries);
         {
             let mut inner = self.lock();
             for e in entries {
                 inner.log.insert(e.log_id.index, e);
             }
         }
+        if let Some(ticket) = self.durability.wrote(last, !defer) {
+            // The "fsync" completes once the runtime has run something else in between, and
+            // not while syncs are held.
+            let durability = self.durability.clone();
+            let mut held = self.held.subscribe();
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                let _ = held.wait_for(|h| !h).await;
+                durability.run_syncs(ticket, || Ok(()));
+            });
+        }
         callback.log_io_completed(Ok(()));
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StoreError> {
-        self.lock().log.split_off(&log_id.index);
+        let mut inner = self.lock();
+        inner.log.split_off(&log_id.index);
+        let last = inner.log.values().next_back().map(|e| e.log_id);
+        self.durability.truncated(last);
         Ok(())
     }
 
@@ -126,9 +208,19 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
 #[derive(Clone, Default)]
 pub struct MemStateMachine {
     cell: MachineCell,
+    /// The log whose entries it applies, if it is to wait for them to be on disk.
+    durability: Option<Arc<Durability>>,
 }
 
 impl MemStateMachine {
+    /// A state machine that applies an entry only once `log` has it on disk.
+    pub fn for_log(log: &MemLogStore) -> Self {
+        MemStateMachine {
+            cell: MachineCell::default(),
+            durability: Some(log.durability()),
+        }
+    }
+
     /// A copy of the cluster state as applied so far.
     pub fn state(&self) -> crate::state::ClusterState {
         self.cell.state()
@@ -155,6 +247,12 @@ impl RaftStateMachine<TypeConfig> for MemStateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if let (Some(d), Some(last)) = (&self.durability, entries.last()) {
+            d.wait(last.log_id.index)
+                .await
+                .map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?;
+        }
         Ok(self.cell.apply(entries))
     }
 

@@ -9,17 +9,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::Raft;
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{AnyError, Raft, StorageIOError};
 use serde::{Deserialize, Serialize};
 
+use crate::durable::Durability;
 use crate::machine::{Node, TypeConfig, decode, encode};
 
 /// A Raft RPC on the wire.
@@ -61,12 +62,16 @@ pub trait RpcTransport: Send + Sync + 'static {
 /// openraft's network factory over an [`RpcTransport`].
 pub struct Network<T> {
     transport: Arc<T>,
+    durability: Arc<Durability>,
 }
 
 impl<T> Network<T> {
-    /// A factory sending through `transport`.
-    pub fn new(transport: Arc<T>) -> Self {
-        Network { transport }
+    /// A factory sending through `transport` for the node whose log is `durability`.
+    pub fn new(transport: Arc<T>, durability: Arc<Durability>) -> Self {
+        Network {
+            transport,
+            durability,
+        }
     }
 }
 
@@ -75,6 +80,7 @@ pub struct Peer<T> {
     target: u64,
     addr: Option<SocketAddr>,
     transport: Arc<T>,
+    durability: Arc<Durability>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +95,7 @@ impl<T: RpcTransport> RaftNetworkFactory<TypeConfig> for Network<T> {
             target,
             addr: node.addr.parse().ok(),
             transport: self.transport.clone(),
+            durability: self.durability.clone(),
         }
     }
 }
@@ -131,9 +138,11 @@ impl<T: RpcTransport> Peer<T> {
 impl<T: RpcTransport> RaftNetwork<TypeConfig> for Peer<T> {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Node, RaftError<u64>>> {
+        // Never tell a follower to apply what this leader could still lose.
+        rpc.leader_commit = self.durability.clamp(rpc.leader_commit);
         match self.exchange(RaftRequest::Append(rpc), &option).await? {
             RaftReply::Append(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -177,10 +186,33 @@ pub fn decode_request(bytes: &[u8]) -> Result<RaftRequest, String> {
     decode(bytes)
 }
 
-/// The server side: hands one encoded request to the local Raft and encodes its answer.
-pub async fn serve(raft: &Raft<TypeConfig>, payload: &[u8]) -> Vec<u8> {
+/// The server side: hands one encoded request to the local Raft and encodes its answer. An
+/// append is acknowledged only once what the answer claims is on this node's disk.
+pub async fn serve(raft: &Raft<TypeConfig>, durability: &Durability, payload: &[u8]) -> Vec<u8> {
     let reply = match decode_request(payload) {
-        Ok(RaftRequest::Append(rpc)) => RaftReply::Append(raft.append_entries(rpc).await),
+        Ok(RaftRequest::Append(rpc)) => {
+            let upto = rpc
+                .entries
+                .last()
+                .map(|e| e.log_id)
+                .or(rpc.prev_log_id)
+                .map(|l| l.index);
+            let reply = raft.append_entries(rpc).await;
+            let claimed = match &reply {
+                Ok(AppendEntriesResponse::Success) => upto,
+                Ok(AppendEntriesResponse::PartialSuccess(matching)) => matching.map(|l| l.index),
+                _ => None,
+            };
+            match claimed {
+                Some(index) => match durability.wait(index).await {
+                    Ok(()) => RaftReply::Append(reply),
+                    Err(e) => RaftReply::Append(Err(RaftError::Fatal(Fatal::StorageError(
+                        StorageIOError::write_logs(AnyError::error(e)).into(),
+                    )))),
+                },
+                None => RaftReply::Append(reply),
+            }
+        }
         Ok(RaftRequest::Vote(rpc)) => RaftReply::Vote(raft.vote(rpc).await),
         Ok(RaftRequest::Snapshot(rpc)) => RaftReply::Snapshot(raft.install_snapshot(rpc).await),
         Err(e) => RaftReply::Malformed(e),

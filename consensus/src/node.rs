@@ -66,6 +66,7 @@ pub struct ConsensusNode {
     /// The openraft handle.
     pub raft: Raft<TypeConfig>,
     machine: RocksStateMachine,
+    durability: Arc<crate::durable::Durability>,
     id: u64,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     permits: Arc<tokio::sync::Semaphore>,
@@ -178,11 +179,12 @@ impl ConsensusNode {
         config: openraft::Config,
         transport: Arc<T>,
     ) -> Result<Self, ConsensusError> {
-        let (log, machine) = crate::rocks::open(dir)?;
+        let (log, machine) = crate::rocks::open(dir, id)?;
+        let durability = log.durability();
         let raft = Raft::new(
             id,
             Arc::new(config),
-            Network::new(transport),
+            Network::new(transport, durability.clone()),
             log,
             machine.clone(),
         )
@@ -194,10 +196,16 @@ impl ConsensusNode {
         Ok(ConsensusNode {
             raft,
             machine,
+            durability,
             id,
             proposals,
             permits,
         })
+    }
+
+    /// Answers a Raft RPC from another member (an encoded [`crate::network::RaftRequest`]).
+    pub async fn serve_rpc(&self, payload: &[u8]) -> Vec<u8> {
+        crate::network::serve(&self.raft, &self.durability, payload).await
     }
 
     /// Makes this node the single voter of a new group. Only the cluster's first agent calls

@@ -1,6 +1,8 @@
 //! RocksDB log store and state machine: one database per agent, with column families for the
 //! Raft log (`log`, keyed by big-endian index), vote and log metadata (`meta`), and the state
-//! machine's latest snapshot (`machine`). Every write is synced before it is acknowledged.
+//! machine's latest snapshot (`machine`). Every write is synced before it is acknowledged,
+//! except a leader's own new entries, which are synced in the background while they are
+//! replicated; [`crate::durable`] says why that is safe.
 //!
 //! The state machine lives in memory and is rebuilt on start from its snapshot plus the
 //! committed log after it, which openraft replays; building a snapshot persists it and lets
@@ -21,6 +23,7 @@ use rocksdb::{
     ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions,
 };
 
+use crate::durable::Durability;
 use crate::machine::{
     Entry, MachineCell, MachineData, Membership, Node, Response, StoreError, StoredSnapshot,
     TypeConfig, decode, encode,
@@ -44,8 +47,9 @@ fn synced() -> WriteOptions {
     w
 }
 
-/// Opens (creating if needed) the database under `path` and returns its two halves.
-pub fn open(path: &Path) -> Result<(RocksLogStore, RocksStateMachine), StoreError> {
+/// Opens (creating if needed) the database of node `id` under `path` and returns its two
+/// halves.
+pub fn open(path: &Path, id: u64) -> Result<(RocksLogStore, RocksStateMachine), StoreError> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
@@ -54,17 +58,53 @@ pub fn open(path: &Path) -> Result<(RocksLogStore, RocksStateMachine), StoreErro
     let db = Arc::new(
         DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StorageIOError::write(io(e)))?,
     );
-    let machine = RocksStateMachine::load(db.clone())?;
-    Ok((RocksLogStore { db }, machine))
+    let mut log = RocksLogStore {
+        db: db.clone(),
+        durability: Durability::new(id, None, None),
+    };
+    let mut vote = log.get_meta::<Vote<u64>>(KEY_VOTE)?;
+    if let Some(saved) = vote {
+        let restarted = crate::durable::vote_after_restart(id, saved);
+        if restarted != saved {
+            log.put_meta(KEY_VOTE, &restarted)?;
+            vote = Some(restarted);
+        }
+    }
+    let last = log.last_log_id()?;
+    log.durability = Durability::new(id, vote, last);
+    let machine = RocksStateMachine::load(db, log.durability.clone())?;
+    Ok((log, machine))
 }
 
 /// The Raft log in RocksDB.
 #[derive(Clone)]
 pub struct RocksLogStore {
     db: Arc<DB>,
+    durability: Arc<Durability>,
 }
 
 impl RocksLogStore {
+    /// What of this log is on disk; shared with its state machine and the Raft network.
+    pub fn durability(&self) -> Arc<Durability> {
+        self.durability.clone()
+    }
+
+    /// The last entry in the log, if it holds any.
+    fn last_log_id(&self) -> Result<Option<LogId<u64>>, StoreError> {
+        match self
+            .db
+            .iterator_cf(self.cf(CF_LOG), IteratorMode::End)
+            .next()
+        {
+            Some(item) => {
+                let (_, v) = item.map_err(|e| StorageIOError::read_logs(io(e)))?;
+                let entry: Entry = decode(&v).map_err(|e| StorageIOError::read_logs(io(e)))?;
+                Ok(Some(entry.log_id))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(name)
@@ -130,18 +170,7 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StoreError> {
         let last_purged: Option<LogId<u64>> = self.get_meta(KEY_PURGED)?;
-        let last = match self
-            .db
-            .iterator_cf(self.cf(CF_LOG), IteratorMode::End)
-            .next()
-        {
-            Some(item) => {
-                let (_, v) = item.map_err(|e| StorageIOError::read_logs(io(e)))?;
-                let entry: Entry = decode(&v).map_err(|e| StorageIOError::read_logs(io(e)))?;
-                Some(entry.log_id)
-            }
-            None => last_purged,
-        };
+        let last = self.last_log_id()?.or(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
@@ -153,7 +182,9 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StoreError> {
-        self.put_meta(KEY_VOTE, vote)
+        self.put_meta(KEY_VOTE, vote)?;
+        self.durability.vote_saved(*vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StoreError> {
@@ -183,17 +214,33 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let Some(last) = entries.last().map(|e| e.log_id) else {
+            callback.log_io_completed(Ok(()));
+            return Ok(());
+        };
+        let defer = self.durability.may_defer(&entries);
         let mut batch = WriteBatch::default();
-        for e in entries {
-            batch.put_cf(self.cf(CF_LOG), e.log_id.index.to_be_bytes(), encode(&e));
+        for e in &entries {
+            batch.put_cf(self.cf(CF_LOG), e.log_id.index.to_be_bytes(), encode(e));
         }
-        let result = self.db.write_opt(batch, &synced());
-        let done = result
-            .as_ref()
-            .map(|_| ())
-            .map_err(|e| std::io::Error::other(e.to_string()));
-        callback.log_io_completed(done);
-        result.map_err(|e| StorageIOError::write_logs(io(e)).into())
+        let options = if defer {
+            WriteOptions::default()
+        } else {
+            synced()
+        };
+        if let Err(e) = self.db.write_opt(batch, &options) {
+            callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+            return Err(StorageIOError::write_logs(io(e)).into());
+        }
+        if let Some(ticket) = self.durability.wrote(last, !defer) {
+            let (db, durability) = (self.db.clone(), self.durability.clone());
+            tokio::task::spawn_blocking(move || {
+                durability.run_syncs(ticket, || db.flush_wal(true).map_err(|e| e.to_string()))
+            });
+        }
+        callback.log_io_completed(Ok(()));
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StoreError> {
@@ -205,7 +252,10 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         );
         self.db
             .write_opt(batch, &synced())
-            .map_err(|e| StorageIOError::write_logs(io(e)).into())
+            .map_err(|e| StorageIOError::write_logs(io(e)))?;
+        // The synced write put everything before it on disk too.
+        self.durability.truncated(self.last_log_id()?);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StoreError> {
@@ -229,10 +279,11 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
 pub struct RocksStateMachine {
     db: Arc<DB>,
     cell: MachineCell,
+    durability: Arc<Durability>,
 }
 
 impl RocksStateMachine {
-    fn load(db: Arc<DB>) -> Result<Self, StoreError> {
+    fn load(db: Arc<DB>, durability: Arc<Durability>) -> Result<Self, StoreError> {
         let cf = db
             .cf_handle(CF_MACHINE)
             .expect("column families are created on open");
@@ -252,6 +303,7 @@ impl RocksStateMachine {
         Ok(RocksStateMachine {
             db,
             cell: MachineCell::new(data, snapshot),
+            durability,
         })
     }
 
@@ -309,6 +361,13 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if let Some(last) = entries.last() {
+            self.durability
+                .wait(last.log_id.index)
+                .await
+                .map_err(|e| StorageIOError::write_logs(io(e)))?;
+        }
         Ok(self.cell.apply(entries))
     }
 

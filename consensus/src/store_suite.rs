@@ -24,7 +24,7 @@ impl StoreBuilder<TypeConfig, RocksLogStore, RocksStateMachine, tempfile::TempDi
         &self,
     ) -> Result<(tempfile::TempDir, RocksLogStore, RocksStateMachine), StorageError<u64>> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (log, sm) = crate::rocks::open(dir.path())?;
+        let (log, sm) = crate::rocks::open(dir.path(), 0)?;
         Ok((dir, log, sm))
     }
 }
