@@ -52,7 +52,7 @@ start(1)
 wait("token", lambda: open(f"{work}/n1.out").read().strip())
 token = open(f"{work}/n1.out").read().split()[0]
 for i in (2, 3): start(i, ["--token", token, "--seed", "127.0.0.71:7946"])
-wait("3 voters", lambda: len(api(1, "/v1/status")["voters"]) == 3)
+wait("3 voters", lambda: len(api(1, "/v1/status")["voters"]) == 3 and not api(1, "/v1/status")["changing"])
 node_ids = {i: open(f"{work}/n{i}/node-id").read().strip() for i in (1, 2, 3)}
 index = {v: k for k, v in node_ids.items()}
 JOB = {"name": "job", "ready_marker": "READY", "command": ["sh", "-c", "echo READY; exec sleep 3600"]}
@@ -92,7 +92,7 @@ for trial in range(n):
     times[kind].append(time.monotonic() - t0)
     start(host)
     wait("restarted agent alive", lambda: sum(m["state"] == "alive" for m in api(via, "/v1/members")) == 3)
-    wait("raft back to 3 voters", lambda: len(api(via, "/v1/status")["voters"]) == 3 and api(via, "/v1/status")["leader"] is not None)
+    wait("raft back to 3 voters", lambda: len(api(via, "/v1/status")["voters"]) == 3 and not api(via, "/v1/status")["changing"] and api(via, "/v1/status")["leader"] is not None)
     print(f"trial {trial + 1}: killed n{host} ({kind}), running again after {times[kind][-1]:.2f} s", file=sys.stderr)
 def row(name, ts):
     ts = sorted(ts)

@@ -40,7 +40,7 @@ until [ -s "$work/blx1.out" ]; do sleep 0.05; done
 token=$(head -n1 "$work/blx1.out")
 start_blx 2 --token "$token" --seed 127.0.0.41:7946
 start_blx 3 --token "$token" --seed 127.0.0.41:7946
-voters() { "$blx" status -o json --api 127.0.0.41:7947 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(len(s["voters"]) if s["role"]=="leader" else 0)' 2>/dev/null || echo 0; }
+voters() { "$blx" status -o json --api 127.0.0.41:7947 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(len(s["voters"]) if s["role"]=="leader" and not s["changing"] else 0)' 2>/dev/null || echo 0; }
 until [ "$(voters)" = 3 ]; do sleep 0.2; done
 printf 'wrk.method = "PUT"\nwrk.body = "%s"\n' "$val" >"$work/blx.lua"
 

@@ -34,7 +34,9 @@ echo "== blx: 3 agents on loopback; member table from n1 (blx members --api 127.
 "$blx" members --api 127.0.0.11:7947
 for _ in $(seq 300); do
   s=$("$blx" status -o json --api 127.0.0.11:7947 2>/dev/null || true)
-  [ "$(echo "$s" | tr -d ' \n' | grep -o '"voters":\[[0-9,]*\]' | tr -cd ',' | wc -c)" = 2 ] && break; sleep 0.1
+  s=$(echo "$s" | tr -d ' \n')
+  [ "$(echo "$s" | grep -o '"voters":\[[0-9,]*\]' | tr -cd ',' | wc -c)" = 2 ] && echo "$s" | grep -q '"changing":false' && break
+  sleep 0.1
 done
 echo "== Raft group, built by the autopilot with no operator step (blx status):"
 "$blx" status --api 127.0.0.11:7947

@@ -243,7 +243,12 @@ pub(crate) async fn status(api: &ApiArgs, output: Output) -> anyhow::Result<()> 
             );
             println!("term      {}", s["term"]);
             println!("applied   {}", s["applied_index"]);
-            println!("voters    {}", ids(&s["voters"]));
+            let changing = if s["changing"] == true {
+                " (changing)"
+            } else {
+                ""
+            };
+            println!("voters    {}{changing}", ids(&s["voters"]));
             println!("learners  {}", ids(&s["learners"]));
         }
     }

@@ -50,8 +50,11 @@ pub struct Status {
     pub last_log_index: u64,
     /// Leader, follower, learner or candidate.
     pub role: String,
-    /// Voter ids.
+    /// Voter ids; during a voter change, the old and the new voters together.
     pub voters: BTreeSet<u64>,
+    /// A voter change is under way (joint consensus): until it ends, a quorum of the old
+    /// voters is needed as well as one of the new.
+    pub changing: bool,
     /// Learner ids.
     pub learners: BTreeSet<u64>,
     /// Index of the latest snapshot.
@@ -306,6 +309,7 @@ impl ConsensusNode {
             last_log_index: m.last_log_index.unwrap_or(0),
             role: format!("{:?}", m.state).to_lowercase(),
             voters,
+            changing: membership.get_joint_config().len() > 1,
             learners,
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),

@@ -346,6 +346,18 @@ pub struct Cluster {
     pub root: tempfile::TempDir,
 }
 
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() && std::env::var_os("BLX_KEEP").is_some() {
+            self.root.disable_cleanup(true);
+            eprintln!(
+                "BLX_KEEP: data dirs and logs kept in {}",
+                self.root.path().display()
+            );
+        }
+    }
+}
+
 impl Cluster {
     /// Bootstraps one agent and waits for its token.
     pub fn bootstrap() -> Cluster {
@@ -465,7 +477,9 @@ impl Cluster {
                 let Some((i, leader)) = running.iter().find(|(_, s)| s["role"] == "leader") else {
                     return false;
                 };
-                let ok = leader["voters"].as_array().map(Vec::len) == Some(voters)
+                // Voters counted mid-change include the old ones, which are still needed.
+                let ok = leader["changing"] == false
+                    && leader["voters"].as_array().map(Vec::len) == Some(voters)
                     && leader["learners"].as_array().map(Vec::len) == Some(learners);
                 leader_index = *i;
                 ok && running.iter().all(|(_, s)| s["leader"] == leader["id"])
