@@ -6,6 +6,8 @@
 #
 # For 1 and 64 keep-alive connections, prints writes/s, p50 and p99 latency of PUTs of a
 # 64-byte value (blx: PUT /v1/kv/bench; etcd: POST /v3/kv/put through its JSON gateway).
+# Twice: with each member's default threads (one per core, for both), then with one thread per
+# member for both (blx --threads 1, etcd GOMAXPROCS=1), since the six members share the cores.
 set -euo pipefail
 blx=${1:?usage: $0 BLX_BIN [SECONDS]}; D=${2:-10}
 for t in etcd etcdctl wrk python3; do command -v $t >/dev/null || { echo "missing $t: scripts/setup.sh bench" >&2; exit 2; }; done
@@ -29,45 +31,60 @@ print(f"{rps:.0f} {p50:.2f} {p99:.2f} {e.group(1) if e else 0}")
 PY
 }
 
-# ---- blx ---------------------------------------------------------------------------------------
-start_blx() { # i [args]
-  local i=$1; shift
-  "$blx" agent --data-dir "$work/blx$i" --bind "127.0.0.$((40+i)):7946" --api "127.0.0.$((40+i)):7947" --name "b$i" --no-mdns "$@" \
-    >"$work/blx$i.out" 2>"$work/blx$i.log" &
+# ---- blx ----------------------------------------------------------------------------------------
+start_blx() { # dir i [args]
+  local d=$1 i=$2; shift 2
+  "$blx" agent --data-dir "$d/blx$i" --bind "127.0.0.$((40+i)):7946" --api "127.0.0.$((40+i)):7947" --name "b$i" --no-mdns "$@" \
+    >"$d/blx$i.out" 2>"$d/blx$i.log" & disown
 }
-start_blx 1
-until [ -s "$work/blx1.out" ]; do sleep 0.05; done
-token=$(head -n1 "$work/blx1.out")
-start_blx 2 --token "$token" --seed 127.0.0.41:7946
-start_blx 3 --token "$token" --seed 127.0.0.41:7946
 voters() { "$blx" status -o json --api 127.0.0.41:7947 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(len(s["voters"]) if s["role"]=="leader" and not s["changing"] else 0)' 2>/dev/null || echo 0; }
-until [ "$(voters)" = 3 ]; do sleep 0.2; done
+blx_cluster() { # dir [agent args]
+  local d=$1; shift
+  start_blx "$d" 1 "$@"
+  until [ -s "$d/blx1.out" ]; do sleep 0.05; done
+  local token; token=$(head -n1 "$d/blx1.out")
+  start_blx "$d" 2 --token "$token" --seed 127.0.0.41:7946 "$@"
+  start_blx "$d" 3 --token "$token" --seed 127.0.0.41:7946 "$@"
+  until [ "$(voters)" = 3 ]; do sleep 0.2; done
+}
 printf 'wrk.method = "PUT"\nwrk.body = "%s"\n' "$val" >"$work/blx.lua"
 
-# ---- etcd --------------------------------------------------------------------------------------
-cluster="e1=http://127.0.0.1:12380,e2=http://127.0.0.1:22380,e3=http://127.0.0.1:32380"
-for i in 1 2 3; do
-  etcd --name "e$i" --data-dir "$work/e$i" \
-    --listen-client-urls "http://127.0.0.1:${i}2379" --advertise-client-urls "http://127.0.0.1:${i}2379" \
-    --listen-peer-urls "http://127.0.0.1:${i}2380" --initial-advertise-peer-urls "http://127.0.0.1:${i}2380" \
-    --initial-cluster "$cluster" --initial-cluster-state new --log-level error >"$work/e$i.log" 2>&1 &
-done
-eps="127.0.0.1:12379,127.0.0.1:22379,127.0.0.1:32379"
-until ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status >/dev/null 2>&1; do sleep 0.2; done
-eleader=$(ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status -w json | python3 -c '
+# ---- etcd ---------------------------------------------------------------------------------------
+etcd_cluster() { # dir -> the leader's client address in $eleader
+  local d=$1 cluster="e1=http://127.0.0.1:12380,e2=http://127.0.0.1:22380,e3=http://127.0.0.1:32380"
+  for i in 1 2 3; do
+    etcd --name "e$i" --data-dir "$d/e$i" \
+      --listen-client-urls "http://127.0.0.1:${i}2379" --advertise-client-urls "http://127.0.0.1:${i}2379" \
+      --listen-peer-urls "http://127.0.0.1:${i}2380" --initial-advertise-peer-urls "http://127.0.0.1:${i}2380" \
+      --initial-cluster "$cluster" --initial-cluster-state new --log-level error >"$d/e$i.log" 2>&1 & disown
+  done
+  local eps="127.0.0.1:12379,127.0.0.1:22379,127.0.0.1:32379"
+  until ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status >/dev/null 2>&1; do sleep 0.2; done
+  eleader=$(ETCDCTL_API=3 etcdctl --endpoints "$eps" endpoint status -w json | python3 -c '
 import json,sys
 for e in json.load(sys.stdin):
     if e["Status"]["header"]["member_id"] == e["Status"]["leader"]: print(e["Endpoint"])')
+}
 printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = %s\n' \
   "'{\"key\":\"$(printf bench | base64)\",\"value\":\"$val\"}'" >"$work/etcd.lua"
 
 echo "raft write benchmark: 3 members each on 127.0.0.1, wrk ${D}s per row, $(nproc) cores"
 echo
-echo "| system | connections | writes/s | p50 (ms) | p99 (ms) | errors |"
-echo "|---|---|---|---|---|---|"
-for c in 1 64; do
-  read -r r p50 p99 e < <(run_wrk "$c" "http://127.0.0.41:7947/v1/kv/bench" "$work/blx.lua")
-  echo "| blx  | $c | $r | $p50 | $p99 | $e |"
-  read -r r p50 p99 e < <(run_wrk "$c" "http://$eleader/v3/kv/put" "$work/etcd.lua")
-  echo "| etcd | $c | $r | $p50 | $p99 | $e |"
+echo "| threads per member | system | connections | writes/s | p50 (ms) | p99 (ms) | errors |"
+echo "|---|---|---|---|---|---|---|"
+for threads in default 1; do
+  d="$work/$threads"; mkdir -p "$d"
+  if [ "$threads" = default ]; then
+    blx_cluster "$d"; etcd_cluster "$d"
+  else
+    blx_cluster "$d" --threads 1; GOMAXPROCS=1 etcd_cluster "$d"
+  fi
+  for c in 1 64; do
+    read -r r p50 p99 e < <(run_wrk "$c" "http://127.0.0.41:7947/v1/kv/bench" "$work/blx.lua")
+    echo "| $threads | blx  | $c | $r | $p50 | $p99 | $e |"
+    read -r r p50 p99 e < <(run_wrk "$c" "http://$eleader/v3/kv/put" "$work/etcd.lua")
+    echo "| $threads | etcd | $c | $r | $p50 | $p99 | $e |"
+  done
+  pkill -9 -f -- "$d/" || true
+  while pgrep -f -- "$d/" >/dev/null; do sleep 0.1; done
 done

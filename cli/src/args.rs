@@ -496,6 +496,20 @@ pub(crate) struct AgentArgs {
     /// QEMU acceleration: probe KVM with a test boot and fall back to TCG (auto), or force one.
     #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
     pub(crate) accel: AccelArg,
+    /// Async worker threads (default: one per core). Agents that share a machine, as in a
+    /// local test cluster, do better with 1 each than fighting over every core.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub(crate) threads: Option<u16>,
+}
+
+impl Command {
+    /// The async worker threads this command asks for, if it says.
+    pub(crate) fn threads(&self) -> Option<usize> {
+        match self {
+            Command::Agent(a) | Command::Join { agent: a, .. } => a.threads.map(usize::from),
+            _ => None,
+        }
+    }
 }
 
 /// `--accel`.

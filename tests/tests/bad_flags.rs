@@ -49,6 +49,7 @@ fn bad_agent_flags_are_refused_before_anything_is_written() {
     agent_fails(&["--vcpus", "0"], "vcpus");
     agent_fails(&["--memory", "12XB"], "unit must be");
     agent_fails(&["--accel", "xen"], "accel");
+    agent_fails(&["--threads", "0"], "threads");
 }
 
 #[test]
