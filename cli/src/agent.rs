@@ -228,6 +228,10 @@ async fn step_down(node: &ConsensusNode) {
         .copied()
         .filter(|v| *v != status.id)
         .collect();
+    if !node.membership_settled(Duration::from_secs(5)).await {
+        tracing::warn!("could not hand leadership over: a voter change is still being applied");
+        return;
+    }
     let change = node
         .raft
         .change_membership(openraft::ChangeMembers::ReplaceAllVoters(others), false);

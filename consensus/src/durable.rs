@@ -34,6 +34,9 @@ pub struct Durability {
     id: u64,
     marks: Mutex<Marks>,
     on_disk: watch::Sender<OnDisk>,
+    /// Counts the times the disk caught up with a commit index that [`Durability::clamp`]
+    /// had to lower, so the leader can tell followers at once instead of at its next heartbeat.
+    released: watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -48,12 +51,17 @@ struct Marks {
     epoch: u64,
     /// A background sync is running and will look at `written` again before it stops.
     syncing: bool,
+    /// The highest commit index `clamp` lowered and that is not on disk yet.
+    held_commit: Option<u64>,
 }
 
 /// What waiters see.
 #[derive(Clone, Debug, Default)]
 struct OnDisk {
+    /// The last index on disk.
     index: Option<u64>,
+    /// The last index written (it falls with a truncation).
+    written: Option<u64>,
     failed: Option<String>,
 }
 
@@ -69,6 +77,7 @@ impl Durability {
     pub fn new(id: u64, vote: Option<Vote<u64>>, last: Option<LogId<u64>>) -> Arc<Self> {
         let on_disk = OnDisk {
             index: last.map(|l| l.index),
+            written: last.map(|l| l.index),
             failed: None,
         };
         Arc::new(Durability {
@@ -80,6 +89,7 @@ impl Durability {
                 ..Marks::default()
             }),
             on_disk: watch::Sender::new(on_disk),
+            released: watch::Sender::new(0),
         })
     }
 
@@ -115,10 +125,9 @@ impl Durability {
         marks.written = Some(last);
         if synced {
             marks.durable = Some(last);
-            self.publish(&marks);
-            return None;
         }
-        if marks.syncing {
+        self.publish(&mut marks);
+        if synced || marks.syncing {
             return None;
         }
         marks.syncing = true;
@@ -134,7 +143,7 @@ impl Durability {
         marks.written = last;
         marks.durable = last;
         marks.epoch += 1;
-        self.publish(&marks);
+        self.publish(&mut marks);
     }
 
     /// Runs background syncs until everything written is on disk, starting with `ticket`.
@@ -158,7 +167,7 @@ impl Durability {
         if ticket.epoch == marks.epoch && Some(ticket.target.index) > marks.durable.map(|l| l.index)
         {
             marks.durable = Some(ticket.target);
-            self.publish(&marks);
+            self.publish(&mut marks);
         }
         match marks.written {
             Some(w) if Some(w.index) > marks.durable.map(|l| l.index) => Some(SyncTicket {
@@ -172,13 +181,24 @@ impl Durability {
         }
     }
 
-    fn publish(&self, marks: &Marks) {
+    fn publish(&self, marks: &mut Marks) {
         let index = marks.durable.map(|l| l.index);
+        let written = marks.written.map(|l| l.index);
         self.on_disk.send_if_modified(|d| {
-            let changed = d.index != index;
+            let changed = d.index != index || d.written != written;
             d.index = index;
+            d.written = written;
             changed
         });
+        if marks.held_commit.is_some() && marks.held_commit <= index {
+            marks.held_commit = None;
+            self.released.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Changes each time the disk catches up with a commit index that had to be lowered.
+    pub fn released(&self) -> watch::Receiver<u64> {
+        self.released.subscribe()
     }
 
     /// The last entry on disk.
@@ -188,9 +208,11 @@ impl Durability {
 
     /// `commit`, lowered to the last entry on disk: the commit index this node may tell others.
     pub fn clamp(&self, commit: Option<LogId<u64>>) -> Option<LogId<u64>> {
-        let durable = self.durable();
-        if commit.map(|l| l.index) > durable.map(|l| l.index) {
-            durable
+        let mut marks = self.lock();
+        let index = commit.map(|l| l.index);
+        if index > marks.durable.map(|l| l.index) {
+            marks.held_commit = marks.held_commit.max(index);
+            marks.durable
         } else {
             commit
         }
@@ -198,14 +220,11 @@ impl Durability {
 
     /// Waits until the entry at `index` and all before it are on disk, as far as they were
     /// written through this log: an index past the last write waits only for that write.
+    /// A truncation lowers that last write, so a waiter never outlives the entries it waits for.
     pub async fn wait(&self, index: u64) -> Result<(), String> {
-        let target = match self.lock().written {
-            Some(w) => index.min(w.index),
-            None => return Ok(()),
-        };
         let mut rx = self.on_disk.subscribe();
         let seen = rx
-            .wait_for(|d| d.failed.is_some() || d.index >= Some(target))
+            .wait_for(|d| d.failed.is_some() || d.index >= d.written.map(|w| w.min(index)))
             .await
             .map_err(|_| "log store closed".to_string())?;
         match &seen.failed {

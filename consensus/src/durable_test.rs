@@ -162,3 +162,39 @@ fn a_restarted_leader_does_not_resume_its_term() {
     let campaign = Vote::new(6, ME);
     assert_eq!(super::vote_after_restart(ME, campaign), campaign);
 }
+
+#[tokio::test]
+async fn a_held_back_commit_is_released_once_the_disk_catches_up() {
+    let d = leading(1);
+    let mut released = d.released();
+    let ticket = d.wrote(id(1, ME, 5), false).expect("sync");
+    // Not lowered: nothing to announce later.
+    assert_eq!(d.clamp(Some(id(1, ME, 3))), Some(id(1, ME, 3)));
+    assert!(!released.has_changed().expect("open"));
+    // Lowered: announced once the sync lands.
+    assert_eq!(d.clamp(Some(id(1, ME, 5))), Some(id(1, ME, 3)));
+    assert!(!released.has_changed().expect("open"));
+    d.run_syncs(ticket, || Ok(()));
+    assert!(released.has_changed().expect("open"));
+    released.mark_unchanged();
+    // Nothing held back any more: a later sync announces nothing.
+    let ticket = d.wrote(id(1, ME, 6), false).expect("sync");
+    d.run_syncs(ticket, || Ok(()));
+    assert!(!released.has_changed().expect("open"));
+}
+
+#[tokio::test]
+async fn a_waiter_for_entries_a_truncation_removed_is_let_go() {
+    let d = leading(1);
+    let _ticket = d.wrote(id(1, ME, 10), false).expect("sync");
+    let waiter = {
+        let d = d.clone();
+        tokio::spawn(async move { d.wait(10).await })
+    };
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished());
+    // A later leader cuts the log back to 8 (synced): nothing up to 10 is left to wait for.
+    d.truncated(Some(id(1, ME, 8)));
+    let done = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+    assert_eq!(done.expect("the waiter is let go").expect("joined"), Ok(()));
+}

@@ -143,6 +143,20 @@ async fn propose_in_batches(
     }
 }
 
+/// When the leader's disk catches up with a commit index it had to hold back from followers,
+/// sends it at once rather than at the next heartbeat, so followers apply without delay.
+async fn announce_released_commits(
+    raft: Raft<TypeConfig>,
+    mut released: tokio::sync::watch::Receiver<u64>,
+) {
+    while released.changed().await.is_ok() {
+        let leading = raft.metrics().borrow().state == ServerState::Leader;
+        if leading && raft.trigger().heartbeat().await.is_err() {
+            return;
+        }
+    }
+}
+
 async fn client_write(raft: &Raft<TypeConfig>, cmd: Command) -> Result<Response, ConsensusError> {
     match raft.client_write(cmd).await {
         Ok(r) => Ok(r.data),
@@ -193,6 +207,10 @@ impl ConsensusNode {
         )
         .await
         .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        tokio::spawn(announce_released_commits(
+            raft.clone(),
+            durability.released(),
+        ));
         let (proposals, rx) = tokio::sync::mpsc::channel(4 * crate::state::MAX_BATCH);
         let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
         tokio::spawn(propose_in_batches(raft.clone(), permits.clone(), rx));
@@ -204,6 +222,24 @@ impl ConsensusNode {
             proposals,
             permits,
         })
+    }
+
+    /// Waits (up to `within`) until this node has applied its latest membership entry, which
+    /// puts that entry on its disk; true once it has. A membership change must start only
+    /// then: openraft lets one start as soon as the previous config is committed, and it
+    /// counts a leader's copy that may not be synced yet (see [`crate::durable`]).
+    pub async fn membership_settled(&self, within: Duration) -> bool {
+        self.raft
+            .wait(Some(within))
+            .metrics(
+                |m| {
+                    let config = m.membership_config.log_id().map(|l| l.index);
+                    m.last_applied.map(|l| l.index) >= config
+                },
+                "membership applied",
+            )
+            .await
+            .is_ok()
     }
 
     /// Answers a Raft RPC from another member (an encoded [`crate::network::RaftRequest`]).
@@ -376,6 +412,9 @@ impl ConsensusNode {
                 continue;
             }
             tracing::info!(?p, "autopilot");
+            if !self.membership_settled(Duration::from_secs(5)).await {
+                continue;
+            }
             for id in &p.add_learners {
                 let Some((_, addr)) = views.get(id) else {
                     continue;

@@ -58,10 +58,14 @@ pub fn open(path: &Path, id: u64) -> Result<(RocksLogStore, RocksStateMachine), 
     let db = Arc::new(
         DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StorageIOError::write(io(e)))?,
     );
+    // Whatever an earlier process wrote unsynced counts as on disk from here on: sync it now.
+    db.flush_wal(true)
+        .map_err(|e| StorageIOError::write_logs(io(e)))?;
     let mut log = RocksLogStore {
         db: db.clone(),
         durability: Durability::new(id, None, None),
     };
+    log.cut_at_gap()?;
     let mut vote = log.get_meta::<Vote<u64>>(KEY_VOTE)?;
     if let Some(saved) = vote {
         let restarted = crate::durable::vote_after_restart(id, saved);
@@ -87,6 +91,35 @@ impl RocksLogStore {
     /// What of this log is on disk; shared with its state machine and the Raft network.
     pub fn durability(&self) -> Arc<Durability> {
         self.durability.clone()
+    }
+
+    /// Truncates the log at its first gap, if a power cut left one. RocksDB can lose the
+    /// unsynced tail of one write-ahead log file while later unsynced writes in the next file
+    /// survive; entries after such a gap were never synced, so nothing counted on them.
+    fn cut_at_gap(&self) -> Result<(), StoreError> {
+        let mut expected: Option<u64> = None;
+        for item in self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| StorageIOError::read_logs(io(e)))?;
+            let index = u64::from_be_bytes(
+                k.as_ref()
+                    .try_into()
+                    .map_err(|_| StorageIOError::read_logs(io("bad log key")))?,
+            );
+            if let Some(want) = expected.filter(|want| *want != index) {
+                tracing::warn!(
+                    missing = want,
+                    "the Raft log has a gap; dropping the entries after it"
+                );
+                let mut batch = WriteBatch::default();
+                batch.delete_range_cf(self.cf(CF_LOG), want.to_be_bytes(), u64::MAX.to_be_bytes());
+                return self
+                    .db
+                    .write_opt(batch, &synced())
+                    .map_err(|e| StorageIOError::write_logs(io(e)).into());
+            }
+            expected = Some(index + 1);
+        }
+        Ok(())
     }
 
     /// The last entry in the log, if it holds any.
@@ -397,5 +430,35 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StoreError> {
         Ok(self.cell.current_snapshot())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::storage::RaftLogStorage;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    use super::{CF_LOG, open};
+    use crate::machine::{Entry, encode};
+
+    #[tokio::test]
+    async fn a_gap_left_by_a_power_cut_is_cut_off_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (log, _) = open(dir.path(), 1).expect("open");
+            for index in [1, 2, 3, 5, 6] {
+                let entry = Entry {
+                    log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+                    payload: EntryPayload::Blank,
+                };
+                log.db
+                    .put_cf(log.cf(CF_LOG), index.to_be_bytes(), encode(&entry))
+                    .expect("put");
+            }
+        }
+        let (mut log, _) = open(dir.path(), 1).expect("reopen");
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(3));
+        assert_eq!(log.durability().durable().map(|l| l.index), Some(3));
     }
 }
