@@ -23,10 +23,10 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use openraft::{LogId, Vote};
+use openraft::{AnyError, LogId, StorageIOError, Vote};
 use tokio::sync::watch;
 
-use crate::machine::Entry;
+use crate::machine::{Entry, StoreError};
 
 /// What is written and what is on disk, shared by a log store, its state machine and the
 /// Raft network of one node.
@@ -215,6 +215,17 @@ impl Durability {
             marks.durable
         } else {
             commit
+        }
+    }
+
+    /// Waits until `entries`, about to be applied, are on disk: rule 1 above, for both stores.
+    pub async fn before_apply(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        match entries.last() {
+            Some(last) => self
+                .wait(last.log_id.index)
+                .await
+                .map_err(|e| StorageIOError::write_logs(AnyError::error(e)).into()),
+            None => Ok(()),
         }
     }
 

@@ -75,6 +75,15 @@ async fn start(router: &Arc<Router>, id: u64, log: MemLogStore) -> Member {
     Member { raft, machine, log }
 }
 
+/// Writes `key` through `raft`, which must lead, and returns its log index once acknowledged.
+async fn acknowledged(raft: &Raft<TypeConfig>, key: &str) -> u64 {
+    raft.client_write(put(key))
+        .await
+        .unwrap_or_else(|e| panic!("{key} is not acknowledged: {e}"))
+        .log_id
+        .index
+}
+
 fn put(key: &str) -> Command {
     Command::KvPut {
         key: key.into(),
@@ -125,12 +134,7 @@ async fn a_write_the_leader_has_not_synced_is_not_applied_or_acknowledged_and_su
         .expect("initialize");
     let leader = leader_of(&members).await;
     let followers: Vec<u64> = members.keys().copied().filter(|&id| id != leader).collect();
-    let first = members[&leader]
-        .raft
-        .client_write(put("k1"))
-        .await
-        .expect("k1 is acknowledged")
-        .log_id;
+    let first = acknowledged(&members[&leader].raft, "k1").await;
 
     // The leader's disk stops flushing; the next write reaches both followers' disks.
     members[&leader].log.hold_syncs(true);
@@ -138,7 +142,7 @@ async fn a_write_the_leader_has_not_synced_is_not_applied_or_acknowledged_and_su
         let raft = members[&leader].raft.clone();
         async move { raft.client_write(put("k2")).await }
     });
-    let k2 = first.index + 1;
+    let k2 = first + 1;
     for f in &followers {
         members[&leader]
             .raft
@@ -177,7 +181,7 @@ async fn a_write_the_leader_has_not_synced_is_not_applied_or_acknowledged_and_su
     }
     assert_eq!(
         members[&leader].log.durability().durable().map(|l| l.index),
-        Some(first.index)
+        Some(first)
     );
 
     // Power loss on the leader: its copy of k2 is gone, and k2's client gets an error.
@@ -197,7 +201,7 @@ async fn a_write_the_leader_has_not_synced_is_not_applied_or_acknowledged_and_su
         "the unsynced entry survived the power loss"
     );
     assert!(
-        disk.try_get_log_entries(first.index..=first.index)
+        disk.try_get_log_entries(first..=first)
             .await
             .expect("read")
             .len()
@@ -208,16 +212,11 @@ async fn a_write_the_leader_has_not_synced_is_not_applied_or_acknowledged_and_su
     // The node restarts from what its disk kept; the cluster goes on and converges.
     members.insert(leader, start(&router, leader, disk).await);
     let new_leader = leader_of(&members).await;
-    let last = members[&new_leader]
-        .raft
-        .client_write(put("k3"))
-        .await
-        .expect("k3 is acknowledged")
-        .log_id;
+    let last = acknowledged(&members[&new_leader].raft, "k3").await;
     for m in members.values() {
         m.raft
             .wait(Some(PATIENCE))
-            .applied_index_at_least(Some(last.index), "k3 applied")
+            .applied_index_at_least(Some(last), "k3 applied")
             .await
             .expect("every node applies k3");
     }

@@ -31,6 +31,20 @@ async fn waits(d: &Durability, index: u64) -> Option<Result<(), String>> {
         .ok()
 }
 
+/// A task waiting for `index`, checked to be still waiting.
+async fn pending_wait(
+    d: &Arc<Durability>,
+    index: u64,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    let waiter = {
+        let d = d.clone();
+        tokio::spawn(async move { d.wait(index).await })
+    };
+    tokio::task::yield_now().await;
+    assert!(!waiter.is_finished());
+    waiter
+}
+
 #[test]
 fn only_the_leaders_own_entries_under_its_committed_vote_are_deferred() {
     let d = leading(2);
@@ -90,12 +104,7 @@ async fn a_deferred_write_is_on_disk_only_after_its_sync_and_clamps_the_commit_i
 async fn a_waiter_wakes_when_the_background_sync_lands() {
     let d = leading(1);
     let ticket = d.wrote(id(1, ME, 4), false).expect("sync");
-    let waiter = {
-        let d = d.clone();
-        tokio::spawn(async move { d.wait(4).await })
-    };
-    tokio::task::yield_now().await;
-    assert!(!waiter.is_finished());
+    let waiter = pending_wait(&d, 4).await;
     let d2 = d.clone();
     tokio::task::spawn_blocking(move || d2.run_syncs(ticket, || Ok(())))
         .await
@@ -187,12 +196,7 @@ async fn a_held_back_commit_is_released_once_the_disk_catches_up() {
 async fn a_waiter_for_entries_a_truncation_removed_is_let_go() {
     let d = leading(1);
     let _ticket = d.wrote(id(1, ME, 10), false).expect("sync");
-    let waiter = {
-        let d = d.clone();
-        tokio::spawn(async move { d.wait(10).await })
-    };
-    tokio::task::yield_now().await;
-    assert!(!waiter.is_finished());
+    let waiter = pending_wait(&d, 10).await;
     // A later leader cuts the log back to 8 (synced): nothing up to 10 is left to wait for.
     d.truncated(Some(id(1, ME, 8)));
     let done = tokio::time::timeout(Duration::from_secs(5), waiter).await;

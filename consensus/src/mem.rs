@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{
-    AnyError, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
-    StorageIOError, Vote,
+    LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, Snapshot, SnapshotMeta, Vote,
 };
 
 use crate::durable::{Durability, vote_after_restart};
@@ -248,10 +247,8 @@ impl RaftStateMachine<TypeConfig> for MemStateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        if let (Some(d), Some(last)) = (&self.durability, entries.last()) {
-            d.wait(last.log_id.index)
-                .await
-                .map_err(|e| StorageIOError::write_logs(AnyError::error(e)))?;
+        if let Some(d) = &self.durability {
+            d.before_apply(&entries).await?;
         }
         Ok(self.cell.apply(entries))
     }

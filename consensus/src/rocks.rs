@@ -41,6 +41,13 @@ fn io(e: impl std::fmt::Display) -> AnyError {
     AnyError::error(e.to_string())
 }
 
+/// The index a `log` key holds (big-endian, so keys sort by index).
+fn log_index(key: &[u8]) -> Result<u64, StoreError> {
+    key.try_into()
+        .map(u64::from_be_bytes)
+        .map_err(|_| StorageIOError::read_logs(io("bad log key")).into())
+}
+
 fn synced() -> WriteOptions {
     let mut w = WriteOptions::default();
     w.set_sync(true);
@@ -100,11 +107,7 @@ impl RocksLogStore {
         let mut expected: Option<u64> = None;
         for item in self.db.iterator_cf(self.cf(CF_LOG), IteratorMode::Start) {
             let (k, _) = item.map_err(|e| StorageIOError::read_logs(io(e)))?;
-            let index = u64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| StorageIOError::read_logs(io("bad log key")))?,
-            );
+            let index = log_index(&k)?;
             if let Some(want) = expected.filter(|want| *want != index) {
                 tracing::warn!(
                     missing = want,
@@ -184,11 +187,7 @@ impl RaftLogReader<TypeConfig> for RocksLogStore {
             IteratorMode::From(&key, Direction::Forward),
         ) {
             let (k, v) = item.map_err(|e| StorageIOError::read_logs(io(e)))?;
-            let index = u64::from_be_bytes(
-                k.as_ref()
-                    .try_into()
-                    .map_err(|_| StorageIOError::read_logs(io("bad log key")))?,
-            );
+            let index = log_index(&k)?;
             if !range.contains(&index) {
                 break;
             }
@@ -395,12 +394,7 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        if let Some(last) = entries.last() {
-            self.durability
-                .wait(last.log_id.index)
-                .await
-                .map_err(|e| StorageIOError::write_logs(io(e)))?;
-        }
+        self.durability.before_apply(&entries).await?;
         Ok(self.cell.apply(entries))
     }
 
