@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use crate::identity::NODE_DNS_SUFFIX;
 use crate::identity::NodeId;
-use crate::quic::{client_config, exchange};
+use crate::quic::{CidRng, client_config, exchange};
 use crate::tls::{NodeCredentials, PIN_MISMATCH, PendingKey, join_client_config};
 use crate::token::{JoinRefusal, JoinToken};
 use crate::wire::{ControlRequest, ControlResponse, JoinRequest};
@@ -45,30 +45,22 @@ pub struct Joined {
     pub members: Vec<SocketAddr>,
 }
 
-/// Asks the agent at `addr` to admit `node` with `token`.
+/// Asks the agent at `addr` to admit `node` with `token`, from `endpoint` (the joiner's own,
+/// which has no server side yet). The node's key is made from `key_seed`.
 pub async fn request_join(
+    endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     token: &JoinToken,
     node: NodeId,
+    key_seed: [u8; 32],
+    cids: &CidRng,
 ) -> Result<Joined, JoinError> {
     let proto = |reason: String| JoinError::Protocol { addr, reason };
-    let pending = PendingKey::generate(node).map_err(|e| proto(e.to_string()))?;
+    let pending = PendingKey::generate(node, key_seed).map_err(|e| proto(e.to_string()))?;
     let tls = join_client_config(token.ca_fingerprint).map_err(|e| proto(e.to_string()))?;
-    let client = client_config(tls).map_err(|e| proto(e.to_string()))?;
-    let bind: SocketAddr = if addr.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .expect("literal");
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| JoinError::Unreachable {
-        addr,
-        reason: e.to_string(),
-    })?;
-    endpoint.set_default_client_config(client);
+    let client = client_config(tls, cids).map_err(|e| proto(e.to_string()))?;
     let connecting = endpoint
-        .connect(addr, NODE_DNS_SUFFIX)
+        .connect_with(client, addr, NODE_DNS_SUFFIX)
         .map_err(|e| proto(e.to_string()))?;
     let conn = match connecting.await {
         Ok(conn) => conn,
@@ -92,7 +84,6 @@ pub async fn request_join(
         .await
         .map_err(|e| proto(e.to_string()))?;
     conn.close(0u32.into(), b"joined");
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(200), endpoint.wait_idle()).await;
     match response {
         ControlResponse::Joined(grant) => {
             let credentials = pending.into_credentials(node, grant.cert_der, grant.ca_der);

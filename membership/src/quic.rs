@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use quinn::Runtime as _;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::mpsc;
 
@@ -86,7 +87,46 @@ pub trait ControlService: Send + Sync + 'static {
 
 enum Slot {
     Connecting(Vec<Bytes>),
-    Ready(quinn::Connection),
+    Ready(quinn::Connection, Answers),
+}
+
+/// Whether a connection still answers what is sent on it. Every datagram is ack-eliciting, so
+/// a peer that hears us sends something back within milliseconds. A connection that has not
+/// received anything for [`STALL_AFTER`] while we kept sending is stalled: after a long
+/// partition, quinn's retransmission timer has backed off so far that the path may stay shut
+/// for tens of seconds after it heals (found by the simulator). Such a connection is replaced
+/// by a fresh handshake.
+#[derive(Clone, Copy)]
+struct Answers {
+    /// Datagrams received on the connection when last looked at.
+    received: u64,
+    /// Since when we have been sending without the count moving.
+    unanswered_since: Option<tokio::time::Instant>,
+}
+
+/// How long a connection may go unanswered while we send on it before it is replaced.
+const STALL_AFTER: Duration = Duration::from_secs(3);
+
+impl Answers {
+    fn new(conn: &quinn::Connection) -> Self {
+        Answers {
+            received: conn.stats().udp_rx.datagrams,
+            unanswered_since: None,
+        }
+    }
+
+    /// Notes a send on `conn`; true if the connection is stalled.
+    fn stalled(&mut self, conn: &quinn::Connection) -> bool {
+        let now = tokio::time::Instant::now();
+        let received = conn.stats().udp_rx.datagrams;
+        if received != self.received {
+            self.received = received;
+            self.unanswered_since = Some(now);
+            return false;
+        }
+        let since = *self.unanswered_since.get_or_insert(now);
+        now.duration_since(since) >= STALL_AFTER
+    }
 }
 
 struct Shared {
@@ -94,7 +134,9 @@ struct Shared {
     client: quinn::ClientConfig,
     slots: Mutex<BTreeMap<SocketAddr, Slot>>,
     inbound: mpsc::Sender<Inbound>,
-    control: Arc<dyn ControlService>,
+    /// Held weakly: the agent's control service holds this transport, and a strong link back
+    /// would keep both (and the socket) alive after the agent is gone.
+    control: std::sync::Weak<dyn ControlService>,
 }
 
 /// The real transport: QUIC with mutual TLS.
@@ -116,44 +158,140 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(tc)
 }
 
-/// A client configuration from rustls, with blx's transport settings.
-pub fn client_config(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, QuicError> {
+/// Where a client draws the connection ids of its first packets: a seeded stream (quinn's
+/// default draws from the OS).
+#[derive(Clone)]
+pub struct CidRng(Arc<Mutex<rand::rngs::StdRng>>);
+
+impl CidRng {
+    /// A stream that follows from `seed`.
+    pub fn new(seed: [u8; 32]) -> Self {
+        use rand::SeedableRng;
+        CidRng(Arc::new(Mutex::new(rand::rngs::StdRng::from_seed(seed))))
+    }
+}
+
+/// A client configuration from rustls, with blx's transport settings, drawing its initial
+/// connection ids from `cids`.
+pub fn client_config(
+    tls: rustls::ClientConfig,
+    cids: &CidRng,
+) -> Result<quinn::ClientConfig, QuicError> {
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Config(e.to_string()))?;
     let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     client.transport_config(transport_config());
+    let cids = cids.clone();
+    client.initial_dst_cid_provider(Arc::new(move || {
+        use rand::RngExt;
+        // The initial destination id must be at least 8 bytes (RFC 9000, 7.2).
+        let bytes: [u8; 8] = lock(&cids.0).random();
+        quinn_proto::ConnectionId::new(&bytes)
+    }));
     Ok(client)
 }
 
+/// The secrets and seeds a QUIC endpoint draws on, from the agent's entropy: with these fixed,
+/// quinn makes no draw of its own from the operating system.
+#[derive(Clone)]
+pub struct EndpointSeeds {
+    /// Key of the HMAC that signs stateless resets.
+    pub reset_key: [u8; 64],
+    /// Seed of quinn's endpoint RNG (connection RNGs, initial packet numbers).
+    pub rng: [u8; 32],
+    /// Seed of the connection-id generator.
+    pub cids: [u8; 32],
+    /// Key that protects address-validation (retry) tokens.
+    pub token_key: [u8; 32],
+}
+
+/// Connection ids drawn from a seeded RNG. quinn's own generator draws from the OS.
+struct SeededCids {
+    rng: rand::rngs::StdRng,
+}
+
+impl quinn_proto::ConnectionIdGenerator for SeededCids {
+    fn generate_cid(&mut self) -> quinn_proto::ConnectionId {
+        use rand::RngExt;
+        let bytes: [u8; CID_LEN] = self.rng.random();
+        quinn_proto::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// 4-byte connection ids (quinn's default is 8): every gossip packet carries one, and an agent
+/// has at most a few thousand connections to tell apart.
+const CID_LEN: usize = 4;
+
+/// A quinn endpoint on `socket`, with no server side yet (a joiner has no certificate until it
+/// has joined; [`QuicTransport::new`] adds it). Every secret and seed comes from `seeds`.
+pub fn endpoint(
+    socket: Arc<dyn quinn::AsyncUdpSocket>,
+    runtime: Arc<dyn quinn::Runtime>,
+    seeds: &EndpointSeeds,
+) -> Result<quinn::Endpoint, QuicError> {
+    use rand::SeedableRng;
+    let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seeds.reset_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+    config.rng_seed(Some(seeds.rng));
+    let cids = std::sync::Mutex::new(rand::rngs::StdRng::from_seed(seeds.cids));
+    config.cid_generator(move || {
+        // Each generator quinn asks for continues from the same seeded stream.
+        let seed: [u8; 32] = {
+            use rand::RngExt;
+            lock(&cids).random()
+        };
+        Box::new(SeededCids {
+            rng: rand::rngs::StdRng::from_seed(seed),
+        })
+    });
+    let addr = socket
+        .local_addr()
+        .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+    quinn::Endpoint::new_with_abstract_socket(config, None, socket, runtime)
+        .map_err(|source| QuicError::Bind { addr, source })
+}
+
+/// A UDP socket of the operating system, as quinn takes it.
+pub fn os_socket(addr: SocketAddr) -> Result<Arc<dyn quinn::AsyncUdpSocket>, QuicError> {
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| QuicError::Bind { addr, source })?;
+    quinn::TokioRuntime
+        .wrap_udp_socket(socket)
+        .map_err(|source| QuicError::Bind { addr, source })
+}
+
 impl QuicTransport {
-    /// Binds the endpoint and starts accepting connections. Datagrams from members go to
-    /// `inbound`; control requests go to `control`.
-    pub fn bind(
-        addr: SocketAddr,
+    /// Serves members and joiners on `endpoint` with `creds`, and starts accepting
+    /// connections. Datagrams from members go to `inbound`; control requests go to `control`,
+    /// which the caller keeps alive (the transport holds it weakly).
+    pub fn new(
+        endpoint: quinn::Endpoint,
         creds: &NodeCredentials,
+        token_key: [u8; 32],
+        cids: &CidRng,
         inbound: mpsc::Sender<Inbound>,
         control: Arc<dyn ControlService>,
     ) -> Result<Self, QuicError> {
         let crypto = QuicServerConfig::try_from(creds.server_config()?)
             .map_err(|e| QuicError::Config(e.to_string()))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&token_key);
+        let mut server = quinn::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
         server.transport_config(transport_config());
-        let socket =
-            std::net::UdpSocket::bind(addr).map_err(|source| QuicError::Bind { addr, source })?;
-        let runtime =
-            quinn::default_runtime().ok_or_else(|| QuicError::Config("no async runtime".into()))?;
-        // 4-byte connection ids (quinn's default is 8): every gossip packet carries one, and
-        // an agent has at most a few thousand connections to tell apart.
-        let mut config = quinn::EndpointConfig::default();
-        config.cid_generator(|| Box::new(quinn_proto::RandomConnectionIdGenerator::new(4)));
-        let endpoint = quinn::Endpoint::new(config, Some(server), socket, runtime)
-            .map_err(|source| QuicError::Bind { addr, source })?;
-        let client = client_config(creds.member_client_config()?)?;
+        endpoint.set_server_config(Some(server));
+        let client = client_config(creds.member_client_config()?, cids)?;
         let shared = Arc::new(Shared {
             endpoint,
             client,
             slots: Mutex::new(BTreeMap::new()),
             inbound,
-            control,
+            control: Arc::downgrade(&control),
         });
         tokio::spawn(accept_loop(shared.clone()));
         Ok(QuicTransport { shared })
@@ -198,7 +336,7 @@ impl QuicTransport {
         addr: SocketAddr,
         id: Option<NodeId>,
     ) -> Result<quinn::Connection, QuicError> {
-        if let Some(Slot::Ready(conn)) = lock(&self.shared.slots).get(&addr)
+        if let Some(Slot::Ready(conn, _)) = lock(&self.shared.slots).get(&addr)
             && conn.close_reason().is_none()
         {
             return Ok(conn.clone());
@@ -217,9 +355,13 @@ impl Transport for QuicTransport {
     fn send(&self, to: &NodeIdentity, bytes: Bytes) {
         let mut slots = lock(&self.shared.slots);
         match slots.get_mut(&to.addr) {
-            Some(Slot::Ready(conn)) if conn.close_reason().is_none() => {
-                send_on(conn, bytes);
-                return;
+            Some(Slot::Ready(conn, answers)) if conn.close_reason().is_none() => {
+                if !answers.stalled(conn) {
+                    send_on(conn, bytes);
+                    return;
+                }
+                tracing::debug!(peer = %to.addr, "connection stalled; replacing it");
+                conn.close(3u32.into(), b"stalled");
             }
             Some(Slot::Connecting(queue)) => {
                 if queue.len() < PENDING_LIMIT {
@@ -279,11 +421,23 @@ async fn dial(
             addr,
             reason: e.to_string(),
         })?;
-    connecting.await.map_err(|e| QuicError::Connect {
-        addr,
-        reason: e.to_string(),
-    })
+    // A handshake that gets no answer would otherwise wait out the idle timeout, with the
+    // peer's gossip queued behind it long after a partition has healed; give up early, and
+    // the next send dials afresh.
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+        Ok(result) => result.map_err(|e| QuicError::Connect {
+            addr,
+            reason: e.to_string(),
+        }),
+        Err(_) => Err(QuicError::Connect {
+            addr,
+            reason: format!("no handshake within {}s", HANDSHAKE_TIMEOUT.as_secs()),
+        }),
+    }
 }
+
+/// Longest wait for a member's handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Caches a member connection, flushes what was queued for it, and serves it.
 fn adopt(shared: &Arc<Shared>, conn: quinn::Connection, addr: SocketAddr) {
@@ -296,7 +450,7 @@ fn adopt(shared: &Arc<Shared>, conn: quinn::Connection, addr: SocketAddr) {
     // the idle timeout (its new endpoint cannot reset a connection it never knew). Both sides
     // read from every connection, so two live ones for a pair do no harm.
     if let Some(Slot::Connecting(queue)) =
-        lock(&shared.slots).insert(addr, Slot::Ready(conn.clone()))
+        lock(&shared.slots).insert(addr, Slot::Ready(conn.clone(), Answers::new(&conn)))
     {
         for bytes in queue {
             send_on(&conn, bytes);
@@ -372,7 +526,7 @@ async fn serve_member(shared: Arc<Shared>, conn: quinn::Connection, peer: NodeId
         }
     }
     let mut slots = lock(&shared.slots);
-    if matches!(slots.get(&addr), Some(Slot::Ready(c)) if c.stable_id() == conn.stable_id()) {
+    if matches!(slots.get(&addr), Some(Slot::Ready(c, _)) if c.stable_id() == conn.stable_id()) {
         slots.remove(&addr);
     }
 }
@@ -410,16 +564,22 @@ async fn serve_control(
         Caller::Member(_) => wire::MAX_MEMBER_MESSAGE,
         Caller::Joiner(_) => wire::MAX_CONTROL_MESSAGE,
     };
+    let Some(control) = shared.control.upgrade() else {
+        let _ = send
+            .write_all(&wire::encode_control(&ControlResponse::Failed(
+                "the agent is stopping".into(),
+            )))
+            .await;
+        let _ = send.finish();
+        return;
+    };
     let response = match tokio::time::timeout(CONTROL_TIMEOUT, recv.read_to_end(limit)).await {
         Ok(Ok(bytes)) => match wire::decode_control_request(&bytes, limit) {
             Ok(ControlRequest::Join(req)) => {
-                shared
-                    .control
-                    .handle(caller, ControlRequest::Join(req))
-                    .await
+                control.handle(caller, ControlRequest::Join(req)).await
             }
             Ok(other) => match caller {
-                Caller::Member(_) => shared.control.handle(caller, other).await,
+                Caller::Member(_) => control.handle(caller, other).await,
                 Caller::Joiner(_) => ControlResponse::Failed(
                     "only a join request may be sent without a node certificate".into(),
                 ),

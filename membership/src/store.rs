@@ -260,8 +260,9 @@ mod tests {
         assert_eq!(dir.next_generation().unwrap(), 1);
         assert_eq!(dir.next_generation().unwrap(), 2);
 
-        let ca = ClusterCa::generate("t").unwrap();
-        dir.save_credentials(&ca.issue_node(id).unwrap()).unwrap();
+        let ca = ClusterCa::generate("t", [1; 32]).unwrap();
+        dir.save_credentials(&ca.issue_node(id, [2; 32]).unwrap())
+            .unwrap();
         dir.save_ca_key(&ca).unwrap();
         assert_eq!(
             dir.cluster_ca().unwrap().unwrap().fingerprint(),

@@ -67,9 +67,10 @@ impl fmt::Debug for ClusterCa {
 }
 
 impl ClusterCa {
-    /// Creates a new CA with a fresh P-256 key.
-    pub fn generate(cluster_name: &str) -> Result<Self, TlsError> {
-        let key = KeyPair::generate()?;
+    /// Creates a new CA whose Ed25519 key is made from `seed` (32 bytes of the agent's
+    /// entropy, so a simulated cluster's certificates are reproducible).
+    pub fn generate(cluster_name: &str, seed: [u8; 32]) -> Result<Self, TlsError> {
+        let key = ed25519_key(seed)?;
         let mut params = CertificateParams::default();
         params
             .distinguished_name
@@ -128,9 +129,10 @@ impl ClusterCa {
         Ok(params.signed_by(&csr.public_key, &issuer)?.der().clone())
     }
 
-    /// Issues a certificate for `node` with a fresh key: what the first agent gives itself.
-    pub fn issue_node(&self, node: NodeId) -> Result<NodeCredentials, TlsError> {
-        let key = KeyPair::generate()?;
+    /// Issues a certificate for `node` with a key made from `seed`: what the first agent
+    /// gives itself.
+    pub fn issue_node(&self, node: NodeId, seed: [u8; 32]) -> Result<NodeCredentials, TlsError> {
+        let key = ed25519_key(seed)?;
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
         let cert = node_params(node)?.signed_by(&key, &issuer)?;
         Ok(NodeCredentials {
@@ -140,6 +142,26 @@ impl ClusterCa {
             key_der: key.serialize_der(),
         })
     }
+}
+
+/// An Ed25519 key pair from 32 seed bytes. Ed25519 because its signatures are deterministic
+/// and always 64 bytes: with key material drawn from a seeded source, every certificate and
+/// handshake message has the same bytes and the same size from run to run, which a simulated
+/// cluster needs (ECDSA signatures draw fresh randomness and vary in length).
+fn ed25519_key(seed: [u8; 32]) -> Result<KeyPair, TlsError> {
+    // PKCS#8 v1 (RFC 8410): SEQUENCE { INTEGER 0, AlgorithmIdentifier { id-Ed25519 },
+    // OCTET STRING { OCTET STRING seed } }.
+    const PREFIX: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let mut der = PREFIX.to_vec();
+    der.extend_from_slice(&seed);
+    let pkcs8 = PrivatePkcs8KeyDer::from(der);
+    Ok(KeyPair::from_pkcs8_der_and_sign_algo(
+        &pkcs8,
+        &rcgen::PKCS_ED25519,
+    )?)
 }
 
 fn node_params(node: NodeId) -> Result<CertificateParams, TlsError> {
@@ -163,9 +185,9 @@ pub struct PendingKey {
 }
 
 impl PendingKey {
-    /// Generates a key and a request for `node`.
-    pub fn generate(node: NodeId) -> Result<Self, TlsError> {
-        let key = KeyPair::generate()?;
+    /// Makes a key from `seed` and a request for `node`.
+    pub fn generate(node: NodeId, seed: [u8; 32]) -> Result<Self, TlsError> {
+        let key = ed25519_key(seed)?;
         let csr = node_params(node)?.serialize_request(&key)?;
         Ok(PendingKey {
             csr_der: csr.der().to_vec(),
@@ -392,9 +414,9 @@ mod tests {
 
     #[test]
     fn a_signed_request_names_the_node_the_ca_chose() {
-        let ca = ClusterCa::generate("t").unwrap();
+        let ca = ClusterCa::generate("t", [1; 32]).unwrap();
         let node = NodeId([7; 8]);
-        let pending = PendingKey::generate(node).unwrap();
+        let pending = PendingKey::generate(node, [2; 32]).unwrap();
         let cert = ca.sign_request(&pending.csr_der, node).unwrap();
         assert_eq!(node_id_of(&cert), Some(node));
         let creds = pending.into_credentials(node, cert.to_vec(), ca.cert_der().to_vec());
@@ -404,11 +426,27 @@ mod tests {
     }
 
     #[test]
+    fn the_same_seeds_give_the_same_certificates() {
+        let a = ClusterCa::generate("t", [4; 32]).unwrap();
+        let b = ClusterCa::generate("t", [4; 32]).unwrap();
+        assert_eq!(a.cert_der(), b.cert_der());
+        let node = NodeId([5; 8]);
+        assert_eq!(
+            a.issue_node(node, [6; 32]).unwrap().cert_der,
+            b.issue_node(node, [6; 32]).unwrap().cert_der
+        );
+        assert_ne!(
+            ClusterCa::generate("t", [7; 32]).unwrap().cert_der(),
+            a.cert_der()
+        );
+    }
+
+    #[test]
     fn ca_survives_a_pem_round_trip() {
-        let ca = ClusterCa::generate("t").unwrap();
+        let ca = ClusterCa::generate("t", [1; 32]).unwrap();
         let again = ClusterCa::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap();
         assert_eq!(ca.fingerprint(), again.fingerprint());
-        let creds = again.issue_node(NodeId([1; 8])).unwrap();
+        let creds = again.issue_node(NodeId([1; 8]), [3; 32]).unwrap();
         assert_eq!(node_id_of(&creds.cert_der), Some(NodeId([1; 8])));
     }
 }

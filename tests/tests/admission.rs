@@ -161,7 +161,9 @@ async fn stranger_dial(
         None => builder.with_no_client_auth(),
     };
     tls.alpn_protocols = vec![b"blx/1".to_vec()];
-    let client = blx_membership::quic::client_config(tls).unwrap();
+    let client =
+        blx_membership::quic::client_config(tls, &blx_membership::quic::CidRng::new([0; 32]))
+            .unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(client);
     let conn = endpoint
@@ -210,8 +212,10 @@ fn strangers_cannot_gossip_and_garbage_changes_nothing() {
     );
 
     tracing::info!("--- a certificate from another CA fails too");
-    let rogue_ca = blx_membership::tls::ClusterCa::generate("rogue").unwrap();
-    let rogue = rogue_ca.issue_node(blx_membership::NodeId([9; 8])).unwrap();
+    let rogue_ca = blx_membership::tls::ClusterCa::generate("rogue", [9; 32]).unwrap();
+    let rogue = rogue_ca
+        .issue_node(blx_membership::NodeId([9; 8]), [8; 32])
+        .unwrap();
     let result = rt.block_on(stranger_dial(
         n1.gossip,
         Some((rogue.cert_der.clone(), rogue.key_der.clone())),
