@@ -53,6 +53,10 @@ pub struct SwimConfig {
     pub min_transmissions: NonZeroU8,
     /// How often to re-announce to a few members, so partitions heal.
     pub periodic_announce: Duration,
+    /// How often to announce to one member this node holds down. After a split both halves
+    /// hold the other down and never probe it; this is how they find each other again, so it
+    /// bounds how long a healed partition stays split.
+    pub announce_to_down: Duration,
     /// Longest wait between announces while no member is reachable.
     pub max_reannounce_backoff: Duration,
 }
@@ -68,6 +72,7 @@ impl SwimConfig {
             remove_down_after: Duration::from_secs(3600),
             min_transmissions: NonZeroU8::new(3).expect("non-zero"),
             periodic_announce: Duration::from_secs(30),
+            announce_to_down: Duration::from_secs(10),
             max_reannounce_backoff: Duration::from_secs(30),
         }
     }
@@ -110,8 +115,8 @@ impl SwimConfig {
             num_members: NonZeroUsize::new(1).expect("non-zero"),
         });
         c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
-            frequency: self.periodic_announce * 2,
-            num_members: NonZeroUsize::new(2).expect("non-zero"),
+            frequency: self.announce_to_down,
+            num_members: NonZeroUsize::new(1).expect("non-zero"),
         });
         c.periodic_gossip = Some(foca::PeriodicParams {
             frequency: Duration::from_millis(200),
@@ -279,6 +284,12 @@ pub struct Swim {
     tuned_for: usize,
     reannounce_backoff: Duration,
     reannounce_armed: bool,
+    /// Whether foca is probing (it said `Active`). After it renews its identity because the
+    /// cluster declared it down, it waits without any timer until a message reaches it; if
+    /// its own announcement of the new identity is lost, nothing ever would.
+    active: bool,
+    /// Members foca holds suspect: the incarnation suspected and since when.
+    suspected: BTreeMap<NodeId, (u16, Instant)>,
     left: bool,
 }
 
@@ -315,6 +326,8 @@ impl Swim {
             tuned_for: 1,
             reannounce_backoff: Duration::from_millis(500),
             reannounce_armed: false,
+            active: false,
+            suspected: BTreeMap::new(),
             left: false,
         };
         swim.members.insert(
@@ -460,7 +473,7 @@ impl Swim {
                 }
                 Wakeup::Reannounce => {
                     self.reannounce_armed = false;
-                    if self.foca.num_members() == 0 && !self.left {
+                    if (self.foca.num_members() == 0 || !self.active) && !self.left {
                         self.announce_all(now);
                         self.reannounce_backoff =
                             (self.reannounce_backoff * 2).min(self.config.max_reannounce_backoff);
@@ -558,13 +571,14 @@ impl Swim {
                     m.identity = new;
                 }
             }
-            OwnedNotification::Idle => {
+            OwnedNotification::Idle | OwnedNotification::Rejoin(_) => {
+                // Announce, with backoff, until foca is active again.
+                self.active = false;
                 self.reannounce_backoff = Duration::from_millis(500);
                 self.arm_reannounce(now);
             }
-            OwnedNotification::Active
-            | OwnedNotification::Defunct
-            | OwnedNotification::Rejoin(_) => {}
+            OwnedNotification::Defunct => self.active = false,
+            OwnedNotification::Active => self.active = true,
         }
     }
 
@@ -646,8 +660,35 @@ impl Swim {
             if member.identity != *identity {
                 continue;
             }
+            // foca starts the timer that turns a suspect down only when its own probe fails.
+            // A suspicion heard through gossip whose origin then went away (it crashed, or
+            // renewed its identity and so dropped its timers), about a member that never
+            // heard of it and so never refuted it, stays in foca for good while the member
+            // answers every probe (found by the simulator). Once a suspicion has outlived
+            // what a real failure takes to be declared down, it is not reported any more.
+            let stale = match state {
+                State::Suspect => {
+                    let (inc, since) = *self
+                        .suspected
+                        .entry(*id)
+                        .and_modify(|e| {
+                            if e.0 != *incarnation {
+                                *e = (*incarnation, now);
+                            }
+                        })
+                        .or_insert((*incarnation, now));
+                    inc == *incarnation
+                        && now.saturating_duration_since(since)
+                            >= self.config.suspect_to_down_after * 3
+                }
+                _ => {
+                    self.suspected.remove(id);
+                    false
+                }
+            };
             let want = match (state, member.state) {
-                (State::Suspect, MemberState::Alive) => Some(MemberState::Suspect),
+                (State::Suspect, MemberState::Alive) if !stale => Some(MemberState::Suspect),
+                (State::Suspect, MemberState::Suspect) if stale => Some(MemberState::Alive),
                 (State::Alive, MemberState::Suspect) => Some(MemberState::Alive),
                 _ => None,
             };
