@@ -18,10 +18,10 @@ pub mod durable;
 pub mod machine;
 pub mod mem;
 pub mod network;
-#[cfg(feature = "rocks")]
 pub mod node;
 #[cfg(feature = "rocks")]
 pub mod rocks;
+pub mod runtime;
 pub mod state;
 pub mod workload;
 

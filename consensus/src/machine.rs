@@ -17,6 +17,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = Command,
         R = Response,
+        AsyncRuntime = crate::runtime::BlxRuntime,
 );
 
 /// One log entry.
@@ -193,6 +194,11 @@ impl MachineCell {
 
     fn lock(&self) -> MutexGuard<'_, MachineInner> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The latest snapshot, as a store keeps it.
+    pub fn stored_snapshot(&self) -> Option<StoredSnapshot> {
+        self.lock().snapshot.clone()
     }
 
     /// A copy of the cluster state as applied so far.

@@ -224,6 +224,29 @@ impl MemStateMachine {
     pub fn state(&self) -> crate::state::ClusterState {
         self.cell.state()
     }
+
+    /// The shared state machine core.
+    pub fn cell(&self) -> &MachineCell {
+        &self.cell
+    }
+
+    /// The state machine a power loss would leave, for the log `log` that the restarted node
+    /// opens (from [`MemLogStore::after_power_loss`]): the latest snapshot, which is what a
+    /// store keeps on disk (the RocksDB store writes it synced); entries applied after it are
+    /// applied again from the log.
+    pub fn after_power_loss(&self, log: &MemLogStore) -> MemStateMachine {
+        let cell = match self.cell.stored_snapshot() {
+            Some(snapshot) => match MachineData::decode(&snapshot.data) {
+                Ok(data) => MachineCell::new(data, Some(snapshot)),
+                Err(_) => MachineCell::default(),
+            },
+            None => MachineCell::default(),
+        };
+        MemStateMachine {
+            cell,
+            durability: Some(log.durability()),
+        }
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for MemStateMachine {

@@ -1,9 +1,10 @@
-//! One node's Raft: openraft on the RocksDB stores, plus what the agent asks of it: writes
+//! One node's Raft: openraft on its stores (RocksDB, or in memory in the simulator), plus what the agent asks of it: writes
 //! (answered here on the leader, or told where the leader is), linearizable or stale reads,
 //! status, and the autopilot task that runs while this node leads.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+#[cfg(feature = "rocks")]
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,9 +14,10 @@ use openraft::{ChangeMembers, Raft, ServerState};
 use serde::Serialize;
 
 use crate::autopilot::{NodeView, RaftView, plan};
+use crate::machine::MachineCell;
 use crate::machine::{Node, Response, StoreError, TypeConfig};
+use crate::mem::{MemLogStore, MemStateMachine};
 use crate::network::{Network, RpcTransport};
-use crate::rocks::RocksStateMachine;
 use crate::state::{ClusterState, Command};
 
 /// Failures of the consensus layer as the agent sees them.
@@ -68,7 +70,7 @@ pub struct Status {
 pub struct ConsensusNode {
     /// The openraft handle.
     pub raft: Raft<TypeConfig>,
-    machine: RocksStateMachine,
+    machine: MachineCell,
     durability: Arc<crate::durable::Durability>,
     id: u64,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
@@ -188,25 +190,51 @@ pub fn raft_config(snapshot_logs: u64) -> Result<openraft::Config, ConsensusErro
         .map_err(|e| ConsensusError::Raft(e.to_string()))
 }
 
+/// The log store and state machine one node's Raft runs on.
+pub enum Stores {
+    /// RocksDB, under the agent's data dir.
+    #[cfg(feature = "rocks")]
+    Rocks(crate::rocks::RocksLogStore, crate::rocks::RocksStateMachine),
+    /// In memory, modelling unsynced writes (the simulator's).
+    Mem(MemLogStore, MemStateMachine),
+}
+
+impl Stores {
+    /// Opens (creating if needed) the RocksDB stores of node `id` under `dir`.
+    #[cfg(feature = "rocks")]
+    pub fn open_rocks(dir: &Path, id: u64) -> Result<Stores, ConsensusError> {
+        let (log, machine) = crate::rocks::open(dir, id)?;
+        Ok(Stores::Rocks(log, machine))
+    }
+}
+
 impl ConsensusNode {
-    /// Opens the RocksDB stores under `dir` and starts Raft.
+    /// Starts Raft on `stores`.
     pub async fn start<T: RpcTransport>(
         id: u64,
-        dir: &Path,
+        stores: Stores,
         config: openraft::Config,
         transport: Arc<T>,
     ) -> Result<Self, ConsensusError> {
-        let (log, machine) = crate::rocks::open(dir, id)?;
-        let durability = log.durability();
-        let raft = Raft::new(
-            id,
-            Arc::new(config),
-            Network::new(transport, durability.clone()),
-            log,
-            machine.clone(),
-        )
-        .await
-        .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        let config = Arc::new(config);
+        let (raft, machine, durability) = match stores {
+            #[cfg(feature = "rocks")]
+            Stores::Rocks(log, machine) => {
+                let durability = log.durability();
+                let cell = machine.cell().clone();
+                let network = Network::new(transport, durability.clone());
+                let raft = Raft::new(id, config, network, log, machine).await;
+                (raft, cell, durability)
+            }
+            Stores::Mem(log, machine) => {
+                let durability = log.durability();
+                let cell = machine.cell().clone();
+                let network = Network::new(transport, durability.clone());
+                let raft = Raft::new(id, config, network, log, machine).await;
+                (raft, cell, durability)
+            }
+        };
+        let raft = raft.map_err(|e| ConsensusError::Raft(e.to_string()))?;
         tokio::spawn(announce_released_commits(
             raft.clone(),
             durability.released(),
@@ -273,6 +301,16 @@ impl ConsensusNode {
             // Say where the leader is without queueing behind this node's own proposals.
             return client_write(&self.raft, cmd).await;
         }
+        #[cfg(feature = "unsafe-early-ack")]
+        if let Command::KvPut { .. } = &cmd {
+            // A deliberate bug, for the simulator to find: acknowledge a KV write as soon as
+            // it is proposed, before it commits. Never enabled by a production build.
+            let raft = self.raft.clone();
+            tokio::spawn(async move {
+                let _ = client_write(&raft, cmd).await;
+            });
+            return Ok(Ok(crate::state::Applied::Kv { index: 0 }));
+        }
         // Nothing in flight and nothing queued: propose directly, saving the hand-off.
         if self.permits.available_permits() == IN_FLIGHT
             && self.proposals.capacity() == self.proposals.max_capacity()
@@ -311,17 +349,17 @@ impl ConsensusNode {
 
     /// Wakes on every change to this node's applied state.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.machine.cell().subscribe()
+        self.machine.subscribe()
     }
 
     /// Wakes when this node's applied nodes or VMs change.
     pub fn subscribe_workload(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.machine.cell().subscribe_workload()
+        self.machine.subscribe_workload()
     }
 
     /// Runs `f` on this node's applied state (stale: not confirmed with the leader).
     pub fn with_local_state<R>(&self, f: impl FnOnce(&crate::state::ClusterState) -> R) -> R {
-        self.machine.cell().with_state(f)
+        self.machine.with_state(f)
     }
 
     /// Whether this node leads right now, as far as it knows.
