@@ -1,5 +1,7 @@
 //! The agent assembly: data dir, admission (bootstrap or join), the QUIC endpoint, SWIM,
-//! mDNS and the HTTP API, wired together and run until SIGINT, SIGTERM or `blx leave`.
+//! mDNS, consensus, the leader's controllers, the node's VMM worker and the HTTP API, wired
+//! together from an [`AgentConfig`] and a [`World`], and run until the world's stop signal
+//! or `blx leave`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use blx_consensus::node::{ConsensusNode, raft_config};
 use blx_membership::discovery;
 use blx_membership::join::{JoinError, request_join};
 use blx_membership::meta::{Capacity, NodeMeta, Role};
-use blx_membership::quic::QuicTransport;
+use blx_membership::quic::{CidRng, EndpointSeeds, QuicError, QuicTransport};
 use blx_membership::store::DataDir;
 use blx_membership::tls::{ClusterCa, NodeCredentials, hex};
 use blx_membership::token::{JoinToken, TokenAuthority};
@@ -18,41 +20,157 @@ use blx_membership::{Membership, NodeIdentity, Swim, SwimConfig};
 use rand::SeedableRng;
 use tokio::sync::{Notify, mpsc};
 
-use crate::args::AgentArgs;
-use crate::control::{AgentControl, Authority, now_unix, random};
+use crate::config::AgentConfig;
+use crate::control::{AgentControl, Authority};
+use crate::world::{BoxFuture, DriverContext, Entropy, HostFacts, World};
 
 const PEERS: &str = "peers";
 /// How long a joiner browses mDNS for its cluster.
 const MDNS_WAIT: Duration = Duration::from_secs(10);
 
-pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    // Check everything the operator typed before touching the data dir.
-    let token = args
-        .token
-        .as_deref()
-        .map(str::parse::<JoinToken>)
-        .transpose()?;
-    if let Some(name) = &args.name {
-        blx_membership::meta::validate_name(name)?;
+/// Runs one agent until `world.stop` resolves or the API asks it to leave; it leaves the
+/// cluster gracefully either way.
+pub async fn run(config: AgentConfig, world: World) -> anyhow::Result<()> {
+    start(config, world).await?.wait().await
+}
+
+/// A running agent, as [`start`] returns it; [`Agent::wait`] runs it to its end.
+pub struct Agent {
+    view: AgentView,
+    running: Running,
+}
+
+/// What an embedder (the simulator, a test) may look at while an agent runs. Cheap to clone;
+/// it reads the agent's own state and never changes it.
+#[derive(Clone)]
+pub struct AgentView {
+    node: ConsensusNode,
+    membership: Membership,
+    router: axum::Router,
+    id: blx_membership::NodeId,
+}
+
+/// What [`Agent::wait`] needs to stop the agent.
+struct Running {
+    /// The transport holds the control service weakly; this keeps it alive.
+    _control: Arc<AgentControl>,
+    dir: DataDir,
+    transport: QuicTransport,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    api: tokio::task::JoinHandle<()>,
+    shutdown: Arc<Notify>,
+    stop: BoxFuture<'static, ()>,
+    _mdns: Option<discovery::Announcer>,
+}
+
+impl Agent {
+    /// A view of the running agent.
+    pub fn view(&self) -> AgentView {
+        self.view.clone()
     }
-    if !args.api.ip().is_loopback() && args.api_token.is_none() {
-        bail!(
-            "--api {} is reachable beyond this host: set --api-token (or BLX_API_TOKEN)",
-            args.api
-        );
+
+    /// Runs until the world's stop signal or a leave request, then leaves gracefully.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let Agent {
+            view: AgentView {
+                node, membership, ..
+            },
+            running,
+        } = self;
+        let leave_requested = wait_for_stop(&running.shutdown, running.stop).await;
+        if leave_requested {
+            tracing::info!("leaving the cluster");
+        } else {
+            tracing::info!("stopping: leaving the cluster first");
+        }
+        for task in &running.tasks {
+            task.abort();
+        }
+        step_down(&node).await;
+        membership.leave().await.ok();
+        save_peers(&running.dir, &membership);
+        running.api.abort();
+        let _ = node.raft.shutdown().await;
+        running.transport.shutdown().await;
+        Ok(())
     }
-    let advertise = advertise_addr(&args)?;
-    let images = args
-        .image_dir
-        .clone()
-        .unwrap_or_else(blx_vmm::image::default_dir);
-    if token.is_none() && !args.seeds.is_empty() && !DataDir::is_member(&args.data_dir) {
+}
+
+impl AgentView {
+    /// This node's id.
+    pub fn id(&self) -> blx_membership::NodeId {
+        self.id
+    }
+
+    /// Leader, term, indexes and voters, as this node sees them.
+    pub fn raft_status(&self) -> blx_consensus::node::Status {
+        self.node.status()
+    }
+
+    /// The member table, as this node sees it.
+    pub fn members(
+        &self,
+    ) -> Arc<std::collections::BTreeMap<blx_membership::NodeId, blx_membership::Member>> {
+        self.membership.members()
+    }
+
+    /// Runs `f` on the state this node has applied (not confirmed with the leader).
+    pub fn with_applied_state<R>(
+        &self,
+        f: impl FnOnce(&blx_consensus::state::ClusterState) -> R,
+    ) -> R {
+        self.node.with_local_state(f)
+    }
+
+    /// The HTTP API's routes, to call in-process (the same router the API serves).
+    pub fn router(&self) -> axum::Router {
+        self.router.clone()
+    }
+}
+
+/// Starts one agent: admission, membership, consensus, the controllers, the worker and the
+/// API. Returns once it serves its API.
+pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
+    // Check everything the operator gave before touching the data dir.
+    config.validate()?;
+    let World {
+        net,
+        raft,
+        drivers,
+        clock,
+        entropy,
+        host,
+        stop,
+        operator,
+    } = world;
+    let advertise = advertise_addr(&config, &host)?;
+    let token = config.token.clone();
+    if token.is_none() && !config.seeds.is_empty() && !DataDir::is_member(&config.data_dir) {
         bail!("joining through --seed needs a join token (--token or `blx join TOKEN`)");
     }
 
-    let dir = DataDir::open(&args.data_dir)?;
-    let id = dir.node_id(random())?;
-    let mut seeds = args.seeds.clone();
+    let dir = DataDir::open(&config.data_dir)?;
+    let id = dir.node_id(entropy.bytes())?;
+    // openraft draws its election timeouts from a per-thread generator (see
+    // `blx_consensus::runtime`); seed this thread's from the agent's entropy.
+    blx_consensus::runtime::seed_thread_rng(entropy.u64());
+    let quic_seeds = EndpointSeeds {
+        reset_key: entropy.bytes(),
+        rng: entropy.bytes(),
+        cids: entropy.bytes(),
+        token_key: entropy.bytes(),
+    };
+    let cids = CidRng::new(entropy.bytes());
+    let socket = net
+        .bind_udp(config.bind)
+        .await
+        .map_err(|source| QuicError::Bind {
+            addr: config.bind,
+            source,
+        })?;
+    let endpoint =
+        blx_membership::quic::endpoint(socket, Arc::new(quinn::TokioRuntime), &quic_seeds)?;
+    let mut seeds = config.seeds.clone();
     let mut fresh_cluster = false;
     let creds = match dir.credentials(id)? {
         Some(creds) => {
@@ -66,17 +184,20 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
         None => match &token {
             Some(token) => {
-                let (creds, members) = join_cluster(&args, token, id).await?;
+                let (creds, members) =
+                    join_cluster(&config, &endpoint, token, id, entropy.bytes(), &cids).await?;
                 seeds.extend(members);
                 dir.save_credentials(&creds)?;
                 creds
             }
-            None if !args.seeds.is_empty() => {
+            None if !config.seeds.is_empty() => {
                 bail!("joining through --seed needs a join token (--token or `blx join TOKEN`)")
             }
             None => {
                 fresh_cluster = true;
-                bootstrap(&dir, &args, id)?
+                let (creds, token) = bootstrap(&dir, &config, id, &entropy, clock.now_unix())?;
+                operator.bootstrapped(&token, config.bootstrap_token_ttl);
+                creds
             }
         },
     };
@@ -87,27 +208,37 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     });
 
     let mut meta = NodeMeta {
-        name: args.name.clone().unwrap_or_else(|| default_name(id)),
-        labels: args.labels.iter().cloned().collect(),
-        capacity: capacity(&args),
+        name: config
+            .name
+            .clone()
+            .unwrap_or_else(|| default_name(&host, id)),
+        labels: config.labels.clone(),
+        capacity: capacity(&config, &host),
         ..Default::default()
     };
     meta.zone = meta.labels.get("zone").cloned();
     if authority.is_some() {
         meta.roles.insert(Role::Authority);
     }
-    meta.endpoints.insert("api".into(), args.api);
+    meta.endpoints.insert("api".into(), config.api);
     meta.validate()?;
 
-    let control = Arc::new(AgentControl::new(authority));
+    let control = Arc::new(AgentControl::new(authority, clock.clone(), entropy.clone()));
     let (inbound_tx, inbound_rx) = mpsc::channel(4096);
-    let transport = QuicTransport::bind(args.bind, &creds, inbound_tx, control.clone())?;
+    let transport = QuicTransport::new(
+        endpoint,
+        &creds,
+        quic_seeds.token_key,
+        &cids,
+        inbound_tx,
+        control.clone(),
+    )?;
     let identity = NodeIdentity {
         id,
         addr: advertise,
         generation,
     };
-    let rng = rand::rngs::StdRng::from_seed(random());
+    let rng = rand::rngs::StdRng::from_seed(entropy.bytes());
     let swim = Swim::new(
         identity,
         meta,
@@ -122,14 +253,15 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
         membership.join(seeds).await?;
     }
 
-    let raft_dir = args.data_dir.join("raft");
     let rpc = Arc::new(crate::raft::QuicRpc {
         transport: transport.clone(),
     });
+    let raft_id = crate::raft::raft_id(id);
+    let stores = raft.open(raft_id, &config.data_dir)?;
     let node = ConsensusNode::start(
-        crate::raft::raft_id(id),
-        &raft_dir,
-        raft_config(args.raft_snapshot_logs)?,
+        raft_id,
+        stores,
+        raft_config(config.raft_snapshot_logs)?,
         rpc,
     )
     .await?;
@@ -137,35 +269,45 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
         // Only the cluster's first agent ever initializes; everyone else is added by it.
         node.initialize(advertise).await?;
     }
-    let run_root = args.data_dir.join("vms");
+    let run_root = config.data_dir.join("vms");
     let cluster = crate::raft::Cluster::new(
         node.clone(),
         membership.clone(),
         transport.clone(),
         run_root.clone(),
         id,
+        clock.clone(),
     );
     control.set_cluster(cluster.clone());
-    let replicate = {
+    let mut tasks = Vec::new();
+    tasks.push({
         let control = control.clone();
         tokio::spawn(async move { control.replicate_authority().await })
-    };
-    let controller = tokio::spawn(crate::controller::run(cluster.clone(), membership.clone()));
-    crate::worker::spawn(
+    });
+    tasks.push(tokio::spawn(crate::controller::run(
+        cluster.clone(),
+        membership.clone(),
+        entropy.u64(),
+    )));
+    let driver_set = drivers(&DriverContext {
+        run_root: run_root.clone(),
+        accel: config.accel,
+    });
+    tasks.extend(crate::worker::spawn(
         cluster.clone(),
         id.to_string(),
         crate::worker::WorkerConfig {
             run_root,
-            images: images.clone(),
-            accel: args.accel.into(),
+            images: config.image_dir.clone(),
         },
-    );
-    let autopilot = tokio::spawn(node.clone().run_autopilot(
+        driver_set,
+    ));
+    tasks.push(tokio::spawn(node.clone().run_autopilot(
         Duration::from_secs(1),
         crate::raft::member_views(membership.clone()),
-    ));
+    )));
 
-    let _mdns = if args.no_mdns {
+    let _mdns = if !config.mdns {
         None
     } else {
         match discovery::Announcer::start(id, advertise, &creds.ca_fingerprint()) {
@@ -178,40 +320,44 @@ pub(crate) async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
 
     let shutdown = Arc::new(Notify::new());
-    let api = crate::api::serve(
-        args.api,
-        crate::api::ApiState {
-            membership: membership.clone(),
-            control: control.clone(),
-            cluster: cluster.clone(),
-            shutdown: shutdown.clone(),
-            api_token: args.api_token.clone(),
-            self_id: id,
-            cluster_id: hex(&creds.ca_fingerprint()),
-            images,
-        },
-    )
-    .await?;
-    tracing::info!(node = %id, name = %membership.members()[&id].meta.as_ref().map(|m| m.name.as_str()).unwrap_or(""), gossip = %advertise, api = %args.api, "agent running");
-    let peers_task = tokio::spawn(save_peers_periodically(dir.clone(), membership.clone()));
+    let router = crate::api::router(crate::api::ApiState {
+        membership: membership.clone(),
+        control: control.clone(),
+        cluster: cluster.clone(),
+        shutdown: shutdown.clone(),
+        api_token: config.api_token.clone(),
+        self_id: id,
+        cluster_id: hex(&creds.ca_fingerprint()),
+        images: config.image_dir.clone(),
+    });
+    let api = net
+        .serve_api(config.api, router.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind the HTTP API on {}: {e}", config.api))?;
+    tracing::info!(node = %id, name = %membership.members()[&id].meta.as_ref().map(|m| m.name.as_str()).unwrap_or(""), gossip = %advertise, api = %config.api, "agent running");
+    tasks.push(tokio::spawn(save_peers_periodically(
+        dir.clone(),
+        membership.clone(),
+    )));
 
-    let leave_requested = wait_for_stop(&shutdown).await;
-    if leave_requested {
-        tracing::info!("leaving the cluster");
-    } else {
-        tracing::info!("stopping: leaving the cluster first");
-    }
-    autopilot.abort();
-    controller.abort();
-    replicate.abort();
-    step_down(&node).await;
-    membership.leave().await.ok();
-    peers_task.abort();
-    save_peers(&dir, &membership);
-    api.abort();
-    let _ = node.raft.shutdown().await;
-    transport.shutdown().await;
-    Ok(())
+    Ok(Agent {
+        view: AgentView {
+            node,
+            membership,
+            router,
+            id,
+        },
+        running: Running {
+            _control: control,
+            dir,
+            transport,
+            tasks,
+            api,
+            shutdown,
+            stop,
+            _mdns,
+        },
+    })
 }
 
 /// A leader that stops hands over first: it removes itself from the voters, and steps down
@@ -242,55 +388,47 @@ async fn step_down(node: &ConsensusNode) {
     }
 }
 
-/// Resolves when a signal arrives (false) or the API asked to leave (true).
-async fn wait_for_stop(shutdown: &Notify) -> bool {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            return {
-                shutdown.notified().await;
-                true
-            };
-        }
-    };
+/// Resolves when the world says stop (false) or the API asked to leave (true).
+async fn wait_for_stop(shutdown: &Notify, stop: BoxFuture<'static, ()>) -> bool {
     tokio::select! {
+        biased;
         _ = shutdown.notified() => true,
-        _ = tokio::signal::ctrl_c() => false,
-        _ = term.recv() => false,
+        _ = stop => false,
     }
 }
 
+/// Creates the cluster CA, this node's credentials and the first join token.
 fn bootstrap(
     dir: &DataDir,
-    args: &AgentArgs,
+    config: &AgentConfig,
     id: blx_membership::NodeId,
-) -> anyhow::Result<NodeCredentials> {
-    let ca = ClusterCa::generate(&hex(&random::<4>()))?;
-    let creds = ca.issue_node(id)?;
+    entropy: &Entropy,
+    now_unix: u64,
+) -> anyhow::Result<(NodeCredentials, JoinToken)> {
+    let ca = ClusterCa::generate(&hex(&entropy.bytes::<4>()), entropy.bytes())?;
+    let creds = ca.issue_node(id, entropy.bytes())?;
     dir.save_ca_key(&ca)?;
     dir.save_credentials(&creds)?;
     let mut tokens = TokenAuthority::new(dir.token_store(), ca.fingerprint());
-    let token = tokens.issue(now_unix(), args.bootstrap_token_ttl.as_secs(), random())?;
-    eprintln!(
-        "blx: bootstrapped a new cluster (CA {}).",
-        &hex(&ca.fingerprint())[..16]
-    );
-    eprintln!(
-        "blx: join other agents with this token (valid {}s):",
-        args.bootstrap_token_ttl.as_secs()
-    );
-    println!("{token}");
-    Ok(creds)
+    let token = tokens.issue(
+        now_unix,
+        config.bootstrap_token_ttl.as_secs(),
+        entropy.bytes(),
+    )?;
+    Ok((creds, token))
 }
 
 async fn join_cluster(
-    args: &AgentArgs,
+    config: &AgentConfig,
+    endpoint: &quinn::Endpoint,
     token: &JoinToken,
     id: blx_membership::NodeId,
+    key_seed: [u8; 32],
+    cids: &CidRng,
 ) -> anyhow::Result<(NodeCredentials, Vec<SocketAddr>)> {
-    let targets = if !args.seeds.is_empty() {
-        args.seeds.clone()
-    } else if args.no_mdns {
+    let targets = if !config.seeds.is_empty() {
+        config.seeds.clone()
+    } else if !config.mdns {
         bail!("no --seed given and mDNS is off (--no-mdns): nowhere to find the cluster");
     } else {
         tracing::info!("looking for the cluster on the LAN (mDNS)");
@@ -305,7 +443,7 @@ async fn join_cluster(
     };
     let mut last: Option<JoinError> = None;
     for addr in targets {
-        match request_join(addr, token, id).await {
+        match request_join(endpoint, addr, token, id, key_seed, cids).await {
             Ok(joined) => {
                 tracing::info!(through = %addr, "joined the cluster");
                 let mut members = joined.members;
@@ -324,65 +462,40 @@ async fn join_cluster(
         .unwrap_or_else(|| anyhow::anyhow!("no address to join through")))
 }
 
-fn advertise_addr(args: &AgentArgs) -> anyhow::Result<SocketAddr> {
-    if let Some(a) = args.advertise {
-        if a.ip().is_unspecified() {
-            bail!("--advertise must be a concrete address, not {a}");
-        }
+fn advertise_addr(config: &AgentConfig, host: &HostFacts) -> anyhow::Result<SocketAddr> {
+    if let Some(a) = config.advertise {
         return Ok(a);
     }
-    if !args.bind.ip().is_unspecified() {
-        return Ok(args.bind);
+    if !config.bind.ip().is_unspecified() {
+        return Ok(config.bind);
     }
-    let ip = if_addrs::get_if_addrs()
-        .context("listing network interfaces")?
-        .into_iter()
-        .map(|i| i.ip())
+    let ip = host
+        .addresses
+        .iter()
+        .copied()
         .find(|ip| matches!(ip, IpAddr::V4(_)) && !ip.is_loopback())
         .context(
             "--bind is a wildcard and no non-loopback IPv4 address was found: pass --advertise",
         )?;
-    Ok(SocketAddr::new(ip, args.bind.port()))
+    Ok(SocketAddr::new(ip, config.bind.port()))
 }
 
-fn default_name(id: blx_membership::NodeId) -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
+fn default_name(host: &HostFacts, id: blx_membership::NodeId) -> String {
+    host.hostname
+        .clone()
         .filter(|h| blx_membership::meta::validate_name(h).is_ok())
         .unwrap_or_else(|| format!("node-{}", id.short()))
 }
 
-/// The host's resources, or what the flags say to offer instead.
-fn capacity(args: &AgentArgs) -> Capacity {
-    let host = host_capacity();
+/// The host's resources, or what the config says to offer instead.
+fn capacity(config: &AgentConfig, host: &HostFacts) -> Capacity {
     Capacity {
-        vcpus: args.vcpus.unwrap_or(host.vcpus),
-        memory_mib: args
-            .memory
+        vcpus: config.vcpus.unwrap_or(host.capacity.vcpus),
+        memory_mib: config
+            .memory_bytes
             .map(|b| b / (1024 * 1024))
-            .unwrap_or(host.memory_mib),
-        disk_gib: host.disk_gib,
-    }
-}
-
-fn host_capacity() -> Capacity {
-    let vcpus = std::thread::available_parallelism()
-        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
-        .unwrap_or(1);
-    let memory_mib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map(|kib| kib / 1024)
-        .unwrap_or(0);
-    Capacity {
-        vcpus,
-        memory_mib,
-        disk_gib: 0,
+            .unwrap_or(host.capacity.memory_mib),
+        disk_gib: host.capacity.disk_gib,
     }
 }
 

@@ -53,17 +53,18 @@ pub(crate) struct ApiState {
 
 /// A member as the API and `blx members --output json` show it.
 #[derive(Serialize, Deserialize, Debug, Clone)]
-pub(crate) struct MemberView {
-    pub(crate) id: String,
-    pub(crate) name: String,
-    pub(crate) addr: SocketAddr,
-    pub(crate) state: String,
-    pub(crate) incarnation: u16,
-    pub(crate) generation: u64,
-    pub(crate) labels: std::collections::BTreeMap<String, String>,
-    pub(crate) zone: Option<String>,
-    pub(crate) roles: Vec<String>,
-    pub(crate) endpoints: std::collections::BTreeMap<String, SocketAddr>,
+#[allow(missing_docs)] // JSON shapes: each field is the JSON field of that name.
+pub struct MemberView {
+    pub id: String,
+    pub name: String,
+    pub addr: SocketAddr,
+    pub state: String,
+    pub incarnation: u16,
+    pub generation: u64,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub zone: Option<String>,
+    pub roles: Vec<String>,
+    pub endpoints: std::collections::BTreeMap<String, SocketAddr>,
 }
 
 impl MemberView {
@@ -104,17 +105,13 @@ struct CreateToken {
 }
 
 #[derive(Serialize, Deserialize)]
-pub(crate) struct CreatedToken {
-    pub(crate) token: String,
+#[allow(missing_docs)] // JSON shapes: each field is the JSON field of that name.
+pub struct CreatedToken {
+    pub token: String,
 }
 
-pub(crate) async fn serve(
-    addr: SocketAddr,
-    state: ApiState,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot bind the HTTP API on {addr}: {e}"))?;
+/// The API's routes over `state`.
+pub(crate) fn router(state: ApiState) -> Router {
     let authed = Router::new()
         .route("/v1/agent/self", get(agent_self))
         .route("/v1/members", get(members))
@@ -159,15 +156,10 @@ pub(crate) async fn serve(
             state.clone(),
             require_token,
         ));
-    let app = Router::new()
+    Router::new()
         .route("/v1/health", get(|| async { "ok" }))
         .merge(authed)
-        .with_state(state);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP API stopped");
-        }
-    }))
+        .with_state(state)
 }
 
 async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {

@@ -33,32 +33,33 @@ use crate::api::{ApiError, ApiState, cluster_error};
 /// The body of `POST /v1/vms`. Unknown fields are refused.
 #[derive(Serialize, Deserialize, Debug, Clone, Default)]
 #[serde(deny_unknown_fields, default)]
-pub(crate) struct CreateVm {
-    pub(crate) name: String,
-    pub(crate) vcpus: Option<u32>,
-    pub(crate) memory_mib: Option<u64>,
-    pub(crate) disk_mib: Option<u64>,
+#[allow(missing_docs)] // JSON shapes: each field is the JSON field of that name.
+pub struct CreateVm {
+    pub name: String,
+    pub vcpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+    pub disk_mib: Option<u64>,
     /// `qemu` or `process`; default `process` when `command` is set, else `qemu`.
-    pub(crate) driver: Option<String>,
+    pub driver: Option<String>,
     /// Guest image name (qemu); default `default` when no kernel is given.
-    pub(crate) image: Option<String>,
-    pub(crate) kernel: Option<String>,
-    pub(crate) initrd: Option<String>,
-    pub(crate) cmdline: Option<String>,
+    pub image: Option<String>,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
     /// Program and arguments (process).
-    pub(crate) command: Vec<String>,
-    pub(crate) ready_marker: Option<String>,
-    pub(crate) boot_timeout_secs: Option<u32>,
-    pub(crate) labels: BTreeMap<String, String>,
+    pub command: Vec<String>,
+    pub ready_marker: Option<String>,
+    pub boot_timeout_secs: Option<u32>,
+    pub labels: BTreeMap<String, String>,
     /// `key=value`, `key!=value`, `key in a,b`, `key`, `!key`.
-    pub(crate) constraints: Vec<String>,
+    pub constraints: Vec<String>,
     /// A constraint with an optional `:weight`.
-    pub(crate) preferences: Vec<String>,
-    pub(crate) priority: Option<u16>,
-    pub(crate) group: Option<String>,
-    pub(crate) spread_zones: bool,
+    pub preferences: Vec<String>,
+    pub priority: Option<u16>,
+    pub group: Option<String>,
+    pub spread_zones: bool,
     /// `always`, `on-failure` or `never`.
-    pub(crate) restart: Option<String>,
+    pub restart: Option<String>,
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -172,27 +173,28 @@ impl CreateVm {
 
 /// A VM as the API and `blx vm show --output json` show it.
 #[derive(Serialize, Deserialize, Debug, Clone)]
-pub(crate) struct VmView {
-    pub(crate) name: String,
-    pub(crate) phase: String,
-    pub(crate) desired: String,
-    pub(crate) reason: Option<String>,
-    pub(crate) node: Option<String>,
-    pub(crate) node_name: Option<String>,
-    pub(crate) incarnation: u64,
-    pub(crate) boot_ms: Option<u64>,
-    pub(crate) restarts: u32,
-    pub(crate) since_ms: u64,
-    pub(crate) driver: String,
-    pub(crate) source: String,
-    pub(crate) vcpus: u32,
-    pub(crate) memory_mib: u64,
-    pub(crate) priority: u16,
-    pub(crate) group: Option<String>,
-    pub(crate) constraints: Vec<String>,
-    pub(crate) labels: BTreeMap<String, String>,
-    pub(crate) restart: String,
-    pub(crate) create_index: u64,
+#[allow(missing_docs)] // JSON shapes: each field is the JSON field of that name.
+pub struct VmView {
+    pub name: String,
+    pub phase: String,
+    pub desired: String,
+    pub reason: Option<String>,
+    pub node: Option<String>,
+    pub node_name: Option<String>,
+    pub incarnation: u64,
+    pub boot_ms: Option<u64>,
+    pub restarts: u32,
+    pub since_ms: u64,
+    pub driver: String,
+    pub source: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub priority: u16,
+    pub group: Option<String>,
+    pub constraints: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub restart: String,
+    pub create_index: u64,
 }
 
 fn desired_name(d: DesiredState) -> &'static str {
@@ -251,17 +253,18 @@ impl VmView {
 
 /// A node as `blx node list` shows it.
 #[derive(Serialize, Deserialize, Debug, Clone)]
-pub(crate) struct NodeView {
-    pub(crate) id: String,
-    pub(crate) name: String,
-    pub(crate) status: String,
-    pub(crate) cordoned: bool,
-    pub(crate) draining: bool,
-    pub(crate) zone: Option<String>,
-    pub(crate) labels: BTreeMap<String, String>,
-    pub(crate) capacity: Resources,
-    pub(crate) allocated: Resources,
-    pub(crate) vms: usize,
+#[allow(missing_docs)] // JSON shapes: each field is the JSON field of that name.
+pub struct NodeView {
+    pub id: String,
+    pub name: String,
+    pub status: String,
+    pub cordoned: bool,
+    pub draining: bool,
+    pub zone: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    pub allocated: Resources,
+    pub vms: usize,
 }
 
 impl NodeView {
@@ -336,7 +339,7 @@ pub(crate) async fn vm_create(
         &state,
         WorkloadCommand::VmCreate {
             spec,
-            now_ms: crate::control::now_ms(),
+            now_ms: state.cluster.clock.now_ms(),
         },
     )
     .await?;
@@ -463,7 +466,7 @@ pub(crate) async fn vm_action(
         WorkloadCommand::VmSetDesired {
             name: name.clone(),
             desired,
-            now_ms: crate::control::now_ms(),
+            now_ms: state.cluster.clock.now_ms(),
         },
     )
     .await?;

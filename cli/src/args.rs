@@ -84,7 +84,7 @@ pub(crate) enum TokenCommand {
         #[command(flatten)]
         api: ApiArgs,
         /// How long the token admits nodes: 90s, 15m, 1h, 7d (at most a year).
-        #[arg(long, default_value = "24h", value_parser = crate::duration::parse_ttl)]
+        #[arg(long, default_value = "24h", value_parser = blx::duration::parse_ttl)]
         ttl: std::time::Duration,
     },
     /// List join tokens (ids and status; secrets are never stored).
@@ -290,7 +290,7 @@ pub(crate) struct VmCreateArgs {
     #[arg(long, default_value_t = 1)]
     pub(crate) vcpus: u32,
     /// Guest memory: 256MiB, 1GiB.
-    #[arg(long, default_value = "256MiB", value_parser = crate::size::parse_size)]
+    #[arg(long, default_value = "256MiB", value_parser = blx::size::parse_size)]
     pub(crate) memory: u64,
     /// Guest image (qemu); `default` is built by scripts/build-image.sh.
     #[arg(long, conflicts_with = "kernel")]
@@ -311,7 +311,7 @@ pub(crate) struct VmCreateArgs {
     #[arg(long)]
     pub(crate) ready_marker: Option<String>,
     /// How long the VM may take to become ready.
-    #[arg(long, default_value = "60s", value_parser = crate::duration::parse_ttl)]
+    #[arg(long, default_value = "60s", value_parser = blx::duration::parse_ttl)]
     pub(crate) boot_timeout: std::time::Duration,
     /// VM label `key=value` (repeatable).
     #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
@@ -335,7 +335,7 @@ pub(crate) struct VmCreateArgs {
     #[arg(long, value_enum, default_value_t = RestartArg::Always)]
     pub(crate) restart: RestartArg,
     /// How long `run` waits for the VM to run.
-    #[arg(long, default_value = "120s", value_parser = crate::duration::parse_ttl)]
+    #[arg(long, default_value = "120s", value_parser = blx::duration::parse_ttl)]
     pub(crate) wait: std::time::Duration,
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Table)]
@@ -482,13 +482,13 @@ pub(crate) struct AgentArgs {
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
     pub(crate) raft_snapshot_logs: u64,
     /// How long a fresh cluster's first join token is valid.
-    #[arg(long, default_value = "24h", value_parser = crate::duration::parse_ttl)]
+    #[arg(long, default_value = "24h", value_parser = blx::duration::parse_ttl)]
     pub(crate) bootstrap_token_ttl: std::time::Duration,
     /// vCPUs this node offers to VMs (default: the host's).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) vcpus: Option<u32>,
     /// Memory this node offers to VMs: 512MiB, 8GiB (default: the host's).
-    #[arg(long, value_parser = crate::size::parse_size)]
+    #[arg(long, value_parser = blx::size::parse_size)]
     pub(crate) memory: Option<u64>,
     /// Folder of named guest images (default: $BLX_IMAGE_DIR or ~/.cache/blx/images).
     #[arg(long)]
@@ -500,6 +500,38 @@ pub(crate) struct AgentArgs {
     /// local test cluster, do better with 1 each than fighting over every core.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub(crate) threads: Option<u16>,
+}
+
+impl AgentArgs {
+    /// The agent's configuration from these flags; a token that does not parse is refused
+    /// here, the rest by [`blx::AgentConfig::validate`].
+    pub(crate) fn into_config(self) -> anyhow::Result<blx::AgentConfig> {
+        let token = self
+            .token
+            .as_deref()
+            .map(str::parse::<blx_membership::token::JoinToken>)
+            .transpose()?;
+        let mut config = blx::AgentConfig::new(self.data_dir);
+        config.bind = self.bind;
+        config.advertise = self.advertise;
+        config.api = self.api;
+        config.api_token = self.api_token;
+        config.name = self.name;
+        config.seeds = self.seeds;
+        config.token = token;
+        config.labels = self.labels.into_iter().collect();
+        config.mdns = !self.no_mdns;
+        config.raft_snapshot_logs = self.raft_snapshot_logs;
+        config.bootstrap_token_ttl = self.bootstrap_token_ttl;
+        config.vcpus = self.vcpus;
+        config.memory_bytes = self.memory;
+        if let Some(dir) = self.image_dir {
+            config.image_dir = dir;
+        }
+        config.accel = self.accel.into();
+        config.validate()?;
+        Ok(config)
+    }
 }
 
 impl Command {

@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::de::DeserializeOwned;
 
-use crate::api::{CreatedToken, MemberView};
 use crate::args::{ApiArgs, Output};
+use blx::api::{CreatedToken, MemberView};
 
 /// The agent's API did not answer at all.
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +150,7 @@ pub(crate) async fn token_list(api: &ApiArgs, output: Output) -> anyhow::Result<
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&tokens)?),
         Output::Table => {
-            let now = crate::control::now_unix();
+            let now = blx::world::WallClock::now_unix(&blx::world::SystemClock);
             let rows: Vec<Vec<String>> = tokens
                 .iter()
                 .map(|t| {

@@ -4,12 +4,12 @@ use std::time::Duration;
 
 use reqwest::Method;
 
-use crate::api_vms::{CreateVm, NodeView, VmView};
 use crate::args::{ApiArgs, DriverArg, NodeRefArgs, Output, RestartArg, VmCreateArgs, VmNameArgs};
 use crate::client::{Client, print_table};
+use blx::api_vms::{CreateVm, NodeView, VmView};
 
 fn create_body(a: &VmCreateArgs) -> anyhow::Result<CreateVm> {
-    let memory_mib = crate::size::mib(a.memory);
+    let memory_mib = blx::size::mib(a.memory);
     Ok(CreateVm {
         name: a.name.clone(),
         vcpus: Some(a.vcpus),

@@ -6,8 +6,8 @@
 //! and whenever no leader is reachable, the first agent's local copy answers (the authority
 //! role), and other members forward to it.
 
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use blx_consensus::authority::{AuthorityCommand, AuthorityState};
 use blx_consensus::state::{Applied, Command};
@@ -21,6 +21,8 @@ use blx_membership::token::{
 use blx_membership::wire::{ControlRequest, ControlResponse, JoinGrant, JoinRequest};
 use blx_membership::{MemberState, Membership};
 
+use crate::world::{Entropy, WallClock};
+
 /// The CA and the token records, on the one node that holds them.
 pub(crate) struct Authority {
     pub(crate) ca: ClusterCa,
@@ -30,40 +32,23 @@ pub(crate) struct Authority {
 /// Serves control requests for one agent.
 pub(crate) struct AgentControl {
     authority: Option<Mutex<Authority>>,
+    clock: Arc<dyn WallClock>,
+    entropy: Entropy,
     cluster: crate::raft::ClusterCell,
     membership: OnceLock<Membership>,
     transport: OnceLock<QuicTransport>,
 }
 
-pub(crate) fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Wall-clock milliseconds since the Unix epoch; the leader stamps state changes with it.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// Bytes from the operating system's secure random source.
-pub(crate) fn random<const N: usize>() -> [u8; N] {
-    use ring::rand::SecureRandom;
-    let mut out = [0u8; N];
-    ring::rand::SystemRandom::new()
-        .fill(&mut out)
-        .expect("the OS random source works");
-    out
-}
-
 impl AgentControl {
-    pub(crate) fn new(authority: Option<Authority>) -> Self {
+    pub(crate) fn new(
+        authority: Option<Authority>,
+        clock: Arc<dyn WallClock>,
+        entropy: Entropy,
+    ) -> Self {
         AgentControl {
             authority: authority.map(Mutex::new),
+            clock,
+            entropy,
             cluster: Default::default(),
             membership: OnceLock::new(),
             transport: OnceLock::new(),
@@ -118,7 +103,7 @@ impl AgentControl {
         let cluster = self.cluster.get()?;
         let state = cluster.read(false).await.ok()?;
         let replicated = state.authority?;
-        let now = now_unix();
+        let now = self.clock.now_unix();
         let ca = match ClusterCa::from_pem(&replicated.ca_cert_pem, &replicated.ca_key_pem) {
             Ok(ca) => ca,
             Err(e) => return Some(ControlResponse::Failed(format!("the replicated CA: {e}"))),
@@ -134,7 +119,7 @@ impl AgentControl {
                 if *ttl_secs == 0 || *ttl_secs > crate::duration::MAX_TTL.as_secs() {
                     return failed("ttl must be between 1 second and a year".into());
                 }
-                let token = match tokens.issue(now, *ttl_secs, random()) {
+                let token = match tokens.issue(now, *ttl_secs, self.entropy.bytes()) {
                     Ok(t) => t,
                     Err(e) => return failed(e.to_string()),
                 };
@@ -228,7 +213,7 @@ impl AgentControl {
         let Some(mut authority) = self.authority() else {
             return ControlResponse::Failed("not the authority".into());
         };
-        let now = now_unix();
+        let now = self.clock.now_unix();
         let store_failed =
             |e: blx_membership::token::StoreError| ControlResponse::Failed(e.to_string());
         match request {
@@ -242,7 +227,7 @@ impl AgentControl {
                         "ttl must be between 1 second and a year".into(),
                     );
                 }
-                match authority.tokens.issue(now, ttl_secs, random()) {
+                match authority.tokens.issue(now, ttl_secs, self.entropy.bytes()) {
                     Ok(token) => ControlResponse::Token(token.to_string()),
                     Err(e) => store_failed(e),
                 }

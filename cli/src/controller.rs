@@ -13,14 +13,14 @@ use blx_scheduler::Resources;
 use crate::raft::Cluster;
 
 /// Runs until the task is dropped; does work only while this node leads.
-pub(crate) async fn run(cluster: Cluster, membership: Membership) {
+pub(crate) async fn run(cluster: Cluster, membership: Membership, mut seed: u64) {
     let mut applied = cluster.node.subscribe_workload();
     let mut members = membership.watch();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut seed: u64 = u64::from_le_bytes(crate::control::random());
     loop {
         tokio::select! {
+            biased;
             r = applied.changed() => if r.is_err() { return },
             r = members.changed() => if r.is_err() { return },
             _ = tick.tick() => {}
@@ -35,7 +35,7 @@ pub(crate) async fn run(cluster: Cluster, membership: Membership) {
                 &cluster,
                 blx_consensus::workload::WorkloadCommand::NodeSync {
                     nodes: changed,
-                    now_ms: crate::control::now_ms(),
+                    now_ms: cluster.clock.now_ms(),
                 },
             )
             .await;
@@ -43,7 +43,7 @@ pub(crate) async fn run(cluster: Cluster, membership: Membership) {
         seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let plan = cluster
             .node
-            .with_local_state(|s| plan_schedule(s, crate::control::now_ms(), seed));
+            .with_local_state(|s| plan_schedule(s, cluster.clock.now_ms(), seed));
         if let Some(cmd) = plan {
             propose(&cluster, cmd).await;
         }

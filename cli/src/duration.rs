@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 /// Longest token lifetime accepted.
-pub(crate) const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Parses `<number><unit>` with unit `s`, `m`, `h` or `d`; zero and more than a year are refused.
-pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
+pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);

@@ -1,19 +1,10 @@
 //! The `blx` binary: parse arguments, set up logging, run one command, map its error to an
-//! exit code. Everything else lives in the modules.
+//! exit code. The agent is the `blx` library, started here in the real world; the argument
+//! parser and the client commands live beside this file.
 
-mod agent;
-mod api;
-mod api_vms;
 mod args;
 mod client;
 mod client_vms;
-mod console;
-mod control;
-mod controller;
-mod duration;
-mod raft;
-mod size;
-mod worker;
 
 use std::process::ExitCode;
 
@@ -50,13 +41,13 @@ fn main() -> ExitCode {
 
 async fn run(cli: args::Cli) -> anyhow::Result<()> {
     match cli.command {
-        args::Command::Agent(args) => agent::run(args).await,
+        args::Command::Agent(args) => blx::run(args.into_config()?, blx::World::real()).await,
         args::Command::Join {
             join_token,
             mut agent,
         } => {
             agent.token = Some(join_token);
-            agent::run(agent).await
+            blx::run(agent.into_config()?, blx::World::real()).await
         }
         args::Command::Members { api, output } => client::members(&api, output).await,
         args::Command::Leave { api } => client::leave(&api).await,

@@ -103,6 +103,8 @@ pub(crate) struct Cluster {
     pub(crate) run_root: std::path::PathBuf,
     /// This node's id.
     pub(crate) self_id: NodeId,
+    /// The wall clock, for the stamps on state changes.
+    pub(crate) clock: Arc<dyn crate::world::WallClock>,
 }
 
 impl Cluster {
@@ -112,6 +114,7 @@ impl Cluster {
         transport: QuicTransport,
         run_root: std::path::PathBuf,
         self_id: NodeId,
+        clock: Arc<dyn crate::world::WallClock>,
     ) -> Self {
         Cluster {
             node,
@@ -119,6 +122,7 @@ impl Cluster {
             transport,
             run_root,
             self_id,
+            clock,
         }
     }
 

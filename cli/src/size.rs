@@ -1,7 +1,7 @@
 //! Sizes as operators type them: `256MiB`, `4GiB`, `512M`, `1G`, or a plain number of MiB.
 
 /// Parses a size into bytes. Units: B, KiB/K, MiB/M, GiB/G, TiB/T (binary); no unit means MiB.
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
@@ -21,7 +21,7 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Bytes to whole MiB, rounding up, for VM and node memory.
-pub(crate) fn mib(bytes: u64) -> u64 {
+pub fn mib(bytes: u64) -> u64 {
     bytes.div_ceil(1 << 20)
 }
 

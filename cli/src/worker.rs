@@ -1,9 +1,10 @@
-//! The node's VMM worker wiring. The replicated state says which VMs are placed here; a
-//! blocking thread runs `blx_vmm::Worker` against that, and what it observes goes back to the
-//! leader as `VmReports`.
+//! The node's VMM worker wiring. The replicated state says which VMs are placed here;
+//! `blx_vmm::Worker` runs against that, and what it observes goes back to the leader as
+//! `VmReports`. With drivers whose calls can block (QEMU, processes) the worker runs on a
+//! thread of its own; with drivers that never block it runs as a task.
 //!
 //! ```text
-//!  applied state ──desired()──▶ [thread: Worker::tick every 20 ms] ──changed reports──▶ reporter ──▶ leader
+//!  applied state ──desired()──▶ [Worker::tick every 20 ms] ──changed reports──▶ reporter ──▶ leader
 //! ```
 //!
 //! After a restart the thread adopts what the previous agent left running, but acts only once
@@ -13,61 +14,78 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::mpsc as std_mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blx_consensus::state::Command;
 use blx_consensus::workload::{BootSource, VmPhase, VmRecord, VmReport, WorkloadCommand};
-use blx_vmm::process::ProcessDriver;
-use blx_vmm::qemu::{Accel, QemuConfig, QemuDriver};
 use blx_vmm::{BootSpec, Desired, DesiredState, Driver, Observed, Phase};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::raft::Cluster;
 
 /// How often the worker polls its workloads (readiness lines, exits).
 const TICK: Duration = Duration::from_millis(20);
 
-/// Where this node's VMs and images live, and how QEMU runs.
+/// Where this node's VMs and images live.
 #[derive(Clone, Debug)]
 pub(crate) struct WorkerConfig {
     /// Run directories, one per VM.
     pub(crate) run_root: PathBuf,
     /// Named guest images.
     pub(crate) images: PathBuf,
-    /// QEMU acceleration.
-    pub(crate) accel: Accel,
 }
 
-/// Starts the worker thread and its reporter. They run until the agent exits; VMs keep
-/// running when the agent stops, and the next agent adopts them.
-pub(crate) fn spawn(cluster: Cluster, self_id: String, config: WorkerConfig) {
-    let (desired_tx, desired_rx) = std_mpsc::channel::<Option<BTreeMap<String, Wanted>>>();
+/// The desired set as the feeder hands it over: None until this node has caught up.
+type DesiredSet = Option<BTreeMap<String, Wanted>>;
+
+/// Starts the worker and its reporter. They run until the agent exits; VMs keep running when
+/// the agent stops, and the next agent adopts them.
+pub(crate) fn spawn(
+    cluster: Cluster,
+    self_id: String,
+    config: WorkerConfig,
+    drivers: Vec<Box<dyn Driver>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let (desired_tx, desired_rx) = watch::channel::<DesiredSet>(None);
     let (report_tx, report_rx) = mpsc::unbounded_channel::<VmReport>();
-    let thread_config = config.clone();
-    std::thread::Builder::new()
-        .name("vmm-worker".into())
-        .spawn(move || worker_thread(thread_config, desired_rx, report_tx))
-        .ok();
-    tokio::spawn(feed_desired(
+    let blocks = drivers.iter().any(|d| d.blocks());
+    let mut tasks = Vec::new();
+    if let Some(reconciler) = Reconciler::new(&config, drivers, report_tx) {
+        if blocks {
+            std::thread::Builder::new()
+                .name("vmm-worker".into())
+                .spawn(move || reconciler.run_on_thread(desired_rx))
+                .ok();
+        } else {
+            tasks.push(tokio::spawn(reconciler.run_as_task(desired_rx)));
+        }
+    }
+    tasks.push(tokio::spawn(feed_desired(
         cluster.clone(),
         self_id.clone(),
         config,
         desired_tx,
-    ));
-    tokio::spawn(report(cluster, self_id, report_rx));
+    )));
+    tasks.push(tokio::spawn(report(cluster, self_id, report_rx)));
+    tasks
 }
 
-/// Sends the desired set to the thread whenever this node's VMs change, starting once this
-/// node has caught up with the leader. While this node cannot see a majority of the voters
-/// (its gossip view counts them down or suspect for [`FENCE_AFTER`]), it is cut off and the
-/// others will place its VMs elsewhere: it stops them all (self-fencing), and after the cut
-/// heals it catches up again before it runs anything.
+/// Sends the desired set to the worker whenever this node's VMs change, starting once this
+/// node has caught up with the leader. The node holds a lease on its VMs: a read index from
+/// the leader, renewed every [`LEASE_RENEW`]. When the lease is older than [`FENCE_AFTER`], or
+/// its gossip view has shown no majority of the voters for that long, it is cut off and the
+/// others will place its VMs elsewhere: it stops them all (self-fencing), and once it can
+/// reach the leader again it catches up before it runs anything.
+///
+/// The gossip check alone is not enough: in a partition that is not transitive (A hears B, B
+/// hears C, A does not hear C) a node can see a majority in gossip while the leader cannot
+/// reach it and has placed its VMs elsewhere (the simulator found this).
 async fn feed_desired(
     cluster: Cluster,
     self_id: String,
     config: WorkerConfig,
-    tx: std_mpsc::Sender<Option<BTreeMap<String, Wanted>>>,
+    tx: watch::Sender<DesiredSet>,
 ) {
     loop {
         catch_up(&cluster).await;
@@ -75,6 +93,8 @@ async fn feed_desired(
         let mut applied = cluster.node.subscribe_workload();
         let mut check = tokio::time::interval(Duration::from_millis(250));
         let mut cut_off_since: Option<tokio::time::Instant> = None;
+        let (lease_tx, lease) = watch::channel(tokio::time::Instant::now());
+        let renewing = tokio::spawn(renew_lease(cluster.clone(), lease_tx));
         let mut last: Option<BTreeMap<String, Wanted>> = None;
         loop {
             let desired = cluster.node.with_local_state(|s| {
@@ -92,6 +112,10 @@ async fn feed_desired(
                 r = applied.changed() => if r.is_err() { return },
                 _ = check.tick() => {}
             }
+            if lease.borrow().elapsed() >= FENCE_AFTER {
+                tracing::warn!("no word from the leader: stopping every VM on this node");
+                break;
+            }
             if cluster.sees_majority() {
                 cut_off_since = None;
             } else if cut_off_since
@@ -99,10 +123,13 @@ async fn feed_desired(
                 .elapsed()
                 >= FENCE_AFTER
             {
+                tracing::warn!(
+                    "cut off from a majority of the voters: stopping every VM on this node"
+                );
                 break;
             }
         }
-        tracing::warn!("cut off from a majority of the voters: stopping every VM on this node");
+        renewing.abort();
         if tx.send(Some(BTreeMap::new())).is_err() {
             return;
         }
@@ -110,6 +137,21 @@ async fn feed_desired(
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         tracing::info!("a majority of the voters is reachable again");
+    }
+}
+
+/// How often a node renews the lease on its VMs.
+const LEASE_RENEW: Duration = Duration::from_millis(500);
+
+/// Renews the lease: asks the leader for a read index (which the leader confirms with a
+/// quorum), and on success records when the request was sent.
+async fn renew_lease(cluster: Cluster, lease: watch::Sender<tokio::time::Instant>) {
+    loop {
+        let asked = tokio::time::Instant::now();
+        if let Ok(Ok(_)) = tokio::time::timeout(FENCE_AFTER, cluster.read_index()).await {
+            lease.send_replace(asked);
+        }
+        tokio::time::sleep_until(asked + LEASE_RENEW).await;
     }
 }
 
@@ -189,41 +231,66 @@ fn resolve(vm: &VmRecord, config: &WorkerConfig) -> Wanted {
     })
 }
 
-fn worker_thread(
-    config: WorkerConfig,
-    desired_rx: std_mpsc::Receiver<Option<BTreeMap<String, Wanted>>>,
-    report_tx: mpsc::UnboundedSender<VmReport>,
-) {
-    if let Err(e) = std::fs::create_dir_all(&config.run_root) {
-        tracing::error!(error = %e, dir = %config.run_root.display(), "VMM worker cannot create its run directory");
-        return;
+/// The worker and what it last saw and said.
+struct Reconciler {
+    worker: blx_vmm::Worker,
+    desired: DesiredSet,
+    runnable: BTreeMap<String, Desired>,
+    reported: BTreeMap<String, VmReport>,
+    reports: mpsc::UnboundedSender<VmReport>,
+    epoch: Instant,
+}
+
+impl Reconciler {
+    fn new(
+        config: &WorkerConfig,
+        drivers: Vec<Box<dyn Driver>>,
+        reports: mpsc::UnboundedSender<VmReport>,
+    ) -> Option<Self> {
+        if let Err(e) = std::fs::create_dir_all(&config.run_root) {
+            tracing::error!(error = %e, dir = %config.run_root.display(), "VMM worker cannot create its run directory");
+            return None;
+        }
+        let mut worker = blx_vmm::Worker::new(config.run_root.clone(), drivers);
+        for adopted in worker.adopt_all() {
+            tracing::info!(vm = %adopted.name, incarnation = adopted.incarnation, "adopted a VM left running by the previous agent");
+        }
+        Some(Reconciler {
+            worker,
+            desired: None,
+            runnable: BTreeMap::new(),
+            reported: BTreeMap::new(),
+            reports,
+            epoch: Instant::now(),
+        })
     }
-    let drivers: Vec<Box<dyn Driver>> = vec![
-        Box::new(QemuDriver::new(QemuConfig {
-            accel: config.accel,
-            accel_cache: Some(config.run_root.join("accel")),
-            ..QemuConfig::default()
-        })),
-        Box::new(ProcessDriver::default()),
-    ];
-    let mut worker = blx_vmm::Worker::new(config.run_root.clone(), drivers);
-    for adopted in worker.adopt_all() {
-        tracing::info!(vm = %adopted.name, incarnation = adopted.incarnation, "adopted a VM left running by the previous agent");
+
+    fn run_on_thread(mut self, mut desired: watch::Receiver<DesiredSet>) {
+        loop {
+            std::thread::sleep(TICK);
+            if !self.step(&mut desired) {
+                return;
+            }
+        }
     }
-    let epoch = Instant::now();
-    let now_ms = || u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let mut desired: Option<BTreeMap<String, Wanted>> = None;
-    let mut runnable: BTreeMap<String, Desired> = BTreeMap::new();
-    let mut reported: BTreeMap<String, VmReport> = BTreeMap::new();
-    loop {
-        match desired_rx.recv_timeout(TICK) {
-            Ok(d) => {
-                desired = d;
-                // Take the newest if several queued up.
-                while let Ok(d) = desired_rx.try_recv() {
-                    desired = d;
-                }
-                runnable = desired
+
+    async fn run_as_task(mut self, mut desired: watch::Receiver<DesiredSet>) {
+        loop {
+            tokio::time::sleep(TICK).await;
+            if !self.step(&mut desired) {
+                return;
+            }
+        }
+    }
+
+    /// Takes the newest desired set, ticks the worker, and sends what changed. False once
+    /// the agent is gone.
+    fn step(&mut self, desired: &mut watch::Receiver<DesiredSet>) -> bool {
+        match desired.has_changed() {
+            Ok(true) => {
+                self.desired = desired.borrow_and_update().clone();
+                self.runnable = self
+                    .desired
                     .iter()
                     .flatten()
                     .filter_map(|(name, w)| match w {
@@ -232,12 +299,15 @@ fn worker_thread(
                     })
                     .collect();
             }
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            Ok(false) => {}
+            Err(_) => return false,
         }
         // Until caught up, only watch.
-        let Some(want) = &desired else { continue };
-        let observed = worker.tick(&runnable, now_ms());
+        let Some(want) = &self.desired else {
+            return true;
+        };
+        let now_ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let observed = self.worker.tick(&self.runnable, now_ms);
         for (name, w) in want {
             let report = match w {
                 Wanted::Run(d) => to_report(d, observed.get(name)),
@@ -253,14 +323,15 @@ fn worker_thread(
                     restarts: 0,
                 },
             };
-            if reported.get(name) != Some(&report) {
-                if report_tx.send(report.clone()).is_err() {
-                    return;
+            if self.reported.get(name) != Some(&report) {
+                if self.reports.send(report.clone()).is_err() {
+                    return false;
                 }
-                reported.insert(name.clone(), report);
+                self.reported.insert(name.clone(), report);
             }
         }
-        reported.retain(|name, _| want.contains_key(name));
+        self.reported.retain(|name, _| want.contains_key(name));
+        true
     }
 }
 
@@ -307,7 +378,7 @@ async fn report(cluster: Cluster, self_id: String, mut rx: mpsc::UnboundedReceiv
         let cmd = Command::Workload(WorkloadCommand::VmReports {
             node: self_id.clone(),
             reports: pending.values().cloned().collect(),
-            now_ms: crate::control::now_ms(),
+            now_ms: cluster.clock.now_ms(),
         });
         match cluster.write(cmd).await {
             Ok(_) => pending.clear(),

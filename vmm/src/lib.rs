@@ -185,6 +185,12 @@ pub enum DriverError {
 pub trait Driver: Send {
     /// Which kind this is.
     fn kind(&self) -> DriverKind;
+    /// Whether a call may hold the calling thread for long (a stop waits for a process to
+    /// exit; a first QEMU start probes KVM). The agent runs a worker with such drivers on a
+    /// thread of its own, and one without them as a task.
+    fn blocks(&self) -> bool {
+        true
+    }
     /// Checks a spec without starting anything.
     fn validate(&self, spec: &BootSpec) -> Result<(), DriverError>;
     /// Starts `vm` in `run_dir` (created by the caller; holds the console log and sockets).
