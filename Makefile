@@ -26,12 +26,13 @@ test:
 
 bench:
 	scripts/setup.sh bench
-	cargo build --release -p blx
+	cargo build --release -p blx -p blx-simulation
 	scripts/bench-membership.sh $(CARGO_TARGET_DIR)/release/blx
 	scripts/bench-raft.sh $(CARGO_TARGET_DIR)/release/blx
 	cargo bench -p blx-scheduler --bench placement
 	scripts/bench-vm-boot.sh $(CARGO_TARGET_DIR)/release/blx
 	scripts/bench-failover.sh $(CARGO_TARGET_DIR)/release/blx
+	scripts/bench-simulation.sh $(CARGO_TARGET_DIR)/release/blx-simulation
 
 fuzz:
 	scripts/fuzz.sh

@@ -94,7 +94,7 @@ async fn feed_desired(
         let mut check = tokio::time::interval(Duration::from_millis(250));
         let mut cut_off_since: Option<tokio::time::Instant> = None;
         let (lease_tx, lease) = watch::channel(tokio::time::Instant::now());
-        let renewing = tokio::spawn(renew_lease(cluster.clone(), lease_tx));
+        let renewing = tokio::spawn(renew_lease(cluster.clone(), self_id.clone(), lease_tx));
         let mut last: Option<BTreeMap<String, Wanted>> = None;
         loop {
             let desired = cluster.node.with_local_state(|s| {
@@ -144,11 +144,21 @@ async fn feed_desired(
 const LEASE_RENEW: Duration = Duration::from_millis(500);
 
 /// Renews the lease: asks the leader for a read index (which the leader confirms with a
-/// quorum), and on success records when the request was sent.
-async fn renew_lease(cluster: Cluster, lease: watch::Sender<tokio::time::Instant>) {
+/// quorum), and on success records when the request was sent. A node with no VMs placed on
+/// it has nothing to fence and asks nothing, so idle nodes add no traffic.
+async fn renew_lease(
+    cluster: Cluster,
+    self_id: String,
+    lease: watch::Sender<tokio::time::Instant>,
+) {
     loop {
         let asked = tokio::time::Instant::now();
-        if let Ok(Ok(_)) = tokio::time::timeout(FENCE_AFTER, cluster.read_index()).await {
+        let holds_vms = cluster
+            .node
+            .with_local_state(|s| s.vms_on(&self_id).next().is_some());
+        if !holds_vms {
+            lease.send_replace(asked);
+        } else if let Ok(Ok(_)) = tokio::time::timeout(FENCE_AFTER, cluster.read_index()).await {
             lease.send_replace(asked);
         }
         tokio::time::sleep_until(asked + LEASE_RENEW).await;

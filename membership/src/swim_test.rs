@@ -10,6 +10,8 @@ struct Net {
     now: Instant,
     nodes: BTreeMap<NodeId, Swim>,
     dead: BTreeSet<NodeId>,
+    /// Running, but cut off: nothing reaches them and nothing they send arrives.
+    cut: BTreeSet<NodeId>,
     by_addr: BTreeMap<SocketAddr, NodeId>,
 }
 
@@ -20,6 +22,7 @@ impl Net {
             now,
             nodes: BTreeMap::new(),
             dead: BTreeSet::new(),
+            cut: BTreeSet::new(),
             by_addr: BTreeMap::new(),
         };
         for i in 1..=n {
@@ -68,7 +71,11 @@ impl Net {
             let Some(dst) = self.by_addr.get(&to).copied() else {
                 continue;
             };
-            if self.dead.contains(&dst) || self.dead.contains(&from) {
+            if self.dead.contains(&dst)
+                || self.dead.contains(&from)
+                || self.cut.contains(&dst)
+                || self.cut.contains(&from)
+            {
                 continue;
             }
             let now = self.now;
@@ -220,4 +227,25 @@ fn a_member_down_past_the_reap_time_is_forgotten() {
             .filter(|(id, _)| **id != victim)
             .all(|(_, s)| !s.members().contains_key(&victim))
     });
+}
+
+#[test]
+fn both_sides_of_a_healed_split_find_each_other_again() {
+    tracing::info!("--- a node cut off long enough that both sides hold the other down");
+    let mut net = Net::new(4);
+    net.join_all_to_first();
+    net.run_until(Duration::from_secs(10), Net::converged);
+    let island = NodeId([4; 8]);
+    net.cut.insert(island);
+    net.run_until(Duration::from_secs(20), |n| {
+        n.all_see(island, MemberState::Down)
+            && n.nodes[&island]
+                .members()
+                .iter()
+                .filter(|(id, _)| **id != island)
+                .all(|(_, m)| m.state == MemberState::Down)
+    });
+    tracing::info!("--- healed: everyone is alive again within two announce periods");
+    net.cut.clear();
+    net.run_until(SwimConfig::lan().announce_to_down * 2, Net::converged);
 }

@@ -1,6 +1,7 @@
 //! The faults of one run, drawn from its seed before it starts: when each begins, what it
 //! does, and when it heals. Every plan has at least one host crash with its restart, one
-//! partition and one period of packet loss; the rest is drawn.
+//! partition and one period of packet loss; the rest is drawn, one to four more plus one for
+//! every 15 s of the fault window, so a long run stays busy.
 
 use std::time::Duration;
 
@@ -109,8 +110,9 @@ impl Plan {
                 percent: rng.random_range(5..40),
             },
         });
-        // And a few more of any kind.
-        for _ in 0..rng.random_range(1..5) {
+        // And more of any kind: a few, plus one for every 15 s of the window.
+        let more = rng.random_range(1..5) + span / 15_000;
+        for _ in 0..more {
             let (at, until) = pick_window(&mut rng, 1_000, 15_000);
             let host = rng.random_range(0..hosts);
             let fault = match rng.random_range(0..6) {
