@@ -11,11 +11,11 @@ use anyhow::{Context, bail};
 use blx_consensus::node::{ConsensusNode, raft_config};
 use blx_membership::discovery;
 use blx_membership::join::{JoinError, request_join};
-use blx_membership::meta::{Capacity, NodeMeta, Role};
+use blx_membership::meta::{Capacity, NodeMeta};
 use blx_membership::quic::{CidRng, EndpointSeeds, QuicError, QuicTransport};
 use blx_membership::store::DataDir;
 use blx_membership::tls::{ClusterCa, NodeCredentials, hex};
-use blx_membership::token::{JoinToken, TokenAuthority};
+use blx_membership::token::{JoinRefusal, JoinToken, TokenAuthority};
 use blx_membership::{Membership, NodeIdentity, Swim, SwimConfig};
 use rand::SeedableRng;
 use tokio::sync::{Notify, mpsc};
@@ -27,6 +27,10 @@ use crate::world::{BoxFuture, DriverContext, Entropy, HostFacts, World};
 const PEERS: &str = "peers";
 /// How long a joiner browses mDNS for its cluster.
 const MDNS_WAIT: Duration = Duration::from_secs(10);
+/// How long a joiner keeps trying a cluster that answers but cannot confirm its token yet.
+const JOIN_RETRY_FOR: Duration = Duration::from_secs(30);
+/// Pause between those tries.
+const JOIN_RETRY_EVERY: Duration = Duration::from_millis(500);
 
 /// Runs one agent until `world.stop` resolves or the API asks it to leave; it leaves the
 /// cluster gracefully either way.
@@ -150,7 +154,6 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
     }
 
     let dir = DataDir::open(&config.data_dir)?;
-    let id = dir.node_id(entropy.bytes())?;
     // openraft draws its election timeouts from a per-thread generator (see
     // `blx_consensus::runtime`); seed this thread's from the agent's entropy.
     blx_consensus::runtime::seed_thread_rng(entropy.u64());
@@ -172,7 +175,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         blx_membership::quic::endpoint(socket, Arc::new(quinn::TokioRuntime), &quic_seeds)?;
     let mut seeds = config.seeds.clone();
     let mut fresh_cluster = false;
-    let creds = match dir.credentials(id)? {
+    let creds = match dir.credentials()? {
         Some(creds) => {
             if token.is_some() {
                 tracing::info!(
@@ -185,7 +188,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         None => match &token {
             Some(token) => {
                 let (creds, members) =
-                    join_cluster(&config, &endpoint, token, id, entropy.bytes(), &cids).await?;
+                    join_cluster(&config, &endpoint, token, entropy.bytes(), &cids).await?;
                 seeds.extend(members);
                 dir.save_credentials(&creds)?;
                 creds
@@ -195,12 +198,15 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
             }
             None => {
                 fresh_cluster = true;
+                // The first node names itself; every later one is named by the cluster.
+                let id = dir.node_id(entropy.bytes())?;
                 let (creds, token) = bootstrap(&dir, &config, id, &entropy, clock.now_unix())?;
                 operator.bootstrapped(&token, config.bootstrap_token_ttl);
                 creds
             }
         },
     };
+    let id = creds.id;
     let generation = dir.next_generation()?;
     let authority = dir.cluster_ca()?.map(|ca| Authority {
         tokens: TokenAuthority::new(dir.token_store(), ca.fingerprint()),
@@ -217,13 +223,15 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         ..Default::default()
     };
     meta.zone = meta.labels.get("zone").cloned();
-    if authority.is_some() {
-        meta.roles.insert(Role::Authority);
-    }
     meta.endpoints.insert("api".into(), config.api);
     meta.validate()?;
 
-    let control = Arc::new(AgentControl::new(authority, clock.clone(), entropy.clone()));
+    let control = Arc::new(AgentControl::new(
+        authority,
+        id,
+        clock.clone(),
+        entropy.clone(),
+    ));
     let (inbound_tx, inbound_rx) = mpsc::channel(4096);
     let transport = QuicTransport::new(
         endpoint,
@@ -247,7 +255,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         tokio::time::Instant::now(),
     );
     let membership = Membership::spawn(swim, Arc::new(transport.clone()), inbound_rx);
-    control.attach(membership.clone(), transport.clone());
+    control.attach(membership.clone());
     seeds.retain(|s| *s != advertise);
     if !seeds.is_empty() {
         membership.join(seeds).await?;
@@ -422,7 +430,6 @@ async fn join_cluster(
     config: &AgentConfig,
     endpoint: &quinn::Endpoint,
     token: &JoinToken,
-    id: blx_membership::NodeId,
     key_seed: [u8; 32],
     cids: &CidRng,
 ) -> anyhow::Result<(NodeCredentials, Vec<SocketAddr>)> {
@@ -441,25 +448,35 @@ async fn join_cluster(
         }
         found
     };
-    let mut last: Option<JoinError> = None;
-    for addr in targets {
-        match request_join(endpoint, addr, token, id, key_seed, cids).await {
-            Ok(joined) => {
-                tracing::info!(through = %addr, "joined the cluster");
-                let mut members = joined.members;
-                members.push(addr);
-                return Ok((joined.credentials, members));
-            }
-            Err(e @ JoinError::Refused(_)) => return Err(e.into()),
-            Err(e) => {
-                tracing::warn!(error = %e, "join attempt failed");
-                last = Some(e);
+    // A cluster that cannot confirm tokens right now (no leader yet, an election under way)
+    // refuses with NoQuorum; that is worth a few more tries. Any other refusal is final.
+    let deadline = tokio::time::Instant::now() + JOIN_RETRY_FOR;
+    loop {
+        let mut last: Option<JoinError> = None;
+        for addr in &targets {
+            match request_join(endpoint, *addr, token, key_seed, cids).await {
+                Ok(joined) => {
+                    tracing::info!(through = %addr, node = %joined.credentials.id, "joined the cluster");
+                    let mut members = joined.members;
+                    members.push(*addr);
+                    return Ok((joined.credentials, members));
+                }
+                Err(e @ JoinError::Refused(refusal)) if refusal != JoinRefusal::NoQuorum => {
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "join attempt failed");
+                    last = Some(e);
+                }
             }
         }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(last
+                .map(anyhow::Error::from)
+                .unwrap_or_else(|| anyhow::anyhow!("no address to join through")));
+        }
+        tokio::time::sleep(JOIN_RETRY_EVERY).await;
     }
-    Err(last
-        .map(anyhow::Error::from)
-        .unwrap_or_else(|| anyhow::anyhow!("no address to join through")))
 }
 
 fn advertise_addr(config: &AgentConfig, host: &HostFacts) -> anyhow::Result<SocketAddr> {

@@ -1,29 +1,28 @@
 //! The agent's answers to control requests: admission and token management.
 //!
-//! Once the cluster CA and token records are in the replicated state (the first agent moves
-//! them there as soon as consensus is up), every member answers from a linearizable read of
-//! that state and changes tokens through Raft, so any member can admit a node. Before that,
-//! and whenever no leader is reachable, the first agent's local copy answers (the authority
-//! role), and other members forward to it.
+//! The cluster CA, the join-token records and the record of admitted node ids live in the
+//! replicated state (the first agent moves its CA and bootstrap token there as soon as
+//! consensus is up). Every member answers from a linearizable read of that state and changes
+//! it through Raft, so any member can admit a node. Without that read (no quorum, no leader,
+//! the cluster still starting) the answer is a refusal that says so: nothing is ever served
+//! from a local copy, which revocations would not reach.
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use blx_consensus::authority::{AuthorityCommand, AuthorityState};
-use blx_consensus::state::{Applied, Command};
-use blx_membership::meta::Role;
-use blx_membership::quic::{Caller, ControlService, QuicTransport};
+use blx_consensus::authority::{AdmittedNode, AuthorityCommand, AuthorityState};
+use blx_consensus::state::{Applied, Command, CommandError};
+use blx_membership::quic::{Caller, ControlService};
 use blx_membership::store::FileTokenStore;
 use blx_membership::tls::ClusterCa;
-use blx_membership::token::{
-    JoinRefusal, MemTokenStore, TokenAuthority, TokenId, TokenInfo, TokenStore,
-};
+use blx_membership::token::{JoinRefusal, MemTokenStore, TokenAuthority, TokenId, TokenInfo};
 use blx_membership::wire::{ControlRequest, ControlResponse, JoinGrant, JoinRequest};
-use blx_membership::{MemberState, Membership};
+use blx_membership::{MemberState, Membership, NodeId};
 
 use crate::world::{Entropy, WallClock};
 
-/// The CA and the token records, on the one node that holds them.
+/// The CA and the token records of the agent that bootstrapped the cluster, in its data dir
+/// until they are in the replicated state.
 pub(crate) struct Authority {
     pub(crate) ca: ClusterCa,
     pub(crate) tokens: TokenAuthority<FileTokenStore>,
@@ -31,27 +30,28 @@ pub(crate) struct Authority {
 
 /// Serves control requests for one agent.
 pub(crate) struct AgentControl {
-    authority: Option<Mutex<Authority>>,
+    bootstrap: Option<Mutex<Authority>>,
+    self_id: NodeId,
     clock: Arc<dyn WallClock>,
     entropy: Entropy,
     cluster: crate::raft::ClusterCell,
     membership: OnceLock<Membership>,
-    transport: OnceLock<QuicTransport>,
 }
 
 impl AgentControl {
     pub(crate) fn new(
-        authority: Option<Authority>,
+        bootstrap: Option<Authority>,
+        self_id: NodeId,
         clock: Arc<dyn WallClock>,
         entropy: Entropy,
     ) -> Self {
         AgentControl {
-            authority: authority.map(Mutex::new),
+            bootstrap: bootstrap.map(Mutex::new),
+            self_id,
             clock,
             entropy,
             cluster: Default::default(),
             membership: OnceLock::new(),
-            transport: OnceLock::new(),
         }
     }
 
@@ -60,66 +60,58 @@ impl AgentControl {
         let _ = self.cluster.set(cluster);
     }
 
-    pub(crate) fn attach(&self, membership: Membership, transport: QuicTransport) {
+    pub(crate) fn attach(&self, membership: Membership) {
         let _ = self.membership.set(membership);
-        let _ = self.transport.set(transport);
     }
 
-    fn authority(&self) -> Option<std::sync::MutexGuard<'_, Authority>> {
-        self.authority
+    fn bootstrap(&self) -> Option<std::sync::MutexGuard<'_, Authority>> {
+        self.bootstrap
             .as_ref()
             .map(|a| a.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Serves a request from the replicated CA and tokens; failing that, here if this node is
-    /// the authority, or forwarded there.
+    /// Serves a request from a linearizable read of the replicated CA and tokens; refuses
+    /// it, saying why, when that read cannot be made.
     pub(crate) async fn serve(&self, request: ControlRequest) -> ControlResponse {
-        if let Some(response) = self.serve_replicated(&request).await {
-            return response;
-        }
-        if self.authority.is_some() {
-            return self.serve_locally(request);
-        }
-        let Some((addr, id)) = self.find_authority() else {
-            return match request {
-                ControlRequest::Join(_) => ControlResponse::Refused(JoinRefusal::NoAuthority),
-                _ => ControlResponse::Failed(
-                    "no alive member holds the cluster CA; token operations are unavailable".into(),
-                ),
-            };
+        let no_quorum = |why: String| {
+            tracing::warn!(reason = %why, "control request refused: no quorum");
+            match request {
+                ControlRequest::Join(_) => ControlResponse::Refused(JoinRefusal::NoQuorum),
+                _ => ControlResponse::Failed(format!(
+                    "no quorum: the join tokens cannot be read or changed right now: {why}"
+                )),
+            }
         };
-        let Some(transport) = self.transport.get() else {
-            return ControlResponse::Failed("agent is starting".into());
+        let Some(cluster) = self.cluster.get() else {
+            return no_quorum("consensus is starting".into());
         };
-        match transport.request(addr, Some(id), &request).await {
-            Ok(response) => response,
-            Err(e) => ControlResponse::Failed(format!("forwarding to the authority failed: {e}")),
-        }
-    }
-
-    /// Answers from the replicated state, or None when it holds no CA yet or no leader
-    /// answers (the caller falls back to the authority node).
-    async fn serve_replicated(&self, request: &ControlRequest) -> Option<ControlResponse> {
-        let cluster = self.cluster.get()?;
-        let state = cluster.read(false).await.ok()?;
-        let replicated = state.authority?;
+        let state = match cluster.read(false).await {
+            Ok(state) => state,
+            Err(e) => return no_quorum(e.to_string()),
+        };
+        let Some(replicated) = state.authority else {
+            return no_quorum("the cluster CA is not in the replicated state yet".into());
+        };
         let now = self.clock.now_unix();
         let ca = match ClusterCa::from_pem(&replicated.ca_cert_pem, &replicated.ca_key_pem) {
             Ok(ca) => ca,
-            Err(e) => return Some(ControlResponse::Failed(format!("the replicated CA: {e}"))),
+            Err(e) => return ControlResponse::Failed(format!("the replicated CA: {e}")),
         };
-        let mut tokens =
-            TokenAuthority::new(MemTokenStore::new(replicated.tokens), ca.fingerprint());
-        let failed = |e: String| Some(ControlResponse::Failed(e));
+        let mut tokens = TokenAuthority::new(
+            MemTokenStore::new(replicated.tokens.clone()),
+            ca.fingerprint(),
+        );
+        let failed = |e: String| ControlResponse::Failed(e);
         match request {
             ControlRequest::Join(req) => {
-                Some(admit(&ca, &tokens, req.clone(), now, self.member_addrs()))
+                self.admit(cluster, &replicated, &ca, &tokens, req, now)
+                    .await
             }
             ControlRequest::TokenCreate { ttl_secs } => {
-                if *ttl_secs == 0 || *ttl_secs > crate::duration::MAX_TTL.as_secs() {
+                if ttl_secs == 0 || ttl_secs > crate::duration::MAX_TTL.as_secs() {
                     return failed("ttl must be between 1 second and a year".into());
                 }
-                let token = match tokens.issue(now, *ttl_secs, self.entropy.bytes()) {
+                let token = match tokens.issue(now, ttl_secs, self.entropy.bytes()) {
                     Ok(t) => t,
                     Err(e) => return failed(e.to_string()),
                 };
@@ -128,31 +120,96 @@ impl AgentControl {
                 };
                 let cmd = Command::Authority(AuthorityCommand::TokenPut(record));
                 match cluster.write(cmd).await {
-                    Ok(Ok(_)) => Some(ControlResponse::Token(token.to_string())),
+                    Ok(Ok(_)) => ControlResponse::Token(token.to_string()),
                     Ok(Err(e)) => failed(e.to_string()),
-                    Err(e) => failed(e.to_string()),
+                    Err(e) => failed(format!("no quorum: {e}")),
                 }
             }
-            ControlRequest::TokenList => Some(
-                tokens
-                    .list(now)
-                    .map(ControlResponse::Tokens)
-                    .unwrap_or_else(|e| ControlResponse::Failed(e.to_string())),
-            ),
+            ControlRequest::TokenList => tokens
+                .list(now)
+                .map(ControlResponse::Tokens)
+                .unwrap_or_else(|e| failed(e.to_string())),
             ControlRequest::TokenRevoke { id } => {
-                let cmd = Command::Authority(AuthorityCommand::TokenRevoke(*id));
+                let cmd = Command::Authority(AuthorityCommand::TokenRevoke(id));
                 match cluster.write(cmd).await {
-                    Ok(Ok(Applied::Revoked { existed })) => Some(ControlResponse::Revoked(existed)),
+                    Ok(Ok(Applied::Revoked { existed })) => ControlResponse::Revoked(existed),
                     Ok(Ok(other)) => failed(format!("unexpected result {other:?}")),
                     Ok(Err(e)) => failed(e.to_string()),
-                    Err(e) => failed(e.to_string()),
+                    Err(e) => failed(format!("no quorum: {e}")),
                 }
             }
-            ControlRequest::Service { .. } => None,
+            ControlRequest::Service { .. } => failed("not a token request".into()),
         }
     }
 
-    /// Moves this node's CA and tokens into the replicated state, once consensus answers.
+    /// Admits a joiner: checks its token's secret, assigns it a fresh id, commits the
+    /// admission (which checks the token again against the committed records), and only then
+    /// hands out the certificate.
+    async fn admit(
+        &self,
+        cluster: &crate::raft::Cluster,
+        replicated: &AuthorityState,
+        ca: &ClusterCa,
+        tokens: &TokenAuthority<MemTokenStore>,
+        req: JoinRequest,
+        now: u64,
+    ) -> ControlResponse {
+        match tokens.check(req.token_id, &req.secret, now) {
+            Ok(Ok(())) => {}
+            Ok(Err(refusal)) => {
+                tracing::warn!(token = %req.token_id, %refusal, "join refused");
+                return ControlResponse::Refused(refusal);
+            }
+            Err(e) => return ControlResponse::Failed(e.to_string()),
+        }
+        let members = self
+            .membership
+            .get()
+            .map(|m| m.members())
+            .unwrap_or_default();
+        let Some(node) = (0..16)
+            .map(|_| NodeId::from_random(self.entropy.bytes()))
+            .find(|id| {
+                !id.is_unknown() && !replicated.nodes.contains_key(id) && !members.contains_key(id)
+            })
+        else {
+            return ControlResponse::Failed("could not draw a free node id".into());
+        };
+        let cert = match ca.sign_request(&req.csr_der, node) {
+            Ok(cert) => cert,
+            Err(e) => {
+                tracing::warn!(error = %e, "join request with a bad certificate request");
+                return ControlResponse::Refused(JoinRefusal::BadRequest);
+            }
+        };
+        let cmd = Command::Authority(AuthorityCommand::Admit {
+            node,
+            token: req.token_id,
+            at: now,
+        });
+        match cluster.write(cmd).await {
+            Ok(Ok(_)) => {
+                tracing::info!(%node, token = %req.token_id, "admitted a new node");
+                ControlResponse::Joined(JoinGrant {
+                    node,
+                    cert_der: cert.to_vec(),
+                    ca_der: ca.cert_der().to_vec(),
+                    members: self.member_addrs(),
+                })
+            }
+            Ok(Err(CommandError::JoinRefused(refusal))) => {
+                tracing::warn!(token = %req.token_id, %refusal, "join refused at commit");
+                ControlResponse::Refused(refusal)
+            }
+            Ok(Err(e)) => ControlResponse::Failed(e.to_string()),
+            Err(e) => {
+                tracing::warn!(error = %e, "join refused: the admission did not commit");
+                ControlResponse::Refused(JoinRefusal::NoQuorum)
+            }
+        }
+    }
+
+    /// Moves the bootstrap CA and tokens into the replicated state, once consensus answers.
     /// Only the first agent holds them; on every later start the state already has them.
     pub(crate) async fn replicate_authority(&self) {
         let Some(cluster) = self.cluster.get() else {
@@ -163,7 +220,7 @@ impl AgentControl {
                 Ok(state) if state.authority.is_some() => return,
                 Ok(_) => {
                     let init = {
-                        let Some(authority) = self.authority() else {
+                        let Some(authority) = self.bootstrap() else {
                             return;
                         };
                         match authority.tokens.list_records() {
@@ -171,6 +228,15 @@ impl AgentControl {
                                 ca_cert_pem: authority.ca.cert_pem(),
                                 ca_key_pem: authority.ca.key_pem(),
                                 tokens,
+                                nodes: [(
+                                    self.self_id,
+                                    AdmittedNode {
+                                        admitted_unix: self.clock.now_unix(),
+                                        token: None,
+                                        revoked: false,
+                                    },
+                                )]
+                                .into(),
                             },
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot read the local token records");
@@ -193,58 +259,6 @@ impl AgentControl {
                 Err(e) => tracing::debug!(error = %e, "waiting for consensus to replicate the CA"),
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    fn find_authority(&self) -> Option<(std::net::SocketAddr, blx_membership::NodeId)> {
-        let members = self.membership.get()?.members();
-        members
-            .values()
-            .find(|m| {
-                m.state == MemberState::Alive
-                    && m.meta
-                        .as_ref()
-                        .is_some_and(|meta| meta.roles.contains(&Role::Authority))
-            })
-            .map(|m| (m.identity.addr, m.identity.id))
-    }
-
-    fn serve_locally(&self, request: ControlRequest) -> ControlResponse {
-        let Some(mut authority) = self.authority() else {
-            return ControlResponse::Failed("not the authority".into());
-        };
-        let now = self.clock.now_unix();
-        let store_failed =
-            |e: blx_membership::token::StoreError| ControlResponse::Failed(e.to_string());
-        match request {
-            ControlRequest::Join(req) => {
-                let members = self.member_addrs();
-                admit(&authority.ca, &authority.tokens, req, now, members)
-            }
-            ControlRequest::TokenCreate { ttl_secs } => {
-                if ttl_secs == 0 || ttl_secs > crate::duration::MAX_TTL.as_secs() {
-                    return ControlResponse::Failed(
-                        "ttl must be between 1 second and a year".into(),
-                    );
-                }
-                match authority.tokens.issue(now, ttl_secs, self.entropy.bytes()) {
-                    Ok(token) => ControlResponse::Token(token.to_string()),
-                    Err(e) => store_failed(e),
-                }
-            }
-            ControlRequest::TokenList => authority
-                .tokens
-                .list(now)
-                .map(ControlResponse::Tokens)
-                .unwrap_or_else(store_failed),
-            ControlRequest::TokenRevoke { id } => authority
-                .tokens
-                .revoke(id)
-                .map(ControlResponse::Revoked)
-                .unwrap_or_else(store_failed),
-            ControlRequest::Service { .. } => {
-                ControlResponse::Failed("not an authority request".into())
-            }
         }
     }
 
@@ -295,37 +309,6 @@ fn failure(response: ControlResponse) -> String {
     }
 }
 
-fn admit<S: TokenStore>(
-    ca: &ClusterCa,
-    tokens: &TokenAuthority<S>,
-    req: JoinRequest,
-    now: u64,
-    members: Vec<std::net::SocketAddr>,
-) -> ControlResponse {
-    match tokens.check(req.token_id, &req.secret, now) {
-        Ok(Ok(())) => {}
-        Ok(Err(refusal)) => {
-            tracing::warn!(token = %req.token_id, %refusal, "join refused");
-            return ControlResponse::Refused(refusal);
-        }
-        Err(e) => return ControlResponse::Failed(e.to_string()),
-    }
-    match ca.sign_request(&req.csr_der, req.node) {
-        Ok(cert) => {
-            tracing::info!(node = %req.node, token = %req.token_id, "admitted a new node");
-            ControlResponse::Joined(JoinGrant {
-                cert_der: cert.to_vec(),
-                ca_der: ca.cert_der().to_vec(),
-                members,
-            })
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "join request with a bad certificate request");
-            ControlResponse::Refused(JoinRefusal::BadRequest)
-        }
-    }
-}
-
 impl ControlService for AgentControl {
     fn handle(
         &self,
@@ -335,10 +318,15 @@ impl ControlService for AgentControl {
         tracing::trace!(?caller, "control request");
         Box::pin(async move {
             match request {
-                ControlRequest::Service { service, payload } => match self.cluster.get() {
-                    Some(cluster) => cluster.serve(service, &payload).await,
-                    None => ControlResponse::Failed("consensus is starting".into()),
-                },
+                ControlRequest::Service { service, payload } => {
+                    match (caller, self.cluster.get()) {
+                        (Caller::Member(from), Some(cluster)) => {
+                            cluster.serve(from, service, &payload).await
+                        }
+                        (Caller::Joiner(_), _) => ControlResponse::Failed("members only".into()),
+                        (_, None) => ControlResponse::Failed("consensus is starting".into()),
+                    }
+                }
                 other => self.serve(other).await,
             }
         })

@@ -12,6 +12,14 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
+    if matches!(
+        cli.command,
+        args::Command::Agent(_) | args::Command::Join { .. }
+    ) {
+        // Everything the agent creates is its own: RocksDB's files hold the replicated CA
+        // and token hashes, and RocksDB creates them with the process's umask.
+        rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("BLX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,blx=info,openraft=error"));
     tracing_subscriber::fmt()

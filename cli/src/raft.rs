@@ -354,12 +354,20 @@ impl Cluster {
     }
 
     /// Serves a consensus service request from another member.
-    pub(crate) async fn serve(&self, service: u8, payload: &[u8]) -> ControlResponse {
+    pub(crate) async fn serve(&self, from: NodeId, service: u8, payload: &[u8]) -> ControlResponse {
         match service {
-            SERVICE_RAFT => ControlResponse::Service(self.node.serve_rpc(payload).await),
+            SERVICE_RAFT => {
+                ControlResponse::Service(self.node.serve_rpc(raft_id(from), payload).await)
+            }
             SERVICE_WRITE => {
                 let result = match decode::<Command>(payload) {
-                    Ok(cmd) => self.node.write(cmd).await.map_err(|e| e.to_string()),
+                    Ok(cmd) => match check_forwarded(from, &cmd) {
+                        Ok(()) => self.node.write(cmd).await.map_err(|e| e.to_string()),
+                        Err(e) => {
+                            tracing::warn!(%from, error = %e, "forwarded write refused");
+                            Err(e)
+                        }
+                    },
                     Err(e) => Err(format!("bad command: {e}")),
                 };
                 ControlResponse::Service(encode(&result))
@@ -385,6 +393,21 @@ impl Cluster {
             }
             other => ControlResponse::Failed(format!("unknown service {other}")),
         }
+    }
+}
+
+/// What a member may ask the leader to commit on its own behalf. A node reports only its own
+/// VMs. Operator commands arrive forwarded from the member whose API took them.
+fn check_forwarded(from: NodeId, cmd: &Command) -> Result<(), String> {
+    use blx_consensus::workload::WorkloadCommand;
+    match cmd {
+        Command::Workload(WorkloadCommand::VmReports { node, .. }) if *node != from.to_string() => {
+            Err(format!(
+                "refused: {from} may report only its own VMs, not those of {node}"
+            ))
+        }
+        Command::Batch(cmds) => cmds.iter().try_for_each(|c| check_forwarded(from, c)),
+        _ => Ok(()),
     }
 }
 

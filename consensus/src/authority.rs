@@ -1,11 +1,19 @@
-//! The cluster CA and the join-token records in the replicated state, so that any member can
-//! admit a node and manage tokens, and losing the first agent loses neither. Token secrets
-//! are never stored, only their hashes; the CA key is, as every member must be able to sign
-//! a joiner's certificate. `operator snapshot save` leaves it out.
+//! The cluster CA, the join-token records and the record of every admitted node in the
+//! replicated state, so that any member can admit a node and manage tokens, and losing the
+//! first agent loses none of them. Token secrets are never stored, only their hashes; the CA
+//! key is, as the member that admits a joiner signs its certificate. `operator snapshot save`
+//! leaves it out.
+//!
+//! A node id is admitted once: [`AuthorityCommand::Admit`] commits the id before its
+//! certificate is signed, refuses an id that was ever admitted, and checks the token against
+//! the committed records, so a token revoked before the admission commits admits no one.
+//! [`AuthorityCommand::NodeRevoke`] marks a node revoked for good; every member refuses
+//! certificates naming it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use blx_membership::token::{TokenId, TokenRecord};
+use blx_membership::NodeId;
+use blx_membership::token::{JoinRefusal, TokenId, TokenRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::state::{ClusterState, CommandError};
@@ -27,6 +35,30 @@ pub struct AuthorityState {
     pub ca_key_pem: String,
     /// Token records by id.
     pub tokens: BTreeMap<TokenId, TokenRecord>,
+    /// Every node ever admitted, the first one included. Ids are never reused.
+    pub nodes: BTreeMap<NodeId, AdmittedNode>,
+}
+
+/// One admitted node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdmittedNode {
+    /// When it was admitted (the admitting member's clock, Unix seconds).
+    pub admitted_unix: u64,
+    /// The token it joined with; None for the node that bootstrapped the cluster.
+    pub token: Option<TokenId>,
+    /// Revoked by an operator (`blx node remove`): its certificates are refused everywhere.
+    pub revoked: bool,
+}
+
+impl AuthorityState {
+    /// The ids whose certificates every member refuses.
+    pub fn revoked_nodes(&self) -> BTreeSet<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.revoked)
+            .map(|(id, _)| *id)
+            .collect()
+    }
 }
 
 /// Changes to the CA and tokens.
@@ -38,7 +70,22 @@ pub enum AuthorityCommand {
     TokenPut(TokenRecord),
     /// Revokes a token.
     TokenRevoke(TokenId),
+    /// Records a joiner's new id, before its certificate is signed. Refused when the id was
+    /// ever admitted or is all zeros, or when the token is unknown, revoked or expired at `at`.
+    Admit {
+        /// The id the admitting member chose.
+        node: NodeId,
+        /// The token the joiner proved.
+        token: TokenId,
+        /// The admitting member's clock, Unix seconds.
+        at: u64,
+    },
+    /// Revokes a node for good.
+    NodeRevoke(NodeId),
 }
+
+/// Most admitted-node records kept (a cluster that admitted this many must start over).
+pub const MAX_NODES: usize = 100_000;
 
 impl ClusterState {
     pub(crate) fn validate_authority(&self, cmd: &AuthorityCommand) -> Result<(), CommandError> {
@@ -55,6 +102,8 @@ impl ClusterState {
                     || a.ca_key_pem.len() > MAX_PEM
                     || a.tokens.len() > MAX_TOKENS
                     || a.tokens.iter().any(|(id, r)| *id != r.id)
+                    || a.nodes.len() > MAX_NODES
+                    || a.nodes.contains_key(&NodeId::UNKNOWN)
                 {
                     return Err(CommandError::InvalidConfig(
                         "a CA of at most 16 KiB of PEM and at most 10000 tokens, keyed by id"
@@ -80,6 +129,36 @@ impl ClusterState {
             }
             AuthorityCommand::TokenRevoke(_) => {
                 self.authority.as_ref().ok_or(CommandError::NoAuthority)?;
+                Ok(())
+            }
+            AuthorityCommand::Admit { node, token, at } => {
+                let a = self.authority.as_ref().ok_or(CommandError::NoAuthority)?;
+                if *node == NodeId::UNKNOWN || a.nodes.contains_key(node) {
+                    return Err(CommandError::Conflict(format!(
+                        "node id {node} is taken or reserved"
+                    )));
+                }
+                if a.nodes.len() >= MAX_NODES {
+                    return Err(CommandError::InvalidConfig(format!(
+                        "at most {MAX_NODES} nodes can ever be admitted"
+                    )));
+                }
+                let refusal = match a.tokens.get(token) {
+                    None => Some(JoinRefusal::Unknown),
+                    Some(r) if r.revoked => Some(JoinRefusal::Revoked),
+                    Some(r) if *at >= r.expires_unix => Some(JoinRefusal::Expired),
+                    Some(_) => None,
+                };
+                match refusal {
+                    Some(r) => Err(CommandError::JoinRefused(r)),
+                    None => Ok(()),
+                }
+            }
+            AuthorityCommand::NodeRevoke(node) => {
+                let a = self.authority.as_ref().ok_or(CommandError::NoAuthority)?;
+                if !a.nodes.contains_key(node) {
+                    return Err(CommandError::NoSuchNode(node.to_string()));
+                }
                 Ok(())
             }
         }
@@ -116,6 +195,33 @@ impl ClusterState {
                     None => false,
                 }
             }
+            AuthorityCommand::Admit { node, token, at } => {
+                let Some(a) = self.authority.as_mut() else {
+                    return false;
+                };
+                a.nodes.insert(
+                    *node,
+                    AdmittedNode {
+                        admitted_unix: *at,
+                        token: Some(*token),
+                        revoked: false,
+                    },
+                );
+                true
+            }
+            AuthorityCommand::NodeRevoke(node) => {
+                let Some(a) = self.authority.as_mut() else {
+                    return false;
+                };
+                match a.nodes.get_mut(node) {
+                    Some(n) => {
+                        let was = n.revoked;
+                        n.revoked = true;
+                        !was
+                    }
+                    None => false,
+                }
+            }
         }
     }
 }
@@ -144,6 +250,7 @@ mod tests {
             ca_cert_pem: "cert".into(),
             ca_key_pem: "key".into(),
             tokens: BTreeMap::new(),
+            nodes: BTreeMap::new(),
         }));
         s.apply(2, &init).unwrap();
         assert!(matches!(s.apply(3, &init), Err(CommandError::Conflict(_))));
@@ -175,5 +282,105 @@ mod tests {
             .copied()
             .collect();
         assert_eq!(ids, [TokenId([2; 8])]);
+    }
+}
+
+#[cfg(test)]
+mod admission_tests {
+    use super::*;
+    use crate::state::{Applied, Command};
+
+    fn node(n: u8) -> NodeId {
+        NodeId::from_random([n; 8])
+    }
+
+    fn cluster() -> ClusterState {
+        let mut s = ClusterState::default();
+        let mut tokens = BTreeMap::new();
+        for (id, revoked) in [(1, false), (2, true)] {
+            tokens.insert(
+                TokenId([id; 8]),
+                TokenRecord {
+                    id: TokenId([id; 8]),
+                    secret_hash: [id; 32],
+                    created_unix: 0,
+                    expires_unix: 100,
+                    revoked,
+                },
+            );
+        }
+        let mut nodes = BTreeMap::new();
+        nodes.insert(
+            node(9),
+            AdmittedNode {
+                admitted_unix: 0,
+                token: None,
+                revoked: false,
+            },
+        );
+        let init = AuthorityState {
+            ca_cert_pem: "cert".into(),
+            ca_key_pem: "key".into(),
+            tokens,
+            nodes,
+        };
+        s.apply(1, &Command::Authority(AuthorityCommand::Init(init)))
+            .unwrap();
+        s
+    }
+
+    fn admit(n: NodeId, token: u8, at: u64) -> Command {
+        Command::Authority(AuthorityCommand::Admit {
+            node: n,
+            token: TokenId([token; 8]),
+            at,
+        })
+    }
+
+    #[test]
+    fn an_id_is_admitted_once_and_never_the_zero_id() {
+        let mut s = cluster();
+        s.apply(2, &admit(node(3), 1, 10)).unwrap();
+        for taken in [node(3), node(9), NodeId::UNKNOWN] {
+            assert!(matches!(
+                s.apply(3, &admit(taken, 1, 10)),
+                Err(CommandError::Conflict(_))
+            ));
+        }
+        let a = s.authority.as_ref().unwrap();
+        assert_eq!(a.nodes.len(), 2);
+        assert_eq!(a.nodes[&node(3)].token, Some(TokenId([1; 8])));
+    }
+
+    #[test]
+    fn admission_checks_the_committed_token() {
+        let mut s = cluster();
+        let cases = [
+            (2, 10, JoinRefusal::Revoked),
+            (1, 100, JoinRefusal::Expired),
+            (7, 10, JoinRefusal::Unknown),
+        ];
+        for (token, at, refusal) in cases {
+            assert_eq!(
+                s.apply(2, &admit(node(4), token, at)),
+                Err(CommandError::JoinRefused(refusal))
+            );
+        }
+        assert!(!s.authority.as_ref().unwrap().nodes.contains_key(&node(4)));
+    }
+
+    #[test]
+    fn a_revoked_node_stays_revoked() {
+        let mut s = cluster();
+        let revoke = |n| Command::Authority(AuthorityCommand::NodeRevoke(n));
+        assert_eq!(s.apply(2, &revoke(node(9))), Ok(Applied::Nothing));
+        assert!(matches!(
+            s.apply(3, &revoke(node(5))),
+            Err(CommandError::NoSuchNode(_))
+        ));
+        let a = s.authority.as_ref().unwrap();
+        assert_eq!(a.revoked_nodes(), BTreeSet::from([node(9)]));
+        // Its id cannot be admitted again.
+        assert!(s.apply(4, &admit(node(9), 1, 10)).is_err());
     }
 }

@@ -37,9 +37,12 @@ impl RpcTransport for Router {
         let node = self.nodes.lock().unwrap().get(&target).cloned();
         Box::pin(async move {
             let (raft, durability) = node.ok_or_else(|| format!("node {target} is down"))?;
-            tokio::time::timeout(timeout, crate::network::serve(&raft, &durability, &payload))
-                .await
-                .map_err(|_| "timed out".to_string())
+            tokio::time::timeout(
+                timeout,
+                crate::network::serve(&raft, &durability, &payload, |_| Ok(())),
+            )
+            .await
+            .map_err(|_| "timed out".to_string())
         })
     }
 }

@@ -23,6 +23,15 @@ use serde::{Deserialize, Serialize};
 use crate::durable::Durability;
 use crate::machine::{Node, TypeConfig, decode, encode};
 
+/// The node a request says it comes from (the leader or candidate named in its vote).
+pub fn sender(request: &RaftRequest) -> u64 {
+    match request {
+        RaftRequest::Append(r) => r.vote.leader_id().node_id,
+        RaftRequest::Vote(r) => r.vote.leader_id().node_id,
+        RaftRequest::Snapshot(r) => r.vote.leader_id().node_id,
+    }
+}
+
 /// A Raft RPC on the wire.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftRequest {
@@ -188,8 +197,14 @@ pub fn decode_request(bytes: &[u8]) -> Result<RaftRequest, String> {
 
 /// The server side: hands one encoded request to the local Raft and encodes its answer. An
 /// append is acknowledged only once what the answer claims is on this node's disk.
-pub async fn serve(raft: &Raft<TypeConfig>, durability: &Durability, payload: &[u8]) -> Vec<u8> {
-    let reply = match decode_request(payload) {
+pub async fn serve(
+    raft: &Raft<TypeConfig>,
+    durability: &Durability,
+    payload: &[u8],
+    authorize: impl FnOnce(&RaftRequest) -> Result<(), String>,
+) -> Vec<u8> {
+    let request = decode_request(payload).and_then(|r| authorize(&r).map(|()| r));
+    let reply = match request {
         Ok(RaftRequest::Append(rpc)) => {
             let upto = rpc
                 .entries

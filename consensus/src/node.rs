@@ -270,9 +270,28 @@ impl ConsensusNode {
             .is_ok()
     }
 
-    /// Answers a Raft RPC from another member (an encoded [`crate::network::RaftRequest`]).
-    pub async fn serve_rpc(&self, payload: &[u8]) -> Vec<u8> {
-        crate::network::serve(&self.raft, &self.durability, payload).await
+    /// Answers a Raft RPC (an encoded [`crate::network::RaftRequest`]) from the member whose
+    /// certificate names `from`. Refused unless the request names `from` as its leader or
+    /// candidate, and `from` is in this node's Raft membership; a node that has no
+    /// membership yet (a learner being added) accepts its first entries from any member.
+    pub async fn serve_rpc(&self, from: u64, payload: &[u8]) -> Vec<u8> {
+        let members = self.raft.metrics().borrow().membership_config.clone();
+        crate::network::serve(&self.raft, &self.durability, payload, |request| {
+            let claimed = crate::network::sender(request);
+            if claimed != from {
+                return Err(format!(
+                    "refused: the request names {claimed:016x} but comes from {from:016x}"
+                ));
+            }
+            let nodes = members.membership().nodes().count();
+            if nodes > 0 && members.membership().get_node(&from).is_none() {
+                return Err(format!(
+                    "refused: {from:016x} is not in this node's Raft membership"
+                ));
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Makes this node the single voter of a new group. Only the cluster's first agent calls

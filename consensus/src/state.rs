@@ -203,6 +203,9 @@ pub enum CommandError {
     /// Token commands before the CA is in the replicated state.
     #[error("the cluster CA is not in the replicated state yet")]
     NoAuthority,
+    /// The join token was refused by the committed token records.
+    #[error(transparent)]
+    JoinRefused(blx_membership::token::JoinRefusal),
 }
 
 /// What an applied command answers.

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use crate::identity::NODE_DNS_SUFFIX;
 use crate::identity::NodeId;
 use crate::quic::{CidRng, client_config, exchange};
-use crate::tls::{NodeCredentials, PIN_MISMATCH, PendingKey, join_client_config};
+use crate::tls::{NodeCredentials, PIN_MISMATCH, PendingKey, join_client_config, node_id_of};
 use crate::token::{JoinRefusal, JoinToken};
 use crate::wire::{ControlRequest, ControlResponse, JoinRequest};
 
@@ -45,18 +45,17 @@ pub struct Joined {
     pub members: Vec<SocketAddr>,
 }
 
-/// Asks the agent at `addr` to admit `node` with `token`, from `endpoint` (the joiner's own,
+/// Asks the agent at `addr` to admit this node with `token`, from `endpoint` (the joiner's own,
 /// which has no server side yet). The node's key is made from `key_seed`.
 pub async fn request_join(
     endpoint: &quinn::Endpoint,
     addr: SocketAddr,
     token: &JoinToken,
-    node: NodeId,
     key_seed: [u8; 32],
     cids: &CidRng,
 ) -> Result<Joined, JoinError> {
     let proto = |reason: String| JoinError::Protocol { addr, reason };
-    let pending = PendingKey::generate(node, key_seed).map_err(|e| proto(e.to_string()))?;
+    let pending = PendingKey::generate(key_seed).map_err(|e| proto(e.to_string()))?;
     let tls = join_client_config(token.ca_fingerprint).map_err(|e| proto(e.to_string()))?;
     let client = client_config(tls, cids).map_err(|e| proto(e.to_string()))?;
     let connecting = endpoint
@@ -77,7 +76,6 @@ pub async fn request_join(
     let request = ControlRequest::Join(JoinRequest {
         token_id: token.id,
         secret: token.secret,
-        node,
         csr_der: pending.csr_der.clone(),
     });
     let response = exchange(&conn, &request)
@@ -86,7 +84,13 @@ pub async fn request_join(
     conn.close(0u32.into(), b"joined");
     match response {
         ControlResponse::Joined(grant) => {
-            let credentials = pending.into_credentials(node, grant.cert_der, grant.ca_der);
+            if grant.node == NodeId::UNKNOWN || node_id_of(&grant.cert_der) != Some(grant.node) {
+                return Err(proto(format!(
+                    "the granted certificate does not name the assigned id {}",
+                    grant.node
+                )));
+            }
+            let credentials = pending.into_credentials(grant.node, grant.cert_der, grant.ca_der);
             if credentials.ca_fingerprint() != token.ca_fingerprint {
                 return Err(JoinError::WrongCluster(addr));
             }

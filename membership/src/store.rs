@@ -39,6 +39,17 @@ pub enum DataDirError {
         /// What is wrong.
         reason: String,
     },
+    /// The data dir can be read or entered by users other than its owner.
+    #[error(
+        "{path} is open to other users (mode {mode:03o}); it holds this node's keys: \
+         run `chmod 700 {path}` or choose another --data-dir"
+    )]
+    NotPrivate {
+        /// The directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A stored certificate or key does not parse.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -51,13 +62,21 @@ pub struct DataDir {
 }
 
 impl DataDir {
-    /// Opens (creating if needed) the directory.
+    /// Opens the directory, creating it (mode 0700) if it does not exist. An existing
+    /// directory that group or others may read, write or enter is refused: it holds keys.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, DataDirError> {
         let root = root.into();
-        fs::create_dir_all(&root).map_err(|source| DataDirError::Io {
+        let io = |source| DataDirError::Io {
             path: root.clone(),
             source,
-        })?;
+        };
+        match fs::metadata(&root) {
+            Ok(meta) => check_private(&root, &meta)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                create_private(&root).map_err(io)?
+            }
+            Err(e) => return Err(io(e)),
+        }
         Ok(DataDir { root })
     }
 
@@ -146,8 +165,9 @@ impl DataDir {
         Ok(next)
     }
 
-    /// The node's credentials, if it has joined a cluster.
-    pub fn credentials(&self, id: NodeId) -> Result<Option<NodeCredentials>, DataDirError> {
+    /// The node's credentials, if it has joined a cluster. The node id is the one its
+    /// certificate names (and must match the `node-id` file): a node is who the CA signed.
+    pub fn credentials(&self) -> Result<Option<NodeCredentials>, DataDirError> {
         let (Some(cert), Some(key), Some(ca)) = (
             self.read_text(NODE_CERT)?,
             self.read_text(NODE_KEY)?,
@@ -155,16 +175,32 @@ impl DataDir {
         ) else {
             return Ok(None);
         };
+        let cert_der = pem_to_der(&cert)?;
+        let corrupt = |reason: String| DataDirError::Corrupt {
+            path: self.file(NODE_CERT),
+            reason,
+        };
+        let id = crate::tls::node_id_of(&cert_der)
+            .ok_or_else(|| corrupt("the certificate names no node".into()))?;
+        if let Some(text) = self.read_text(NODE_ID)? {
+            if text.trim() != id.to_string() {
+                return Err(corrupt(format!(
+                    "the certificate names node {id}, the node-id file {}",
+                    text.trim()
+                )));
+            }
+        }
         Ok(Some(NodeCredentials {
             id,
-            cert_der: pem_to_der(&cert)?,
+            cert_der,
             ca_der: pem_to_der(&ca)?,
             key_der: pem_to_der(&key)?.to_vec(),
         }))
     }
 
-    /// Stores the node's credentials.
+    /// Stores the node's credentials, and its id as the certificate names it.
     pub fn save_credentials(&self, creds: &NodeCredentials) -> Result<(), DataDirError> {
+        self.write(NODE_ID, format!("{}\n", creds.id).as_bytes())?;
         self.write(CA_CERT, der_to_pem("CERTIFICATE", &creds.ca_der).as_bytes())?;
         self.write(
             NODE_KEY,
@@ -193,6 +229,38 @@ impl DataDir {
     pub fn token_store(&self) -> FileTokenStore {
         FileTokenStore { dir: self.clone() }
     }
+}
+
+#[cfg(unix)]
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
+#[cfg(not(unix))]
+fn create_private(path: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(path)
+}
+
+#[cfg(unix)]
+fn check_private(path: &Path, meta: &fs::Metadata) -> Result<(), DataDirError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(DataDirError::NotPrivate {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_private(_: &Path, _: &fs::Metadata) -> Result<(), DataDirError> {
+    Ok(())
 }
 
 #[cfg(unix)]
@@ -248,15 +316,55 @@ mod tests {
     use super::*;
     use crate::token::TokenAuthority;
 
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_data_dir_and_its_files_are_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("a/b");
+        let dir = DataDir::open(&root).unwrap();
+        assert_eq!(mode(&root), 0o700);
+        let ca = ClusterCa::generate("t", [1; 32]).unwrap();
+        let id = dir.node_id([4; 8]).unwrap();
+        dir.save_credentials(&ca.issue_node(id, [2; 32]).unwrap())
+            .unwrap();
+        dir.save_ca_key(&ca).unwrap();
+        let mut auth = TokenAuthority::new(dir.token_store(), ca.fingerprint());
+        auth.issue(10, 100, [1; 40]).unwrap();
+        for name in [NODE_KEY, NODE_CERT, CA_KEY, CA_CERT, TOKENS, NODE_ID] {
+            assert_eq!(mode(&root.join(name)), 0o600, "{name}");
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_data_dir_open_to_others_is_refused_by_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        for bits in [0o755, 0o750, 0o701, 0o704] {
+            fs::set_permissions(tmp.path(), fs::Permissions::from_mode(bits)).unwrap();
+            let err = DataDir::open(tmp.path()).unwrap_err();
+            assert!(matches!(err, DataDirError::NotPrivate { mode, .. } if mode == bits));
+            let text = err.to_string();
+            assert!(text.contains(&tmp.path().display().to_string()), "{text}");
+            assert!(text.contains("chmod 700"), "{text}");
+        }
+        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o700)).unwrap();
+        DataDir::open(tmp.path()).unwrap();
+    }
+
     #[test]
     fn identity_and_tokens_persist_across_opens() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = DataDir::open(tmp.path()).unwrap();
+        let root = tmp.path().join("data");
+        let dir = DataDir::open(&root).unwrap();
         let id = dir.node_id([4; 8]).unwrap();
-        assert_eq!(
-            DataDir::open(tmp.path()).unwrap().node_id([5; 8]).unwrap(),
-            id
-        );
+        assert_eq!(DataDir::open(&root).unwrap().node_id([5; 8]).unwrap(), id);
         assert_eq!(dir.next_generation().unwrap(), 1);
         assert_eq!(dir.next_generation().unwrap(), 2);
 
@@ -269,14 +377,21 @@ mod tests {
             ca.fingerprint()
         );
         assert_eq!(
-            dir.credentials(id).unwrap().unwrap().ca_fingerprint(),
+            dir.credentials().unwrap().unwrap().ca_fingerprint(),
             ca.fingerprint()
         );
+        // The id comes from the certificate, and must agree with the node-id file.
+        assert_eq!(dir.credentials().unwrap().unwrap().id, id);
+        dir.write(NODE_ID, b"0000000000000001\n").unwrap();
+        assert!(matches!(
+            dir.credentials(),
+            Err(DataDirError::Corrupt { .. })
+        ));
 
         let mut auth = TokenAuthority::new(dir.token_store(), ca.fingerprint());
         let token = auth.issue(10, 100, [1; 40]).unwrap();
         let again = TokenAuthority::new(
-            DataDir::open(tmp.path()).unwrap().token_store(),
+            DataDir::open(&root).unwrap().token_store(),
             ca.fingerprint(),
         );
         assert_eq!(again.check(token.id, &token.secret, 20).unwrap(), Ok(()));

@@ -185,10 +185,15 @@ pub struct PendingKey {
 }
 
 impl PendingKey {
-    /// Makes a key from `seed` and a request for `node`.
-    pub fn generate(node: NodeId, seed: [u8; 32]) -> Result<Self, TlsError> {
+    /// Makes a key from `seed` and a request for a certificate. The request names no node:
+    /// the admitting side assigns the id and writes it into the certificate it signs.
+    pub fn generate(seed: [u8; 32]) -> Result<Self, TlsError> {
         let key = ed25519_key(seed)?;
-        let csr = node_params(node)?.serialize_request(&key)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "blx joiner");
+        let csr = params.serialize_request(&key)?;
         Ok(PendingKey {
             csr_der: csr.der().to_vec(),
             key,
@@ -416,7 +421,7 @@ mod tests {
     fn a_signed_request_names_the_node_the_ca_chose() {
         let ca = ClusterCa::generate("t", [1; 32]).unwrap();
         let node = NodeId([7; 8]);
-        let pending = PendingKey::generate(node, [2; 32]).unwrap();
+        let pending = PendingKey::generate([2; 32]).unwrap();
         let cert = ca.sign_request(&pending.csr_der, node).unwrap();
         assert_eq!(node_id_of(&cert), Some(node));
         let creds = pending.into_credentials(node, cert.to_vec(), ca.cert_der().to_vec());

@@ -182,9 +182,12 @@ pub enum JoinRefusal {
     /// The token is fine but the request around it is not (bad certificate request, bad name).
     #[error("join request refused: the request is malformed")]
     BadRequest,
-    /// No agent reachable from here holds the cluster CA.
-    #[error("join refused: no reachable agent can issue certificates right now")]
-    NoAuthority,
+    /// The cluster could not confirm the token against its replicated records (no Raft
+    /// quorum, no leader, or the cluster is still starting). Nothing was granted.
+    #[error(
+        "join refused: no quorum: the cluster cannot confirm join tokens right now (no Raft leader); try again"
+    )]
+    NoQuorum,
 }
 
 /// Failures of the token store itself (not of a token).

@@ -145,8 +145,6 @@ pub struct JoinRequest {
     pub token_id: TokenId,
     /// The token's secret (sent only over a connection whose server the joiner pinned).
     pub secret: [u8; 32],
-    /// The id the joiner chose for itself.
-    pub node: NodeId,
     /// A certificate signing request for the joiner's fresh key (DER).
     pub csr_der: Vec<u8>,
 }
@@ -154,6 +152,9 @@ pub struct JoinRequest {
 /// What an accepted joiner receives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JoinGrant {
+    /// The id the cluster assigned to the joiner: fresh, never held by another node. The
+    /// joiner does not choose it, so a token cannot buy a certificate for an existing node.
+    pub node: NodeId,
     /// The joiner's node certificate, signed by the cluster CA (DER).
     pub cert_der: Vec<u8>,
     /// The cluster CA certificate (DER).

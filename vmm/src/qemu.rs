@@ -27,7 +27,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -535,17 +534,23 @@ pub fn probe_kvm(
     tsc_khz: Option<u64>,
     timeout: Duration,
 ) -> Result<bool, DriverError> {
-    static PROBES: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "blx-kvm-probe-{}-{}",
-        std::process::id(),
-        PROBES.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| DriverError::Io(format!("cannot create {}: {e}", dir.display())))?;
-    let result = probe_in(&dir, binary, kernel, initrd, ready_marker, tsc_khz, timeout);
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    // A fresh directory only this user can enter, under an unpredictable name: the probe may
+    // run as root, and a guessable path in a shared /tmp could be planted beforehand.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("blx-kvm-probe-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .map_err(|e| DriverError::Io(format!("cannot create a private probe directory: {e}")))?;
+    probe_in(
+        dir.path(),
+        binary,
+        kernel,
+        initrd,
+        ready_marker,
+        tsc_khz,
+        timeout,
+    )
 }
 
 fn probe_in(

@@ -1,0 +1,269 @@
+//! The trust model under attack, with real agents: a joiner cannot pick its node id, a
+//! revoked token admits no one while the leader is down, a member cannot speak for another
+//! member, and the data dir keeps its secrets to its owner.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use blx_consensus::machine::{decode, encode};
+use blx_consensus::state::Command as RaftCommand;
+use blx_consensus::workload::WorkloadCommand;
+use blx_membership::store::DataDir;
+use blx_membership::tls::{NodeCredentials, node_id_of};
+use blx_membership::token::JoinToken;
+use blx_membership::wire::{self, ControlRequest, ControlResponse, JoinRequest};
+use blx_membership::{NodeId, quic};
+use blx_tests::{Agent, Cluster, blx_bin};
+
+/// The consensus services of `cli/src/raft.rs`, as they are numbered on the wire.
+const SERVICE_RAFT: u8 = 1;
+const SERVICE_WRITE: u8 = 2;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One control exchange with `addr` over `tls`, as a blx node would make it.
+async fn exchange(
+    addr: SocketAddr,
+    tls: rustls::ClientConfig,
+    request: &ControlRequest,
+) -> Result<ControlResponse, String> {
+    let client =
+        quic::client_config(tls, &quic::CidRng::new([3; 32])).map_err(|e| e.to_string())?;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(client);
+    let conn = endpoint
+        .connect(addr, "node.blx")
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(&wire::encode_control(request))
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let bytes = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
+        .await
+        .map_err(|_| "no answer".to_string())?
+        .map_err(|e| e.to_string())?;
+    wire::decode_control_response(&bytes, 1 << 20).map_err(|e| e.to_string())
+}
+
+fn credentials(agent: &Agent) -> NodeCredentials {
+    DataDir::open(&agent.data_dir)
+        .unwrap()
+        .credentials()
+        .unwrap()
+        .expect("the agent has joined")
+}
+
+fn raft_id(id: &str) -> u64 {
+    u64::from_str_radix(id, 16).unwrap()
+}
+
+#[test]
+fn a_joiner_cannot_choose_its_node_id() {
+    let mut cluster = Cluster::bootstrap();
+    cluster.join();
+    cluster.wait_raft(1, 1, Duration::from_secs(90));
+    let n1 = credentials(&cluster.agents[0]);
+    let n2 = credentials(&cluster.agents[1]);
+    assert_ne!(n1.id, n2.id);
+
+    tracing::info!("--- a certificate request naming the first node gets a fresh id");
+    let token: JoinToken = cluster.token.parse().unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![n1.id.dns_name()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, n1.id.dns_name());
+    let csr = params.serialize_request(&key).unwrap();
+    let request = ControlRequest::Join(JoinRequest {
+        token_id: token.id,
+        secret: token.secret,
+        csr_der: csr.der().to_vec(),
+    });
+    let tls = blx_membership::tls::join_client_config(token.ca_fingerprint).unwrap();
+    let answer = runtime()
+        .block_on(exchange(cluster.agents[1].gossip, tls, &request))
+        .unwrap();
+    let ControlResponse::Joined(grant) = answer else {
+        panic!("the join was not granted: {answer:?}");
+    };
+    assert_ne!(grant.node, NodeId::UNKNOWN);
+    for existing in [n1.id, n2.id] {
+        assert_ne!(
+            grant.node, existing,
+            "the cluster granted an existing node's id"
+        );
+    }
+    assert_eq!(node_id_of(&grant.cert_der), Some(grant.node));
+}
+
+#[test]
+fn a_revoked_token_admits_no_one_while_the_leader_is_down() {
+    let mut cluster = Cluster::bootstrap();
+    cluster.join();
+    cluster.join();
+    let leader = cluster.wait_raft(3, 0, Duration::from_secs(90));
+    let token = cluster.agents[leader].token("1h");
+    let id = token.parse::<JoinToken>().unwrap().id.to_string();
+    let follower = (leader + 1) % 3;
+    let out = cluster.agents[follower].cli(&["token", "revoke", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    tracing::info!("--- SIGKILL the leader, then join with the revoked token at once");
+    cluster.agents[leader].kill();
+    let out = cluster.try_join_through(follower, "intruder", &token);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a revoked token was admitted");
+    assert!(
+        stderr.contains("revoked") || stderr.contains("no quorum"),
+        "expected a revoked or no-quorum refusal, got:\n{stderr}"
+    );
+    let members = cluster.agents[follower]
+        .members()
+        .expect("the follower answers");
+    assert!(members.iter().all(|m| m.name != "intruder"), "{members:?}");
+    assert!(
+        !DataDir::is_member(&cluster.root.path().join("intruder")),
+        "the refused node holds a certificate"
+    );
+}
+
+#[test]
+fn a_member_cannot_speak_for_another() {
+    let mut cluster = Cluster::bootstrap();
+    cluster.join();
+    let leader = cluster.wait_raft(1, 1, Duration::from_secs(90));
+    let other = 1 - leader;
+    let leader_creds = credentials(&cluster.agents[leader]);
+    let member = credentials(&cluster.agents[other]);
+    let tls = || member.member_client_config().unwrap();
+    let rt = runtime();
+    let before = cluster.agents[leader].status().unwrap();
+
+    tracing::info!(
+        "--- a VM report for the leader's node, sent with the other member's certificate"
+    );
+    let report = RaftCommand::Workload(WorkloadCommand::VmReports {
+        node: leader_creds.id.to_string(),
+        reports: Vec::new(),
+        now_ms: 0,
+    });
+    let request = ControlRequest::Service {
+        service: SERVICE_WRITE,
+        payload: encode(&report),
+    };
+    let answer = rt
+        .block_on(exchange(cluster.agents[leader].gossip, tls(), &request))
+        .unwrap();
+    let ControlResponse::Service(bytes) = answer else {
+        panic!("unexpected answer {answer:?}");
+    };
+    let result: Result<blx_consensus::machine::Response, String> = decode(&bytes).unwrap();
+    let err = result.expect_err("a report for another node was committed");
+    assert!(err.contains("only its own VMs"), "{err}");
+
+    tracing::info!("--- a vote request naming the leader as candidate, from the other member");
+    let vote = openraft::raft::VoteRequest::<u64> {
+        vote: openraft::Vote::new(1_000, raft_id(&leader_creds.id.to_string())),
+        last_log_id: None,
+    };
+    let payload = encode(&blx_consensus::network::RaftRequest::Vote(vote));
+    let request = ControlRequest::Service {
+        service: SERVICE_RAFT,
+        payload,
+    };
+    let answer = rt
+        .block_on(exchange(cluster.agents[leader].gossip, tls(), &request))
+        .unwrap();
+    let ControlResponse::Service(bytes) = answer else {
+        panic!("unexpected answer {answer:?}");
+    };
+    match decode::<blx_consensus::network::RaftReply>(&bytes).unwrap() {
+        blx_consensus::network::RaftReply::Malformed(e) => {
+            assert!(e.contains("comes from"), "{e}")
+        }
+        other => panic!("a forged vote request was served: {other:?}"),
+    }
+    let after = cluster.agents[leader].status().unwrap();
+    assert_eq!(
+        before["term"], after["term"],
+        "the forged vote moved the term"
+    );
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn files_under(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn the_data_dir_is_private_and_an_open_one_is_refused() {
+    let mut cluster = Cluster::bootstrap();
+    cluster.join();
+    cluster.wait_raft(1, 1, Duration::from_secs(90));
+    let leader = &cluster.agents[0];
+    // A token created now is in the replicated state, so in RocksDB's files.
+    leader.token("1h");
+    for agent in &cluster.agents {
+        assert_eq!(mode(&agent.data_dir), 0o700, "{}", agent.data_dir.display());
+        let mut files = Vec::new();
+        files_under(&agent.data_dir, &mut files);
+        assert!(files.iter().any(|f| f.ends_with("node.key")));
+        for file in files {
+            assert_eq!(
+                mode(&file) & 0o077,
+                0,
+                "{} is open to other users",
+                file.display()
+            );
+        }
+    }
+    assert_eq!(mode(&cluster.agents[0].data_dir.join("ca.key")), 0o600);
+    assert_eq!(mode(&cluster.agents[0].data_dir.join("tokens.bin")), 0o600);
+
+    tracing::info!("--- an agent refuses a data dir that others can read");
+    use std::os::unix::fs::PermissionsExt;
+    let open = cluster.root.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new(blx_bin())
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(&open)
+        .args(["--no-mdns", "--bind", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&open.display().to_string()), "{stderr}");
+    assert!(stderr.contains("chmod 700"), "{stderr}");
+    assert_eq!(
+        std::fs::read_dir(&open).unwrap().count(),
+        0,
+        "it wrote into it"
+    );
+}
