@@ -240,6 +240,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         &cids,
         inbound_tx,
         control.clone(),
+        blx_membership::tls::Revocations::default(),
     )?;
     let identity = NodeIdentity {
         id,
@@ -277,6 +278,16 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         // Only the cluster's first agent ever initializes; everyone else is added by it.
         node.initialize(advertise).await?;
     }
+    if let Some(revoked) = revoked_nodes(&node)
+        && revoked.contains(&id)
+    {
+        let _ = node.raft.shutdown().await;
+        transport.shutdown().await;
+        bail!(
+            "this node ({id}) was removed from the cluster and its certificate is revoked: \
+             to rejoin, start with an empty --data-dir and a new join token"
+        );
+    }
     let run_root = config.data_dir.join("vms");
     let cluster = crate::raft::Cluster::new(
         node.clone(),
@@ -292,6 +303,11 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         let control = control.clone();
         tokio::spawn(async move { control.replicate_authority().await })
     });
+    tasks.push(tokio::spawn(follow_revocations(
+        node.clone(),
+        transport.clone(),
+        id,
+    )));
     tasks.push(tokio::spawn(crate::controller::run(
         cluster.clone(),
         membership.clone(),
@@ -312,7 +328,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
     ));
     tasks.push(tokio::spawn(node.clone().run_autopilot(
         Duration::from_secs(1),
-        crate::raft::member_views(membership.clone()),
+        crate::raft::member_views(membership.clone(), node.clone()),
     )));
 
     let _mdns = if !config.mdns {
@@ -476,6 +492,40 @@ async fn join_cluster(
                 .unwrap_or_else(|| anyhow::anyhow!("no address to join through")));
         }
         tokio::time::sleep(JOIN_RETRY_EVERY).await;
+    }
+}
+
+/// The nodes the replicated state lists as revoked, as this node has applied it.
+fn revoked_nodes(
+    node: &ConsensusNode,
+) -> Option<std::collections::BTreeSet<blx_membership::NodeId>> {
+    node.with_local_state(|s| s.authority.as_ref().map(|a| a.revoked_nodes()))
+}
+
+/// Keeps the transport's revocation list equal to the applied state's, so a `node remove`
+/// reaches every member's verifiers as fast as the log reaches it.
+async fn follow_revocations(
+    node: ConsensusNode,
+    transport: QuicTransport,
+    me: blx_membership::NodeId,
+) {
+    let mut metrics = node.raft.metrics();
+    let mut told = false;
+    loop {
+        if let Some(revoked) = revoked_nodes(&node) {
+            if revoked.contains(&me) && !told {
+                tracing::error!(
+                    "this node was removed from the cluster: its certificate is revoked and every member refuses it"
+                );
+                told = true;
+            }
+            transport.revoke(revoked);
+        }
+        // At most a few checks a second, however fast entries are applied.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
 

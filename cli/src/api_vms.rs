@@ -550,15 +550,37 @@ pub(crate) async fn node_action(
         "drain" => (None, Some(true)),
         "cordon" => (Some(true), None),
         "uncordon" => (Some(false), Some(false)),
+        "remove" => (Some(true), Some(true)),
         other => {
             return Err(ApiError(
                 StatusCode::NOT_FOUND,
-                format!("unknown node action {other:?}: drain, cordon or uncordon"),
+                format!("unknown node action {other:?}: drain, cordon, uncordon or remove"),
             ));
         }
     };
     let s = read(&state, false).await?;
     let id = find_node(&s, &node)?;
+    if action == "remove" {
+        // Revoke first: once that commits, every member refuses the node's certificate, and
+        // draining it moves its VMs elsewhere.
+        let node_id: blx_membership::NodeId = id
+            .parse()
+            .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("bad node id {id}")))?;
+        if node_id == state.self_id {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                "a node cannot remove itself: ask another member's API".into(),
+            ));
+        }
+        let cmd = blx_consensus::state::Command::Authority(
+            blx_consensus::authority::AuthorityCommand::NodeRevoke(node_id),
+        );
+        match state.cluster.write(cmd).await {
+            Ok(Ok(_)) => tracing::info!(node = %id, "node removed: its certificate is revoked"),
+            Ok(Err(e)) => return Err(ApiError(StatusCode::CONFLICT, e.to_string())),
+            Err(e) => return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        }
+    }
     workload(
         &state,
         WorkloadCommand::NodeSet {

@@ -391,6 +391,9 @@ pub(crate) enum NodeCommand {
     Cordon(NodeRefArgs),
     /// Undo cordon and drain.
     Uncordon(NodeRefArgs),
+    /// Remove a node for good: its certificate is revoked on every member (it can come back
+    /// only with an empty data dir and a new join token), and its VMs move elsewhere.
+    Remove(NodeRefArgs),
     /// Set or remove operator labels on a node.
     Label {
         #[command(flatten)]

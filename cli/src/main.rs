@@ -157,6 +157,7 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
                 N::Drain(a) => client_vms::node_action(&a, "drain").await,
                 N::Cordon(a) => client_vms::node_action(&a, "cordon").await,
                 N::Uncordon(a) => client_vms::node_action(&a, "uncordon").await,
+                N::Remove(a) => client_vms::node_action(&a, "remove").await,
                 N::Label { node, set, remove } => {
                     client_vms::node_label(&node, &set, &remove).await
                 }

@@ -412,11 +412,16 @@ fn check_forwarded(from: NodeId, cmd: &Command) -> Result<(), String> {
 }
 
 /// The autopilot's view of the members, remembering since when each has been in its state.
+/// A node removed by an operator counts as left, so the autopilot takes it out of Raft.
 pub(crate) fn member_views(
     membership: Membership,
+    node: ConsensusNode,
 ) -> impl Fn() -> BTreeMap<u64, (NodeView, SocketAddr)> + Send + Sync + 'static {
     let since: Mutex<BTreeMap<NodeId, (MemberState, Instant)>> = Mutex::new(BTreeMap::new());
     move || {
+        let revoked = node
+            .with_local_state(|s| s.authority.as_ref().map(|a| a.revoked_nodes()))
+            .unwrap_or_default();
         let now = Instant::now();
         let mut since = since.lock().unwrap_or_else(|e| e.into_inner());
         membership
@@ -429,7 +434,7 @@ pub(crate) fn member_views(
                 }
                 let view = NodeView {
                     up: m.state == MemberState::Alive,
-                    left: m.state == MemberState::Left,
+                    left: m.state == MemberState::Left || revoked.contains(id),
                     state_for: now - entry.1,
                     zone: m.meta.as_ref().and_then(|meta| meta.zone.clone()),
                     lag: None,

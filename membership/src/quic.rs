@@ -5,7 +5,7 @@
 //! the join ALPN (joiners, who are served the join exchange and nothing else). A datagram too
 //! large for the path goes on a unidirectional stream instead of being dropped.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,7 +18,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::mpsc;
 
 use crate::identity::{NODE_DNS_SUFFIX, NodeId, NodeIdentity};
-use crate::tls::{JOIN_ALPN, MEMBER_ALPN, NodeCredentials, TlsError, node_id_of};
+use crate::tls::{JOIN_ALPN, MEMBER_ALPN, NodeCredentials, Revocations, TlsError, node_id_of};
 use crate::transport::{Inbound, Transport};
 use crate::wire::{self, ControlRequest, ControlResponse};
 
@@ -137,6 +137,9 @@ struct Shared {
     /// Held weakly: the agent's control service holds this transport, and a strong link back
     /// would keep both (and the socket) alive after the agent is gone.
     control: std::sync::Weak<dyn ControlService>,
+    /// Nodes whose certificates the verifiers refuse; their traffic on connections opened
+    /// before they were revoked is dropped too.
+    revoked: Revocations,
 }
 
 /// The real transport: QUIC with mutual TLS.
@@ -270,7 +273,8 @@ pub fn os_socket(addr: SocketAddr) -> Result<Arc<dyn quinn::AsyncUdpSocket>, Qui
 impl QuicTransport {
     /// Serves members and joiners on `endpoint` with `creds`, and starts accepting
     /// connections. Datagrams from members go to `inbound`; control requests go to `control`,
-    /// which the caller keeps alive (the transport holds it weakly).
+    /// which the caller keeps alive (the transport holds it weakly). Certificates naming a
+    /// node in `revoked` are refused (see [`QuicTransport::revoke`]).
     pub fn new(
         endpoint: quinn::Endpoint,
         creds: &NodeCredentials,
@@ -278,23 +282,44 @@ impl QuicTransport {
         cids: &CidRng,
         inbound: mpsc::Sender<Inbound>,
         control: Arc<dyn ControlService>,
+        revoked: Revocations,
     ) -> Result<Self, QuicError> {
-        let crypto = QuicServerConfig::try_from(creds.server_config()?)
+        let crypto = QuicServerConfig::try_from(creds.server_config(&revoked)?)
             .map_err(|e| QuicError::Config(e.to_string()))?;
         let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&token_key);
         let mut server = quinn::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
         server.transport_config(transport_config());
         endpoint.set_server_config(Some(server));
-        let client = client_config(creds.member_client_config()?, cids)?;
+        let client = client_config(creds.member_client_config(&revoked)?, cids)?;
         let shared = Arc::new(Shared {
             endpoint,
             client,
             slots: Mutex::new(BTreeMap::new()),
             inbound,
             control: Arc::downgrade(&control),
+            revoked,
         });
         tokio::spawn(accept_loop(shared.clone()));
         Ok(QuicTransport { shared })
+    }
+
+    /// Replaces the revocation list. New handshakes with a revoked node fail in the
+    /// verifiers; open connections to nodes revoked by this call are closed, and anything
+    /// still arriving from them is dropped.
+    pub fn revoke(&self, ids: BTreeSet<NodeId>) {
+        let added = self.shared.revoked.replace(ids);
+        if added.is_empty() {
+            return;
+        }
+        let mut slots = lock(&self.shared.slots);
+        slots.retain(|addr, slot| match slot {
+            Slot::Ready(conn, _) if peer_id(conn).is_some_and(|id| added.contains(&id)) => {
+                tracing::info!(peer = %addr, "closing the connection of a revoked node");
+                conn.close(4u32.into(), b"certificate revoked");
+                false
+            }
+            _ => true,
+        });
     }
 
     /// The bound address.
@@ -532,6 +557,9 @@ async fn serve_member(shared: Arc<Shared>, conn: quinn::Connection, peer: NodeId
 }
 
 fn deliver(shared: &Shared, from: NodeId, addr: SocketAddr, bytes: Bytes) {
+    if shared.revoked.contains(from) {
+        return;
+    }
     if shared
         .inbound
         .try_send(Inbound { from, addr, bytes })
@@ -579,6 +607,9 @@ async fn serve_control(
                 control.handle(caller, ControlRequest::Join(req)).await
             }
             Ok(other) => match caller {
+                Caller::Member(id) if shared.revoked.contains(id) => {
+                    ControlResponse::Failed("this node's certificate is revoked".into())
+                }
                 Caller::Member(_) => control.handle(caller, other).await,
                 Caller::Joiner(_) => ControlResponse::Failed(
                     "only a join request may be sent without a node certificate".into(),

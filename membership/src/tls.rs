@@ -6,8 +6,9 @@
 //! A joiner has no certificate yet: it dials with [`JOIN_ALPN`], pins the CA by the fingerprint
 //! in its token, and may do nothing on that connection but ask to join.
 
+use std::collections::BTreeSet;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -16,6 +17,7 @@ use rcgen::{
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::identity::{NODE_DNS_SUFFIX, NodeId};
@@ -257,15 +259,19 @@ impl NodeCredentials {
         Ok(Arc::new(roots))
     }
 
-    /// The server side of every connection: members must present a CA-signed certificate (a
-    /// certificate from anywhere else fails the handshake); joiners may present none, and are
-    /// then served nothing but the join exchange.
-    pub fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
-        let verifier =
+    /// The server side of every connection: members must present a CA-signed certificate
+    /// that names a node not in `revoked` (anything else fails the handshake); joiners may
+    /// present none, and are then served nothing but the join exchange.
+    pub fn server_config(&self, revoked: &Revocations) -> Result<rustls::ServerConfig, TlsError> {
+        let inner =
             rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
                 .allow_unauthenticated()
                 .build()
                 .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let verifier = Arc::new(MemberClientVerifier {
+            inner,
+            revoked: revoked.clone(),
+        });
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
@@ -274,12 +280,20 @@ impl NodeCredentials {
         Ok(config)
     }
 
-    /// The client side of member-to-member connections: mutual TLS against the cluster CA.
-    pub fn member_client_config(&self) -> Result<rustls::ClientConfig, TlsError> {
-        let verifier =
+    /// The client side of member-to-member connections: mutual TLS against the cluster CA,
+    /// refusing a server whose certificate names a node in `revoked`.
+    pub fn member_client_config(
+        &self,
+        revoked: &Revocations,
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        let inner =
             rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots()?, provider())
                 .build()
                 .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        let verifier = Arc::new(MemberServerVerifier {
+            inner,
+            revoked: revoked.clone(),
+        });
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -287,6 +301,145 @@ impl NodeCredentials {
             .with_client_auth_cert(self.chain(), self.key())?;
         config.alpn_protocols = vec![MEMBER_ALPN.to_vec()];
         Ok(config)
+    }
+}
+
+/// The node ids whose certificates are refused: the revocation list of the replicated state,
+/// shared by the verifiers of one endpoint and its transport. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Revocations(Arc<RwLock<BTreeSet<NodeId>>>);
+
+impl Revocations {
+    /// Whether `id` is revoked.
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
+    }
+
+    /// Replaces the list; the ids newly revoked by this call.
+    pub fn replace(&self, ids: BTreeSet<NodeId>) -> BTreeSet<NodeId> {
+        let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let added = ids.difference(&current).copied().collect();
+        *current = ids;
+        added
+    }
+
+    /// Refuses a verified certificate that names a revoked node.
+    fn check(&self, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+        match node_id_of(end_entity) {
+            Some(id) if self.contains(id) => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Revoked,
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The server's check of a member's certificate: the CA's signature, then the revocation list.
+#[derive(Debug)]
+struct MemberClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revoked: Revocations,
+}
+
+impl ClientCertVerifier for MemberClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.revoked.check(end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A member's check of the member it dials: the CA's signature, then the revocation list.
+#[derive(Debug)]
+struct MemberServerVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    revoked: Revocations,
+}
+
+impl ServerCertVerifier for MemberServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        self.revoked.check(end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -425,8 +578,8 @@ mod tests {
         let cert = ca.sign_request(&pending.csr_der, node).unwrap();
         assert_eq!(node_id_of(&cert), Some(node));
         let creds = pending.into_credentials(node, cert.to_vec(), ca.cert_der().to_vec());
-        assert!(creds.server_config().is_ok());
-        assert!(creds.member_client_config().is_ok());
+        assert!(creds.server_config(&Revocations::default()).is_ok());
+        assert!(creds.member_client_config(&Revocations::default()).is_ok());
         assert!(ca.sign_request(b"garbage", node).is_err());
     }
 

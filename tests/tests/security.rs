@@ -11,11 +11,11 @@ use blx_consensus::machine::{decode, encode};
 use blx_consensus::state::Command as RaftCommand;
 use blx_consensus::workload::WorkloadCommand;
 use blx_membership::store::DataDir;
-use blx_membership::tls::{NodeCredentials, node_id_of};
+use blx_membership::tls::{NodeCredentials, Revocations, node_id_of};
 use blx_membership::token::JoinToken;
 use blx_membership::wire::{self, ControlRequest, ControlResponse, JoinRequest};
 use blx_membership::{NodeId, quic};
-use blx_tests::{Agent, Cluster, blx_bin};
+use blx_tests::{Agent, Cluster, blx_bin, wait_until};
 
 /// The consensus services of `cli/src/raft.rs`, as they are numbered on the wire.
 const SERVICE_RAFT: u8 = 1;
@@ -43,15 +43,21 @@ async fn exchange(
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| format!("handshake: {e}"))?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    // In TLS 1.3 the server checks the client's certificate after the client has finished
+    // its side of the handshake: a refusal shows as the connection's close reason.
+    let closed = |e: String| match conn.close_reason() {
+        Some(reason) => format!("{e}: {reason}"),
+        None => e,
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| closed(e.to_string()))?;
     send.write_all(&wire::encode_control(request))
         .await
-        .map_err(|e| e.to_string())?;
-    send.finish().map_err(|e| e.to_string())?;
+        .map_err(|e| closed(e.to_string()))?;
+    send.finish().map_err(|e| closed(e.to_string()))?;
     let bytes = tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20))
         .await
         .map_err(|_| "no answer".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| closed(e.to_string()))?;
     wire::decode_control_response(&bytes, 1 << 20).map_err(|e| e.to_string())
 }
 
@@ -149,7 +155,11 @@ fn a_member_cannot_speak_for_another() {
     let other = 1 - leader;
     let leader_creds = credentials(&cluster.agents[leader]);
     let member = credentials(&cluster.agents[other]);
-    let tls = || member.member_client_config().unwrap();
+    let tls = || {
+        member
+            .member_client_config(&Revocations::default())
+            .unwrap()
+    };
     let rt = runtime();
     let before = cluster.agents[leader].status().unwrap();
 
@@ -202,6 +212,70 @@ fn a_member_cannot_speak_for_another() {
         before["term"], after["term"],
         "the forged vote moved the term"
     );
+}
+
+#[test]
+fn a_removed_node_is_refused_everywhere_and_cannot_come_back() {
+    let mut cluster = Cluster::bootstrap();
+    cluster.join();
+    cluster.join();
+    cluster.join();
+    cluster.wait_raft(3, 1, Duration::from_secs(120));
+    let removed = credentials(&cluster.agents[2]);
+    let probe = |agent: &Agent| {
+        let ping = ControlRequest::TokenList;
+        let tls = removed
+            .member_client_config(&Revocations::default())
+            .unwrap();
+        runtime().block_on(exchange(agent.gossip, tls, &ping))
+    };
+    assert!(probe(&cluster.agents[0]).is_ok(), "n3 is a member before");
+
+    tracing::info!("--- blx node remove n3, through n1");
+    let out = cluster.agents[0].cli(&["node", "remove", "n3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for agent in [&cluster.agents[0], &cluster.agents[1], &cluster.agents[3]] {
+        wait_until(
+            Duration::from_secs(10),
+            "the member refuses n3's certificate",
+            || probe(agent).is_err_and(|e| e.contains("invalid peer certificate: Revoked")),
+        );
+    }
+    cluster.wait_or_dump(Duration::from_secs(30), "the others see n3 gone", || {
+        [0, 1, 3].iter().map(|i| &cluster.agents[*i]).all(|a| {
+            a.members()
+                .is_some_and(|ms| ms.iter().any(|m| m.name == "n3" && m.state != "alive"))
+        })
+    });
+    tracing::info!("--- the autopilot takes it out of Raft (the fourth node replaces it)");
+    let n3 = raft_id(&removed.id.to_string());
+    cluster.wait_or_dump(
+        Duration::from_secs(30),
+        "n3 is no longer a Raft member",
+        || {
+            cluster.agents[0].status().is_some_and(|s| {
+                ["voters", "learners"].iter().all(|k| {
+                    s[*k]
+                        .as_array()
+                        .is_some_and(|ids| ids.iter().all(|v| v.as_u64() != Some(n3)))
+                })
+            })
+        },
+    );
+
+    tracing::info!("--- restarted from its data dir, n3 says it was removed and stops");
+    cluster.agents[2].kill();
+    cluster.agents[2].restart();
+    assert!(
+        cluster.agents[2].wait_exit(Duration::from_secs(60)),
+        "the removed node kept running"
+    );
+    let log = cluster.agents[2].log();
+    assert!(log.contains("removed from the cluster"), "{log}");
 }
 
 fn mode(path: &Path) -> u32 {
