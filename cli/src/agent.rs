@@ -188,7 +188,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         None => match &token {
             Some(token) => {
                 let (creds, members) =
-                    join_cluster(&config, &endpoint, token, entropy.bytes(), &cids).await?;
+                    join_cluster(&config, &endpoint, token, entropy.bytes(), &cids, &clock).await?;
                 seeds.extend(members);
                 dir.save_credentials(&creds)?;
                 creds
@@ -207,6 +207,9 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         },
     };
     let id = creds.id;
+    if let Some(message) = crate::renewal::expired_message(&creds, clock.now_unix()) {
+        bail!(message);
+    }
     let generation = dir.next_generation()?;
     let authority = dir.cluster_ca()?.map(|ca| Authority {
         tokens: TokenAuthority::new(dir.token_store(), ca.fingerprint()),
@@ -229,6 +232,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
     let control = Arc::new(AgentControl::new(
         authority,
         id,
+        config.cert_validity,
         clock.clone(),
         entropy.clone(),
     ));
@@ -240,7 +244,10 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         &cids,
         inbound_tx,
         control.clone(),
-        blx_membership::tls::Revocations::default(),
+        blx_membership::tls::Verification {
+            revoked: Default::default(),
+            time: Arc::new(WallTime(clock.clone())),
+        },
     )?;
     let identity = NodeIdentity {
         id,
@@ -303,6 +310,18 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         let control = control.clone();
         tokio::spawn(async move { control.replicate_authority().await })
     });
+    tasks.push(tokio::spawn(
+        crate::renewal::Renewal {
+            dir: dir.clone(),
+            transport: transport.clone(),
+            membership: membership.clone(),
+            control: control.clone(),
+            clock: clock.clone(),
+            entropy: entropy.clone(),
+            creds: creds.clone(),
+        }
+        .run(),
+    ));
     tasks.push(tokio::spawn(follow_revocations(
         node.clone(),
         transport.clone(),
@@ -430,7 +449,8 @@ fn bootstrap(
     now_unix: u64,
 ) -> anyhow::Result<(NodeCredentials, JoinToken)> {
     let ca = ClusterCa::generate(&hex(&entropy.bytes::<4>()), entropy.bytes())?;
-    let creds = ca.issue_node(id, entropy.bytes())?;
+    let validity = blx_membership::tls::Validity::starting(now_unix, config.cert_validity);
+    let creds = ca.issue_node(id, entropy.bytes(), validity)?;
     dir.save_ca_key(&ca)?;
     dir.save_credentials(&creds)?;
     let mut tokens = TokenAuthority::new(dir.token_store(), ca.fingerprint());
@@ -448,6 +468,7 @@ async fn join_cluster(
     token: &JoinToken,
     key_seed: [u8; 32],
     cids: &CidRng,
+    clock: &Arc<dyn crate::world::WallClock>,
 ) -> anyhow::Result<(NodeCredentials, Vec<SocketAddr>)> {
     let targets = if !config.seeds.is_empty() {
         config.seeds.clone()
@@ -470,7 +491,16 @@ async fn join_cluster(
     loop {
         let mut last: Option<JoinError> = None;
         for addr in &targets {
-            match request_join(endpoint, *addr, token, key_seed, cids).await {
+            match request_join(
+                endpoint,
+                *addr,
+                token,
+                key_seed,
+                cids,
+                Arc::new(WallTime(clock.clone())),
+            )
+            .await
+            {
                 Ok(joined) => {
                     tracing::info!(through = %addr, node = %joined.credentials.id, "joined the cluster");
                     let mut members = joined.members;
@@ -492,6 +522,24 @@ async fn join_cluster(
                 .unwrap_or_else(|| anyhow::anyhow!("no address to join through")));
         }
         tokio::time::sleep(JOIN_RETRY_EVERY).await;
+    }
+}
+
+/// The agent's wall clock as rustls reads it, so certificates expire in the agent's time (in
+/// a simulation, simulated time).
+struct WallTime(Arc<dyn crate::world::WallClock>);
+
+impl std::fmt::Debug for WallTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WallTime")
+    }
+}
+
+impl rustls::time_provider::TimeProvider for WallTime {
+    fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
+        Some(rustls::pki_types::UnixTime::since_unix_epoch(
+            Duration::from_secs(self.0.now_unix()),
+        ))
     }
 }
 

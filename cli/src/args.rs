@@ -487,6 +487,10 @@ pub(crate) struct AgentArgs {
     /// How long a fresh cluster's first join token is valid.
     #[arg(long, default_value = "24h", value_parser = blx::duration::parse_ttl)]
     pub(crate) bootstrap_token_ttl: std::time::Duration,
+    /// How long the node certificates this agent signs are valid; nodes renew theirs two
+    /// thirds of the way through.
+    #[arg(long, default_value = "30d", value_parser = blx::duration::parse_ttl)]
+    pub(crate) cert_validity: std::time::Duration,
     /// vCPUs this node offers to VMs (default: the host's).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) vcpus: Option<u32>,
@@ -526,6 +530,7 @@ impl AgentArgs {
         config.mdns = !self.no_mdns;
         config.raft_snapshot_logs = self.raft_snapshot_logs;
         config.bootstrap_token_ttl = self.bootstrap_token_ttl;
+        config.cert_validity = self.cert_validity;
         config.vcpus = self.vcpus;
         config.memory_bytes = self.memory;
         if let Some(dir) = self.image_dir {

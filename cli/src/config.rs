@@ -10,6 +10,9 @@ use std::time::Duration;
 use blx_membership::token::JoinToken;
 use blx_vmm::qemu::Accel;
 
+/// How long a node certificate is valid unless configured otherwise.
+pub const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// One agent's configuration.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -39,6 +42,9 @@ pub struct AgentConfig {
     pub raft_snapshot_logs: u64,
     /// How long a fresh cluster's first join token is valid: 1 s to a year.
     pub bootstrap_token_ttl: Duration,
+    /// How long the node certificates this agent signs are valid (10 s to a year; default
+    /// 30 days). Nodes renew theirs two thirds of the way through.
+    pub cert_validity: Duration,
     /// vCPUs offered to VMs (1 to 4096); None: the host's.
     pub vcpus: Option<u32>,
     /// Memory offered to VMs, in bytes (at least 1 MiB); None: the host's.
@@ -73,6 +79,9 @@ pub enum ConfigError {
     /// The first token's lifetime is out of range.
     #[error("the bootstrap token TTL must be between 1 second and a year")]
     BootstrapTtl,
+    /// The certificate validity is out of range.
+    #[error("the certificate validity must be between 10 seconds and a year")]
+    CertValidity,
     /// vCPUs out of range.
     #[error("vcpus must be between 1 and 4096, not {0}")]
     Vcpus(u32),
@@ -97,6 +106,7 @@ impl AgentConfig {
             mdns: true,
             raft_snapshot_logs: 5000,
             bootstrap_token_ttl: Duration::from_secs(24 * 3600),
+            cert_validity: DEFAULT_CERT_VALIDITY,
             vcpus: None,
             memory_bytes: None,
             image_dir: blx_vmm::image::default_dir(),
@@ -131,6 +141,11 @@ impl AgentConfig {
             || self.bootstrap_token_ttl > crate::duration::MAX_TTL
         {
             return Err(ConfigError::BootstrapTtl);
+        }
+        if self.cert_validity < Duration::from_secs(10)
+            || self.cert_validity > crate::duration::MAX_TTL
+        {
+            return Err(ConfigError::CertValidity);
         }
         if let Some(n) = self.vcpus
             && !(1..=4096).contains(&n)

@@ -14,7 +14,7 @@ use blx_consensus::authority::{AdmittedNode, AuthorityCommand, AuthorityState};
 use blx_consensus::state::{Applied, Command, CommandError};
 use blx_membership::quic::{Caller, ControlService};
 use blx_membership::store::FileTokenStore;
-use blx_membership::tls::ClusterCa;
+use blx_membership::tls::{ClusterCa, Validity};
 use blx_membership::token::{JoinRefusal, MemTokenStore, TokenAuthority, TokenId, TokenInfo};
 use blx_membership::wire::{ControlRequest, ControlResponse, JoinGrant, JoinRequest};
 use blx_membership::{MemberState, Membership, NodeId};
@@ -32,6 +32,8 @@ pub(crate) struct Authority {
 pub(crate) struct AgentControl {
     bootstrap: Option<Mutex<Authority>>,
     self_id: NodeId,
+    /// How long the certificates this agent signs are valid.
+    cert_validity: Duration,
     clock: Arc<dyn WallClock>,
     entropy: Entropy,
     cluster: crate::raft::ClusterCell,
@@ -42,12 +44,14 @@ impl AgentControl {
     pub(crate) fn new(
         bootstrap: Option<Authority>,
         self_id: NodeId,
+        cert_validity: Duration,
         clock: Arc<dyn WallClock>,
         entropy: Entropy,
     ) -> Self {
         AgentControl {
             bootstrap: bootstrap.map(Mutex::new),
             self_id,
+            cert_validity,
             clock,
             entropy,
             cluster: Default::default(),
@@ -138,7 +142,46 @@ impl AgentControl {
                     Err(e) => failed(format!("no quorum: {e}")),
                 }
             }
-            ControlRequest::Service { .. } => failed("not a token request".into()),
+            ControlRequest::Service { .. } | ControlRequest::Renew { .. } => {
+                failed("not a token request".into())
+            }
+        }
+    }
+
+    /// Signs a fresh certificate for member `node` (the id its current certificate names),
+    /// from a linearizable read of the replicated CA; refused for a node the cluster never
+    /// admitted or has removed.
+    pub(crate) async fn renew(&self, node: NodeId, csr_der: &[u8]) -> ControlResponse {
+        let Some(cluster) = self.cluster.get() else {
+            return ControlResponse::Failed("no quorum: consensus is starting".into());
+        };
+        let state = match cluster.read(false).await {
+            Ok(state) => state,
+            Err(e) => return ControlResponse::Failed(format!("no quorum: {e}")),
+        };
+        let Some(replicated) = state.authority else {
+            return ControlResponse::Failed("the cluster CA is not replicated yet".into());
+        };
+        match replicated.nodes.get(&node) {
+            Some(n) if n.revoked => {
+                return ControlResponse::Failed(format!(
+                    "node {node} was removed from the cluster"
+                ));
+            }
+            Some(_) => {}
+            None => return ControlResponse::Failed(format!("node {node} was never admitted")),
+        }
+        let ca = match ClusterCa::from_pem(&replicated.ca_cert_pem, &replicated.ca_key_pem) {
+            Ok(ca) => ca,
+            Err(e) => return ControlResponse::Failed(format!("the replicated CA: {e}")),
+        };
+        let validity = Validity::starting(self.clock.now_unix(), self.cert_validity);
+        match ca.sign_request(csr_der, node, validity) {
+            Ok(cert) => {
+                tracing::info!(%node, until = validity.not_after_unix, "renewed a node certificate");
+                ControlResponse::Renewed(cert.to_vec())
+            }
+            Err(e) => ControlResponse::Failed(format!("bad certificate request: {e}")),
         }
     }
 
@@ -175,7 +218,8 @@ impl AgentControl {
         else {
             return ControlResponse::Failed("could not draw a free node id".into());
         };
-        let cert = match ca.sign_request(&req.csr_der, node) {
+        let validity = Validity::starting(now, self.cert_validity);
+        let cert = match ca.sign_request(&req.csr_der, node, validity) {
             Ok(cert) => cert,
             Err(e) => {
                 tracing::warn!(error = %e, "join request with a bad certificate request");
@@ -327,6 +371,10 @@ impl ControlService for AgentControl {
                         (_, None) => ControlResponse::Failed("consensus is starting".into()),
                     }
                 }
+                ControlRequest::Renew { csr_der } => match caller {
+                    Caller::Member(from) => self.renew(from, &csr_der).await,
+                    Caller::Joiner(_) => ControlResponse::Failed("members only".into()),
+                },
                 other => self.serve(other).await,
             }
         })

@@ -24,6 +24,7 @@ mod control;
 mod controller;
 pub mod duration;
 mod raft;
+mod renewal;
 pub mod size;
 mod worker;
 pub mod world;

@@ -53,10 +53,11 @@ pub async fn request_join(
     token: &JoinToken,
     key_seed: [u8; 32],
     cids: &CidRng,
+    time: std::sync::Arc<dyn rustls::time_provider::TimeProvider>,
 ) -> Result<Joined, JoinError> {
     let proto = |reason: String| JoinError::Protocol { addr, reason };
     let pending = PendingKey::generate(key_seed).map_err(|e| proto(e.to_string()))?;
-    let tls = join_client_config(token.ca_fingerprint).map_err(|e| proto(e.to_string()))?;
+    let tls = join_client_config(token.ca_fingerprint, time).map_err(|e| proto(e.to_string()))?;
     let client = client_config(tls, cids).map_err(|e| proto(e.to_string()))?;
     let connecting = endpoint
         .connect_with(client, addr, NODE_DNS_SUFFIX)

@@ -18,7 +18,10 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::mpsc;
 
 use crate::identity::{NODE_DNS_SUFFIX, NodeId, NodeIdentity};
-use crate::tls::{JOIN_ALPN, MEMBER_ALPN, NodeCredentials, Revocations, TlsError, node_id_of};
+use crate::tls::{
+    JOIN_ALPN, MEMBER_ALPN, NodeCredentials, Revocations, TlsError, Validity, Verification,
+    node_id_of,
+};
 use crate::transport::{Inbound, Transport};
 use crate::wire::{self, ControlRequest, ControlResponse};
 
@@ -131,7 +134,11 @@ impl Answers {
 
 struct Shared {
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// Replaced when the node renews its certificate.
+    client: Mutex<quinn::ClientConfig>,
+    /// What builds the configurations again on renewal.
+    token_key: [u8; 32],
+    cids: CidRng,
     slots: Mutex<BTreeMap<SocketAddr, Slot>>,
     inbound: mpsc::Sender<Inbound>,
     /// Held weakly: the agent's control service holds this transport, and a strong link back
@@ -140,6 +147,7 @@ struct Shared {
     /// Nodes whose certificates the verifiers refuse; their traffic on connections opened
     /// before they were revoked is dropped too.
     revoked: Revocations,
+    checks: Verification,
 }
 
 /// The real transport: QUIC with mutual TLS.
@@ -282,25 +290,57 @@ impl QuicTransport {
         cids: &CidRng,
         inbound: mpsc::Sender<Inbound>,
         control: Arc<dyn ControlService>,
-        revoked: Revocations,
+        checks: Verification,
     ) -> Result<Self, QuicError> {
-        let crypto = QuicServerConfig::try_from(creds.server_config(&revoked)?)
-            .map_err(|e| QuicError::Config(e.to_string()))?;
-        let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&token_key);
-        let mut server = quinn::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
-        server.transport_config(transport_config());
-        endpoint.set_server_config(Some(server));
-        let client = client_config(creds.member_client_config(&revoked)?, cids)?;
+        endpoint.set_server_config(Some(server_config(creds, &checks, token_key)?));
+        let client = client_config(creds.member_client_config(&checks)?, cids)?;
         let shared = Arc::new(Shared {
             endpoint,
-            client,
+            client: Mutex::new(client),
+            token_key,
+            cids: cids.clone(),
             slots: Mutex::new(BTreeMap::new()),
             inbound,
             control: Arc::downgrade(&control),
-            revoked,
+            revoked: checks.revoked.clone(),
+            checks,
         });
         tokio::spawn(accept_loop(shared.clone()));
         Ok(QuicTransport { shared })
+    }
+
+    /// Presents `creds` from now on, on new connections of either side (a renewed
+    /// certificate); open connections carry on.
+    pub fn use_credentials(&self, creds: &NodeCredentials) -> Result<(), QuicError> {
+        let server = server_config(creds, &self.shared.checks, self.shared.token_key)?;
+        let client = client_config(
+            creds.member_client_config(&self.shared.checks)?,
+            &self.shared.cids,
+        )?;
+        self.shared.endpoint.set_server_config(Some(server));
+        *lock(&self.shared.client) = client;
+        Ok(())
+    }
+
+    /// Closes connections whose peer certificate has expired (the handshake checked it, but
+    /// a connection can outlive it). Returns how many were closed.
+    pub fn close_expired(&self) -> usize {
+        let Some(now) = self.shared.checks.time.current_time() else {
+            return 0;
+        };
+        let mut slots = lock(&self.shared.slots);
+        let before = slots.len();
+        slots.retain(|addr, slot| match slot {
+            Slot::Ready(conn, _)
+                if peer_validity(conn).is_some_and(|v| v.not_after_unix < now.as_secs()) =>
+            {
+                tracing::info!(peer = %addr, "closing a connection whose peer certificate expired");
+                conn.close(5u32.into(), b"certificate expired");
+                false
+            }
+            _ => true,
+        });
+        before - slots.len()
     }
 
     /// Replaces the revocation list. New handshakes with a revoked node fail in the
@@ -441,7 +481,7 @@ async fn dial(
         .unwrap_or_else(|| NODE_DNS_SUFFIX.to_string());
     let connecting = shared
         .endpoint
-        .connect_with(shared.client.clone(), addr, &name)
+        .connect_with(lock(&shared.client).clone(), addr, &name)
         .map_err(|e| QuicError::Connect {
             addr,
             reason: e.to_string(),
@@ -482,6 +522,27 @@ fn adopt(shared: &Arc<Shared>, conn: quinn::Connection, addr: SocketAddr) {
         }
     }
     tokio::spawn(serve_member(shared.clone(), conn, peer));
+}
+
+fn peer_validity(conn: &quinn::Connection) -> Option<Validity> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    Validity::of(certs.first()?)
+}
+
+fn server_config(
+    creds: &NodeCredentials,
+    checks: &Verification,
+    token_key: [u8; 32],
+) -> Result<quinn::ServerConfig, QuicError> {
+    let crypto = QuicServerConfig::try_from(creds.server_config(checks)?)
+        .map_err(|e| QuicError::Config(e.to_string()))?;
+    let token_key = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&token_key);
+    let mut server = quinn::ServerConfig::new(Arc::new(crypto), Arc::new(token_key));
+    server.transport_config(transport_config());
+    Ok(server)
 }
 
 fn peer_id(conn: &quinn::Connection) -> Option<NodeId> {

@@ -331,8 +331,15 @@ mod tests {
         assert_eq!(mode(&root), 0o700);
         let ca = ClusterCa::generate("t", [1; 32]).unwrap();
         let id = dir.node_id([4; 8]).unwrap();
-        dir.save_credentials(&ca.issue_node(id, [2; 32]).unwrap())
-            .unwrap();
+        dir.save_credentials(
+            &ca.issue_node(
+                id,
+                [2; 32],
+                crate::tls::Validity::starting(1_700_000_000, std::time::Duration::from_secs(3600)),
+            )
+            .unwrap(),
+        )
+        .unwrap();
         dir.save_ca_key(&ca).unwrap();
         let mut auth = TokenAuthority::new(dir.token_store(), ca.fingerprint());
         auth.issue(10, 100, [1; 40]).unwrap();
@@ -369,8 +376,15 @@ mod tests {
         assert_eq!(dir.next_generation().unwrap(), 2);
 
         let ca = ClusterCa::generate("t", [1; 32]).unwrap();
-        dir.save_credentials(&ca.issue_node(id, [2; 32]).unwrap())
-            .unwrap();
+        dir.save_credentials(
+            &ca.issue_node(
+                id,
+                [2; 32],
+                crate::tls::Validity::starting(1_700_000_000, std::time::Duration::from_secs(3600)),
+            )
+            .unwrap(),
+        )
+        .unwrap();
         dir.save_ca_key(&ca).unwrap();
         assert_eq!(
             dir.cluster_ca().unwrap().unwrap().fingerprint(),

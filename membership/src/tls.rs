@@ -123,20 +123,26 @@ impl ClusterCa {
         &self,
         csr_der: &[u8],
         node: NodeId,
+        validity: Validity,
     ) -> Result<CertificateDer<'static>, TlsError> {
         let csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
             .map_err(|e| TlsError::BadRequest(e.to_string()))?;
-        let params = node_params(node)?;
+        let params = node_params(node, validity)?;
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
         Ok(params.signed_by(&csr.public_key, &issuer)?.der().clone())
     }
 
     /// Issues a certificate for `node` with a key made from `seed`: what the first agent
     /// gives itself.
-    pub fn issue_node(&self, node: NodeId, seed: [u8; 32]) -> Result<NodeCredentials, TlsError> {
+    pub fn issue_node(
+        &self,
+        node: NodeId,
+        seed: [u8; 32],
+        validity: Validity,
+    ) -> Result<NodeCredentials, TlsError> {
         let key = ed25519_key(seed)?;
         let issuer = Issuer::from_ca_cert_der(&self.cert_der, &self.key)?;
-        let cert = node_params(node)?.signed_by(&key, &issuer)?;
+        let cert = node_params(node, validity)?.signed_by(&key, &issuer)?;
         Ok(NodeCredentials {
             id: node,
             cert_der: cert.der().clone(),
@@ -166,8 +172,56 @@ fn ed25519_key(seed: [u8; 32]) -> Result<KeyPair, TlsError> {
     )?)
 }
 
-fn node_params(node: NodeId) -> Result<CertificateParams, TlsError> {
+/// When a certificate is valid, in Unix seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    /// First valid second.
+    pub not_before_unix: u64,
+    /// Last valid second.
+    pub not_after_unix: u64,
+}
+
+impl Validity {
+    /// Valid for `lifetime` from `now`. The start is set back by [`CLOCK_SLACK_SECS`] so a
+    /// member whose clock runs a little behind the signer's accepts it at once.
+    pub fn starting(now_unix: u64, lifetime: std::time::Duration) -> Self {
+        Validity {
+            not_before_unix: now_unix.saturating_sub(CLOCK_SLACK_SECS),
+            not_after_unix: now_unix.saturating_add(lifetime.as_secs()),
+        }
+    }
+
+    /// The validity a certificate states, if it parses.
+    pub fn of(cert_der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+        let v = cert.validity();
+        Some(Validity {
+            not_before_unix: u64::try_from(v.not_before.timestamp()).ok()?,
+            not_after_unix: u64::try_from(v.not_after.timestamp()).ok()?,
+        })
+    }
+
+    /// When a node should renew: two thirds of the way through.
+    pub fn renew_at(&self) -> u64 {
+        let start = self.not_before_unix.saturating_add(CLOCK_SLACK_SECS);
+        start + self.not_after_unix.saturating_sub(start) * 2 / 3
+    }
+}
+
+/// How far back a new certificate's validity starts, for members whose clocks lag.
+pub const CLOCK_SLACK_SECS: u64 = 300;
+
+fn unix_time(secs: u64) -> Result<time::OffsetDateTime, TlsError> {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .ok_or_else(|| TlsError::BadRequest(format!("time {secs} is out of range")))
+}
+
+fn node_params(node: NodeId, validity: Validity) -> Result<CertificateParams, TlsError> {
     let mut params = CertificateParams::new(vec![node.dns_name(), NODE_DNS_SUFFIX.to_string()])?;
+    params.not_before = unix_time(validity.not_before_unix)?;
+    params.not_after = unix_time(validity.not_after_unix)?;
     params
         .distinguished_name
         .push(DnType::CommonName, node.dns_name());
@@ -262,7 +316,7 @@ impl NodeCredentials {
     /// The server side of every connection: members must present a CA-signed certificate
     /// that names a node not in `revoked` (anything else fails the handshake); joiners may
     /// present none, and are then served nothing but the join exchange.
-    pub fn server_config(&self, revoked: &Revocations) -> Result<rustls::ServerConfig, TlsError> {
+    pub fn server_config(&self, checks: &Verification) -> Result<rustls::ServerConfig, TlsError> {
         let inner =
             rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots()?, provider())
                 .allow_unauthenticated()
@@ -270,12 +324,13 @@ impl NodeCredentials {
                 .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
         let verifier = Arc::new(MemberClientVerifier {
             inner,
-            revoked: revoked.clone(),
+            revoked: checks.revoked.clone(),
         });
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain(), self.key())?;
+        let mut config =
+            rustls::ServerConfig::builder_with_details(provider(), checks.time.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(self.chain(), self.key())?;
         config.alpn_protocols = vec![MEMBER_ALPN.to_vec(), JOIN_ALPN.to_vec()];
         Ok(config)
     }
@@ -284,7 +339,7 @@ impl NodeCredentials {
     /// refusing a server whose certificate names a node in `revoked`.
     pub fn member_client_config(
         &self,
-        revoked: &Revocations,
+        checks: &Verification,
     ) -> Result<rustls::ClientConfig, TlsError> {
         let inner =
             rustls::client::WebPkiServerVerifier::builder_with_provider(self.roots()?, provider())
@@ -292,15 +347,37 @@ impl NodeCredentials {
                 .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
         let verifier = Arc::new(MemberServerVerifier {
             inner,
-            revoked: revoked.clone(),
+            revoked: checks.revoked.clone(),
         });
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(self.chain(), self.key())?;
+        let mut config =
+            rustls::ClientConfig::builder_with_details(provider(), checks.time.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .dangerous()
+                .with_custom_certificate_verifier(verifier)
+                .with_client_auth_cert(self.chain(), self.key())?;
         config.alpn_protocols = vec![MEMBER_ALPN.to_vec()];
         Ok(config)
+    }
+}
+
+/// What a member checks of a peer's certificate beyond the CA's signature: the revocation
+/// list, and the validity period against this clock (the agent's wall clock, so a simulated
+/// cluster checks expiry in simulated time).
+#[derive(Clone, Debug)]
+pub struct Verification {
+    /// Revoked node ids.
+    pub revoked: Revocations,
+    /// The time certificates are checked at.
+    pub time: Arc<dyn rustls::time_provider::TimeProvider>,
+}
+
+impl Verification {
+    /// No revocations yet, the system clock.
+    pub fn system() -> Self {
+        Verification {
+            revoked: Revocations::default(),
+            time: Arc::new(rustls::time_provider::DefaultTimeProvider),
+        }
     }
 }
 
@@ -445,8 +522,11 @@ impl ServerCertVerifier for MemberServerVerifier {
 
 /// The client side of a joiner's connection: no client certificate; the server must present a
 /// chain that ends in the CA whose fingerprint the token carries.
-pub fn join_client_config(ca_fingerprint: [u8; 32]) -> Result<rustls::ClientConfig, TlsError> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+pub fn join_client_config(
+    ca_fingerprint: [u8; 32],
+    time: Arc<dyn rustls::time_provider::TimeProvider>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut config = rustls::ClientConfig::builder_with_details(provider(), time)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
@@ -570,17 +650,34 @@ pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
 mod tests {
     use super::*;
 
+    fn hour() -> Validity {
+        Validity::starting(1_700_000_000, std::time::Duration::from_secs(3600))
+    }
+
+    #[test]
+    fn a_certificate_states_the_validity_it_was_given() {
+        let ca = ClusterCa::generate("t", [1; 32]).unwrap();
+        let creds = ca.issue_node(NodeId([7; 8]), [2; 32], hour()).unwrap();
+        let v = Validity::of(&creds.cert_der).unwrap();
+        assert_eq!(v, hour());
+        assert_eq!(
+            v.not_after_unix - v.not_before_unix,
+            3600 + CLOCK_SLACK_SECS
+        );
+        assert_eq!(v.renew_at(), 1_700_000_000 + 2400);
+    }
+
     #[test]
     fn a_signed_request_names_the_node_the_ca_chose() {
         let ca = ClusterCa::generate("t", [1; 32]).unwrap();
         let node = NodeId([7; 8]);
         let pending = PendingKey::generate([2; 32]).unwrap();
-        let cert = ca.sign_request(&pending.csr_der, node).unwrap();
+        let cert = ca.sign_request(&pending.csr_der, node, hour()).unwrap();
         assert_eq!(node_id_of(&cert), Some(node));
         let creds = pending.into_credentials(node, cert.to_vec(), ca.cert_der().to_vec());
-        assert!(creds.server_config(&Revocations::default()).is_ok());
-        assert!(creds.member_client_config(&Revocations::default()).is_ok());
-        assert!(ca.sign_request(b"garbage", node).is_err());
+        assert!(creds.server_config(&Verification::system()).is_ok());
+        assert!(creds.member_client_config(&Verification::system()).is_ok());
+        assert!(ca.sign_request(b"garbage", node, hour()).is_err());
     }
 
     #[test]
@@ -590,8 +687,8 @@ mod tests {
         assert_eq!(a.cert_der(), b.cert_der());
         let node = NodeId([5; 8]);
         assert_eq!(
-            a.issue_node(node, [6; 32]).unwrap().cert_der,
-            b.issue_node(node, [6; 32]).unwrap().cert_der
+            a.issue_node(node, [6; 32], hour()).unwrap().cert_der,
+            b.issue_node(node, [6; 32], hour()).unwrap().cert_der
         );
         assert_ne!(
             ClusterCa::generate("t", [7; 32]).unwrap().cert_der(),
@@ -604,7 +701,7 @@ mod tests {
         let ca = ClusterCa::generate("t", [1; 32]).unwrap();
         let again = ClusterCa::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap();
         assert_eq!(ca.fingerprint(), again.fingerprint());
-        let creds = again.issue_node(NodeId([1; 8]), [3; 32]).unwrap();
+        let creds = again.issue_node(NodeId([1; 8]), [3; 32], hour()).unwrap();
         assert_eq!(node_id_of(&creds.cert_der), Some(NodeId([1; 8])));
     }
 }

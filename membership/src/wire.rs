@@ -188,6 +188,12 @@ pub enum ControlRequest {
         /// Its payload.
         payload: Vec<u8>,
     },
+    /// A fresh certificate for the calling member, for the key in this certificate signing
+    /// request (members only; the id is the caller's, from its current certificate).
+    Renew {
+        /// The request, DER.
+        csr_der: Vec<u8>,
+    },
 }
 
 /// The answer on a control stream.
@@ -207,6 +213,8 @@ pub enum ControlResponse {
     Service(Vec<u8>),
     /// The request could not be served; the text says why.
     Failed(String),
+    /// The caller's renewed certificate (DER).
+    Renewed(Vec<u8>),
 }
 
 /// Frames a control request or response.

@@ -214,7 +214,14 @@ fn strangers_cannot_gossip_and_garbage_changes_nothing() {
     tracing::info!("--- a certificate from another CA fails too");
     let rogue_ca = blx_membership::tls::ClusterCa::generate("rogue", [9; 32]).unwrap();
     let rogue = rogue_ca
-        .issue_node(blx_membership::NodeId([9; 8]), [8; 32])
+        .issue_node(
+            blx_membership::NodeId([9; 8]),
+            [8; 32],
+            blx_membership::tls::Validity::starting(
+                1_700_000_000,
+                std::time::Duration::from_secs(3600),
+            ),
+        )
         .unwrap();
     let result = rt.block_on(stranger_dial(
         n1.gossip,

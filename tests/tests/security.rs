@@ -11,7 +11,7 @@ use blx_consensus::machine::{decode, encode};
 use blx_consensus::state::Command as RaftCommand;
 use blx_consensus::workload::WorkloadCommand;
 use blx_membership::store::DataDir;
-use blx_membership::tls::{NodeCredentials, Revocations, node_id_of};
+use blx_membership::tls::{CLOCK_SLACK_SECS, NodeCredentials, Validity, Verification, node_id_of};
 use blx_membership::token::JoinToken;
 use blx_membership::wire::{self, ControlRequest, ControlResponse, JoinRequest};
 use blx_membership::{NodeId, quic};
@@ -95,7 +95,9 @@ fn a_joiner_cannot_choose_its_node_id() {
         secret: token.secret,
         csr_der: csr.der().to_vec(),
     });
-    let tls = blx_membership::tls::join_client_config(token.ca_fingerprint).unwrap();
+    let tls =
+        blx_membership::tls::join_client_config(token.ca_fingerprint, Verification::system().time)
+            .unwrap();
     let answer = runtime()
         .block_on(exchange(cluster.agents[1].gossip, tls, &request))
         .unwrap();
@@ -157,7 +159,7 @@ fn a_member_cannot_speak_for_another() {
     let member = credentials(&cluster.agents[other]);
     let tls = || {
         member
-            .member_client_config(&Revocations::default())
+            .member_client_config(&Verification::system())
             .unwrap()
     };
     let rt = runtime();
@@ -225,7 +227,7 @@ fn a_removed_node_is_refused_everywhere_and_cannot_come_back() {
     let probe = |agent: &Agent| {
         let ping = ControlRequest::TokenList;
         let tls = removed
-            .member_client_config(&Revocations::default())
+            .member_client_config(&Verification::system())
             .unwrap();
         runtime().block_on(exchange(agent.gossip, tls, &ping))
     };
@@ -276,6 +278,69 @@ fn a_removed_node_is_refused_everywhere_and_cannot_come_back() {
     );
     let log = cluster.agents[2].log();
     assert!(log.contains("removed from the cluster"), "{log}");
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn a_short_lived_certificate_is_renewed_and_an_expired_one_is_refused() {
+    let mut cluster = Cluster::bootstrap_with(&["--cert-validity", "15s"]);
+    cluster.join();
+    cluster.wait_raft(1, 1, Duration::from_secs(90));
+    let first = Validity::of(&credentials(&cluster.agents[1]).cert_der).unwrap();
+    assert!(first.not_after_unix <= unix_now() + 15, "{first:?}");
+
+    tracing::info!("--- n2 outlives its first certificate, a member throughout");
+    cluster.wait_or_dump(
+        Duration::from_secs(60),
+        "n2 holds a certificate issued after its first one expired",
+        || {
+            for (a, b) in [(0, "n2"), (1, "n1")] {
+                let members = cluster.agents[a].members().unwrap_or_default();
+                assert!(
+                    members.iter().any(|m| m.name == b && m.state == "alive"),
+                    "{b} is not alive in {}'s view: {members:?}",
+                    cluster.agents[a].name
+                );
+            }
+            let now = Validity::of(&credentials(&cluster.agents[1]).cert_der).unwrap();
+            now.not_before_unix + CLOCK_SLACK_SECS > first.not_after_unix
+        },
+    );
+    assert!(
+        cluster.agents[1]
+            .log()
+            .contains("renewed this node's certificate")
+    );
+
+    tracing::info!("--- stopped past its expiry, n2 is refused and says why");
+    cluster.agents[1].kill();
+    let stale = credentials(&cluster.agents[1]);
+    let until = Validity::of(&stale.cert_der).unwrap().not_after_unix;
+    wait_until(Duration::from_secs(30), "n2's certificate expires", || {
+        unix_now() > until
+    });
+    let tls = stale.member_client_config(&Verification::system()).unwrap();
+    let refused = runtime().block_on(exchange(
+        cluster.agents[0].gossip,
+        tls,
+        &ControlRequest::TokenList,
+    ));
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("certificate expired")),
+        "{refused:?}"
+    );
+    cluster.agents[1].restart();
+    assert!(cluster.agents[1].wait_exit(Duration::from_secs(30)));
+    let log = cluster.agents[1].log();
+    assert!(log.contains("certificate expired"), "{log}");
 }
 
 fn mode(path: &Path) -> u32 {
