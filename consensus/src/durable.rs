@@ -110,12 +110,11 @@ impl Durability {
         let Some(vote) = marks.vote else {
             return false;
         };
+        let leader = openraft::CommittedLeaderId::new(vote.leader_id().get_term(), self.id);
         vote.is_committed()
             && vote.leader_id().voted_for() == Some(self.id)
             && !entries.is_empty()
-            && entries
-                .iter()
-                .all(|e| e.log_id.leader_id == *vote.leader_id())
+            && entries.iter().all(|e| e.log_id.leader_id == leader)
     }
 
     /// Records entries up to `last` as written, on disk already if `synced`. Returns a ticket

@@ -24,11 +24,11 @@ use crate::durable::Durability;
 use crate::machine::{Node, TypeConfig, decode, encode};
 
 /// The node a request says it comes from (the leader or candidate named in its vote).
-pub fn sender(request: &RaftRequest) -> u64 {
+pub fn sender(request: &RaftRequest) -> Option<u64> {
     match request {
-        RaftRequest::Append(r) => r.vote.leader_id().node_id,
-        RaftRequest::Vote(r) => r.vote.leader_id().node_id,
-        RaftRequest::Snapshot(r) => r.vote.leader_id().node_id,
+        RaftRequest::Append(r) => r.vote.leader_id().voted_for(),
+        RaftRequest::Vote(r) => r.vote.leader_id().voted_for(),
+        RaftRequest::Snapshot(r) => r.vote.leader_id().voted_for(),
     }
 }
 

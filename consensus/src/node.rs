@@ -277,11 +277,18 @@ impl ConsensusNode {
     pub async fn serve_rpc(&self, from: u64, payload: &[u8]) -> Vec<u8> {
         let members = self.raft.metrics().borrow().membership_config.clone();
         crate::network::serve(&self.raft, &self.durability, payload, |request| {
-            let claimed = crate::network::sender(request);
-            if claimed != from {
-                return Err(format!(
-                    "refused: the request names {claimed:016x} but comes from {from:016x}"
-                ));
+            match crate::network::sender(request) {
+                Some(claimed) if claimed == from => {}
+                Some(claimed) => {
+                    return Err(format!(
+                        "refused: the request names {claimed:016x} but comes from {from:016x}"
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "refused: a request from {from:016x} names no sender"
+                    ));
+                }
             }
             let nodes = members.membership().nodes().count();
             if nodes > 0 && members.membership().get_node(&from).is_none() {
