@@ -456,7 +456,15 @@ impl Transport for QuicTransport {
 }
 
 fn send_on(conn: &quinn::Connection, bytes: Bytes) {
-    match conn.send_datagram(bytes.clone()) {
+    // Metadata goes only from a node to each member directly (nobody relays it), so it must
+    // not be lost: a stream, which QUIC retransmits. It is sent rarely.
+    let reliable = bytes.get(1) == Some(&wire::KIND_META);
+    let sent = if reliable {
+        Err(quinn::SendDatagramError::TooLarge)
+    } else {
+        conn.send_datagram(bytes.clone())
+    };
+    match sent {
         Ok(()) => {}
         Err(quinn::SendDatagramError::TooLarge) => {
             let conn = conn.clone();

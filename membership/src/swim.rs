@@ -214,7 +214,17 @@ impl Invalidates for MetaKey {
     }
 }
 
-struct MetaBroadcasts(Arc<Mutex<MetaTable>>);
+/// Metadata carried on foca's broadcasts. A node's metadata is taken only from the node
+/// itself: an update arriving in a packet from anyone but its subject is dropped, so no member
+/// can announce another's labels, capacity, endpoints or `leaving` flag, or push its version
+/// past what the node announced. (foca's header is checked against the connection's
+/// certificate before foca sees the packet, so the sender here is authenticated.) Nothing
+/// received is relayed either, since no relay would be believed: a node spreads its own
+/// metadata on its own packets and pushes it to every member directly.
+struct MetaBroadcasts {
+    table: Arc<Mutex<MetaTable>>,
+    own: NodeId,
+}
 
 impl BroadcastHandler<NodeIdentity> for MetaBroadcasts {
     type Key = MetaKey;
@@ -223,15 +233,26 @@ impl BroadcastHandler<NodeIdentity> for MetaBroadcasts {
     fn receive_item(
         &mut self,
         data: &[u8],
-        _sender: Option<&NodeIdentity>,
+        sender: Option<&NodeIdentity>,
     ) -> Result<Option<MetaKey>, wire::WireError> {
         let update = wire::decode_meta_broadcast(data)?;
         let key = MetaKey {
             id: update.id,
             version: update.version,
         };
-        let mut table = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(table.offer(update).then_some(key))
+        let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
+        match sender {
+            // This node's own update, queued by `set_meta`: disseminate it.
+            None if update.id == self.own => Ok(table.offer(update).then_some(key)),
+            Some(from) if from.id == update.id => {
+                table.offer(update);
+                Ok(None)
+            }
+            _ => {
+                tracing::debug!(subject = %update.id, from = ?sender.map(|s| s.id), "metadata about another node dropped");
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -308,7 +329,10 @@ impl Swim {
             config.foca(1),
             rng,
             PostcardCodec,
-            MetaBroadcasts(table.clone()),
+            MetaBroadcasts {
+                table: table.clone(),
+                own: identity.id,
+            },
         );
         let mut swim = Swim {
             foca,

@@ -280,6 +280,121 @@ fn a_removed_node_is_refused_everywhere_and_cannot_come_back() {
     assert!(log.contains("removed from the cluster"), "{log}");
 }
 
+/// Accepts and spreads whatever it is given: the forger's side of foca.
+struct AnyBroadcast;
+
+struct AnyKey;
+
+impl foca::Invalidates for AnyKey {
+    fn invalidates(&self, _: &Self) -> bool {
+        false
+    }
+}
+
+impl foca::BroadcastHandler<blx_membership::NodeIdentity> for AnyBroadcast {
+    type Key = AnyKey;
+    type Error = std::io::Error;
+
+    fn receive_item(
+        &mut self,
+        _: &[u8],
+        _: Option<&blx_membership::NodeIdentity>,
+    ) -> Result<Option<AnyKey>, std::io::Error> {
+        Ok(Some(AnyKey))
+    }
+}
+
+#[test]
+fn a_member_cannot_announce_another_nodes_metadata() {
+    use blx_membership::NodeIdentity;
+    use blx_membership::wire::MetaUpdate;
+    use rand::SeedableRng;
+
+    let mut cluster = Cluster::bootstrap();
+    cluster.join();
+    cluster.join();
+    cluster.wait_alive(3, Duration::from_secs(60));
+    let view = cluster.agents[0].members().unwrap();
+    let row = |name: &str| view.iter().find(|m| m.name == name).unwrap().clone();
+    let identity = |name: &str| {
+        let m = row(name);
+        NodeIdentity {
+            id: m.id.parse().unwrap(),
+            addr: m.addr,
+            generation: m.generation,
+        }
+    };
+    let (n1, n2) = (identity("n1"), identity("n2"));
+    let n3_id: NodeId = row("n3").id.parse().unwrap();
+    let forged = MetaUpdate {
+        id: n3_id,
+        version: u64::MAX / 2,
+        meta: blx_membership::meta::NodeMeta {
+            name: "n3".into(),
+            labels: [("forged".to_string(), "yes".to_string())].into(),
+            leaving: true,
+            ..Default::default()
+        },
+    };
+
+    tracing::info!("--- n2, with its own valid certificate, speaks for n3 three ways");
+    let mut foca = foca::Foca::with_custom_broadcast(
+        n2,
+        foca::Config::new_lan(std::num::NonZeroU32::new(3).unwrap()),
+        rand::rngs::StdRng::seed_from_u64(1),
+        foca::PostcardCodec,
+        AnyBroadcast,
+    );
+    foca.add_broadcast(&wire::encode_meta_broadcast(&forged))
+        .unwrap();
+    let mut out = foca::AccumulatingRuntime::new();
+    // A gossip message (announcements carry no custom broadcasts) to n1 alone.
+    foca.apply_many(std::iter::once(foca::Member::alive(n1)), true, &mut out)
+        .unwrap();
+    while out.to_send().is_some() {}
+    foca.gossip(&mut out).unwrap();
+    let mut packets = Vec::new();
+    while let Some((_, packet)) = out.to_send() {
+        packets.push(wire::encode_swim(&packet));
+    }
+    assert!(!packets.is_empty());
+    let creds = credentials(&cluster.agents[1]);
+    let tls = creds.member_client_config(&Verification::system()).unwrap();
+    runtime().block_on(async {
+        let client = quic::client_config(tls, &quic::CidRng::new([4; 32])).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(client);
+        let conn = endpoint
+            .connect(n1.addr, &n1.id.dns_name())
+            .unwrap()
+            .await
+            .unwrap();
+        // Piggybacked on a SWIM packet whose header truly names n2.
+        for p in &packets {
+            conn.send_datagram(p.clone()).unwrap();
+        }
+        // Pushed directly, as a datagram and on a stream.
+        let direct = wire::encode_meta(&forged);
+        conn.send_datagram(direct.clone()).unwrap();
+        let mut stream = conn.open_uni().await.unwrap();
+        stream.write_all(&direct).await.unwrap();
+        stream.finish().unwrap();
+        let _ = stream.stopped().await;
+        // Give n1 a full probe period to act on them; there is nothing to wait for.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    });
+
+    tracing::info!("--- n1 believes none of it");
+    let n3_row = cluster.agents[0]
+        .members()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.id == n3_id.to_string())
+        .unwrap();
+    assert_eq!(n3_row.state, "alive", "{n3_row:?}");
+    assert!(!n3_row.labels.contains_key("forged"), "{n3_row:?}");
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
