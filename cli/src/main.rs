@@ -182,6 +182,9 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
 fn exit_code(e: &anyhow::Error) -> u8 {
     if let Some(join) = e.downcast_ref::<blx_membership::join::JoinError>() {
         return match join {
+            blx_membership::join::JoinError::Refused(
+                blx_membership::token::JoinRefusal::NoQuorum,
+            ) => 4,
             blx_membership::join::JoinError::Refused(_)
             | blx_membership::join::JoinError::WrongCluster(_) => 3,
             _ => 4,
