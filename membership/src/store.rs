@@ -182,13 +182,13 @@ impl DataDir {
         };
         let id = crate::tls::node_id_of(&cert_der)
             .ok_or_else(|| corrupt("the certificate names no node".into()))?;
-        if let Some(text) = self.read_text(NODE_ID)? {
-            if text.trim() != id.to_string() {
-                return Err(corrupt(format!(
-                    "the certificate names node {id}, the node-id file {}",
-                    text.trim()
-                )));
-            }
+        if let Some(text) = self.read_text(NODE_ID)?
+            && text.trim() != id.to_string()
+        {
+            return Err(corrupt(format!(
+                "the certificate names node {id}, the node-id file {}",
+                text.trim()
+            )));
         }
         Ok(Some(NodeCredentials {
             id,
