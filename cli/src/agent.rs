@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use blx_consensus::node::{ConsensusNode, raft_config};
+use blx_consensus::state::ClusterState;
 use blx_membership::discovery;
 use blx_membership::join::{JoinError, request_join};
 use blx_membership::meta::{Capacity, NodeMeta};
@@ -285,9 +286,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         // Only the cluster's first agent ever initializes; everyone else is added by it.
         node.initialize(advertise).await?;
     }
-    if let Some(revoked) = revoked_nodes(&node)
-        && revoked.contains(&id)
-    {
+    if node.with_local_state(|s| s.revoked_nodes().contains(&id)) {
         let _ = node.raft.shutdown().await;
         transport.shutdown().await;
         bail!(
@@ -543,13 +542,6 @@ impl rustls::time_provider::TimeProvider for WallTime {
     }
 }
 
-/// The nodes the replicated state lists as revoked, as this node has applied it.
-fn revoked_nodes(
-    node: &ConsensusNode,
-) -> Option<std::collections::BTreeSet<blx_membership::NodeId>> {
-    node.with_local_state(|s| s.authority.as_ref().map(|a| a.revoked_nodes()))
-}
-
 /// Keeps the transport's revocation list equal to the applied state's, so a `node remove`
 /// reaches every member's verifiers as fast as the log reaches it.
 async fn follow_revocations(
@@ -560,15 +552,14 @@ async fn follow_revocations(
     let mut metrics = node.raft.metrics();
     let mut told = false;
     loop {
-        if let Some(revoked) = revoked_nodes(&node) {
-            if revoked.contains(&me) && !told {
-                tracing::error!(
-                    "this node was removed from the cluster: its certificate is revoked and every member refuses it"
-                );
-                told = true;
-            }
-            transport.revoke(revoked);
+        let revoked = node.with_local_state(ClusterState::revoked_nodes);
+        if revoked.contains(&me) && !told {
+            tracing::error!(
+                "this node was removed from the cluster: its certificate is revoked and every member refuses it"
+            );
+            told = true;
         }
+        transport.revoke(revoked);
         // At most a few checks a second, however fast entries are applied.
         tokio::time::sleep(Duration::from_millis(200)).await;
         if metrics.changed().await.is_err() {

@@ -28,6 +28,14 @@ pub(crate) struct Authority {
     pub(crate) tokens: TokenAuthority<FileTokenStore>,
 }
 
+/// Why the replicated CA and tokens could not be read.
+enum Unreadable {
+    /// No linearizable read (no quorum, no leader, still starting): try again.
+    NoQuorum(String),
+    /// The state holds a CA that does not parse.
+    Broken(String),
+}
+
 /// Serves control requests for one agent.
 pub(crate) struct AgentControl {
     bootstrap: Option<Mutex<Authority>>,
@@ -74,6 +82,26 @@ impl AgentControl {
             .map(|a| a.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// The replicated CA and token records, from a linearizable read.
+    async fn replicated(
+        &self,
+    ) -> Result<(&crate::raft::Cluster, AuthorityState, ClusterCa), Unreadable> {
+        let cluster = self
+            .cluster
+            .get()
+            .ok_or_else(|| Unreadable::NoQuorum("consensus is starting".into()))?;
+        let state = cluster
+            .read(false)
+            .await
+            .map_err(|e| Unreadable::NoQuorum(e.to_string()))?;
+        let replicated = state.authority.ok_or_else(|| {
+            Unreadable::NoQuorum("the cluster CA is not in the replicated state yet".into())
+        })?;
+        let ca = ClusterCa::from_pem(&replicated.ca_cert_pem, &replicated.ca_key_pem)
+            .map_err(|e| Unreadable::Broken(format!("the replicated CA: {e}")))?;
+        Ok((cluster, replicated, ca))
+    }
+
     /// Serves a request from a linearizable read of the replicated CA and tokens; refuses
     /// it, saying why, when that read cannot be made.
     pub(crate) async fn serve(&self, request: ControlRequest) -> ControlResponse {
@@ -86,21 +114,12 @@ impl AgentControl {
                 )),
             }
         };
-        let Some(cluster) = self.cluster.get() else {
-            return no_quorum("consensus is starting".into());
-        };
-        let state = match cluster.read(false).await {
-            Ok(state) => state,
-            Err(e) => return no_quorum(e.to_string()),
-        };
-        let Some(replicated) = state.authority else {
-            return no_quorum("the cluster CA is not in the replicated state yet".into());
+        let (cluster, replicated, ca) = match self.replicated().await {
+            Ok(r) => r,
+            Err(Unreadable::NoQuorum(why)) => return no_quorum(why),
+            Err(Unreadable::Broken(e)) => return ControlResponse::Failed(e),
         };
         let now = self.clock.now_unix();
-        let ca = match ClusterCa::from_pem(&replicated.ca_cert_pem, &replicated.ca_key_pem) {
-            Ok(ca) => ca,
-            Err(e) => return ControlResponse::Failed(format!("the replicated CA: {e}")),
-        };
         let mut tokens = TokenAuthority::new(
             MemTokenStore::new(replicated.tokens.clone()),
             ca.fingerprint(),
@@ -152,15 +171,12 @@ impl AgentControl {
     /// from a linearizable read of the replicated CA; refused for a node the cluster never
     /// admitted or has removed.
     pub(crate) async fn renew(&self, node: NodeId, csr_der: &[u8]) -> ControlResponse {
-        let Some(cluster) = self.cluster.get() else {
-            return ControlResponse::Failed("no quorum: consensus is starting".into());
-        };
-        let state = match cluster.read(false).await {
-            Ok(state) => state,
-            Err(e) => return ControlResponse::Failed(format!("no quorum: {e}")),
-        };
-        let Some(replicated) = state.authority else {
-            return ControlResponse::Failed("the cluster CA is not replicated yet".into());
+        let (_, replicated, ca) = match self.replicated().await {
+            Ok(r) => r,
+            Err(Unreadable::NoQuorum(why)) => {
+                return ControlResponse::Failed(format!("no quorum: {why}"));
+            }
+            Err(Unreadable::Broken(e)) => return ControlResponse::Failed(e),
         };
         match replicated.nodes.get(&node) {
             Some(n) if n.revoked => {
@@ -171,10 +187,6 @@ impl AgentControl {
             Some(_) => {}
             None => return ControlResponse::Failed(format!("node {node} was never admitted")),
         }
-        let ca = match ClusterCa::from_pem(&replicated.ca_cert_pem, &replicated.ca_key_pem) {
-            Ok(ca) => ca,
-            Err(e) => return ControlResponse::Failed(format!("the replicated CA: {e}")),
-        };
         let validity = Validity::starting(self.clock.now_unix(), self.cert_validity);
         match ca.sign_request(csr_der, node, validity) {
             Ok(cert) => {

@@ -419,9 +419,7 @@ pub(crate) fn member_views(
 ) -> impl Fn() -> BTreeMap<u64, (NodeView, SocketAddr)> + Send + Sync + 'static {
     let since: Mutex<BTreeMap<NodeId, (MemberState, Instant)>> = Mutex::new(BTreeMap::new());
     move || {
-        let revoked = node
-            .with_local_state(|s| s.authority.as_ref().map(|a| a.revoked_nodes()))
-            .unwrap_or_default();
+        let revoked = node.with_local_state(ClusterState::revoked_nodes);
         let now = Instant::now();
         let mut since = since.lock().unwrap_or_else(|e| e.into_inner());
         membership

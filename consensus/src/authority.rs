@@ -88,6 +88,14 @@ pub enum AuthorityCommand {
 pub const MAX_NODES: usize = 100_000;
 
 impl ClusterState {
+    /// The nodes whose certificates every member refuses (none before the CA is replicated).
+    pub fn revoked_nodes(&self) -> BTreeSet<NodeId> {
+        self.authority
+            .as_ref()
+            .map(AuthorityState::revoked_nodes)
+            .unwrap_or_default()
+    }
+
     pub(crate) fn validate_authority(&self, cmd: &AuthorityCommand) -> Result<(), CommandError> {
         match cmd {
             AuthorityCommand::Init(a) => {

@@ -533,11 +533,16 @@ fn adopt(shared: &Arc<Shared>, conn: quinn::Connection, addr: SocketAddr) {
 }
 
 fn peer_validity(conn: &quinn::Connection) -> Option<Validity> {
+    Validity::of(&peer_cert(conn)?)
+}
+
+/// The certificate the peer presented in the handshake.
+fn peer_cert(conn: &quinn::Connection) -> Option<rustls::pki_types::CertificateDer<'static>> {
     let certs = conn
         .peer_identity()?
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
         .ok()?;
-    Validity::of(certs.first()?)
+    certs.first().cloned()
 }
 
 fn server_config(
@@ -554,11 +559,7 @@ fn server_config(
 }
 
 fn peer_id(conn: &quinn::Connection) -> Option<NodeId> {
-    let certs = conn
-        .peer_identity()?
-        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
-        .ok()?;
-    node_id_of(certs.first()?)
+    node_id_of(&peer_cert(conn)?)
 }
 
 fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {

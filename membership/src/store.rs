@@ -316,6 +316,17 @@ mod tests {
     use super::*;
     use crate::token::TokenAuthority;
 
+    /// A CA, and credentials from it for `id` saved in `dir` with the CA key.
+    fn enroll(dir: &DataDir, id: NodeId) -> ClusterCa {
+        let ca = ClusterCa::generate("t", [1; 32]).unwrap();
+        let validity =
+            crate::tls::Validity::starting(1_700_000_000, std::time::Duration::from_secs(3600));
+        dir.save_credentials(&ca.issue_node(id, [2; 32], validity).unwrap())
+            .unwrap();
+        dir.save_ca_key(&ca).unwrap();
+        ca
+    }
+
     #[cfg(unix)]
     fn mode(path: &Path) -> u32 {
         use std::os::unix::fs::PermissionsExt;
@@ -329,18 +340,8 @@ mod tests {
         let root = tmp.path().join("a/b");
         let dir = DataDir::open(&root).unwrap();
         assert_eq!(mode(&root), 0o700);
-        let ca = ClusterCa::generate("t", [1; 32]).unwrap();
         let id = dir.node_id([4; 8]).unwrap();
-        dir.save_credentials(
-            &ca.issue_node(
-                id,
-                [2; 32],
-                crate::tls::Validity::starting(1_700_000_000, std::time::Duration::from_secs(3600)),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        dir.save_ca_key(&ca).unwrap();
+        let ca = enroll(&dir, id);
         let mut auth = TokenAuthority::new(dir.token_store(), ca.fingerprint());
         auth.issue(10, 100, [1; 40]).unwrap();
         for name in [NODE_KEY, NODE_CERT, CA_KEY, CA_CERT, TOKENS, NODE_ID] {
@@ -375,17 +376,7 @@ mod tests {
         assert_eq!(dir.next_generation().unwrap(), 1);
         assert_eq!(dir.next_generation().unwrap(), 2);
 
-        let ca = ClusterCa::generate("t", [1; 32]).unwrap();
-        dir.save_credentials(
-            &ca.issue_node(
-                id,
-                [2; 32],
-                crate::tls::Validity::starting(1_700_000_000, std::time::Duration::from_secs(3600)),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        dir.save_ca_key(&ca).unwrap();
+        let ca = enroll(&dir, id);
         assert_eq!(
             dir.cluster_ca().unwrap().unwrap().fingerprint(),
             ca.fingerprint()
