@@ -50,6 +50,8 @@ fn bad_agent_flags_are_refused_before_anything_is_written() {
     agent_fails(&["--memory", "12XB"], "unit must be");
     agent_fails(&["--accel", "xen"], "accel");
     agent_fails(&["--threads", "0"], "threads");
+    agent_fails(&["--cert-validity", "5s"], "certificate validity");
+    agent_fails(&["--cert-validity", "soon"], "not a duration");
 }
 
 #[test]
@@ -59,6 +61,9 @@ fn bad_operator_and_query_input_is_refused() {
     wait_until(Duration::from_secs(60), "n1 leads", || {
         a.status().is_some_and(|s| s["role"] == "leader")
     });
+    wait_until(Duration::from_secs(30), "n1 is in the node table", || {
+        a.run(&["node", "list"]).1.contains("n1")
+    });
     let before = a.status().unwrap();
 
     let (ok, _, err) = a.run(&["operator", "transfer-leader", "--to", "not-hex"]);
@@ -67,6 +72,11 @@ fn bad_operator_and_query_input_is_refused() {
     assert!(!ok && err.contains("not a voter"), "{err}");
     let (ok, _, err) = a.run(&["operator", "transfer-leader"]);
     assert!(!ok && err.contains("no other voter"), "{err}");
+
+    let (ok, _, err) = a.run(&["node", "remove", "no-such-node"]);
+    assert!(!ok && err.contains("no node with id or name"), "{err}");
+    let (ok, _, err) = a.run(&["node", "remove", "n1"]);
+    assert!(!ok && err.contains("cannot remove itself"), "{err}");
 
     let mut conn = std::net::TcpStream::connect(a.api).unwrap();
     std::io::Write::write_all(

@@ -209,6 +209,28 @@ fn a_member_cannot_speak_for_another() {
         }
         other => panic!("a forged vote request was served: {other:?}"),
     }
+
+    tracing::info!("--- renewal with a garbled certificate request, and without a certificate");
+    let garbled = ControlRequest::Renew {
+        csr_der: b"not a certificate request".to_vec(),
+    };
+    let answer = rt
+        .block_on(exchange(cluster.agents[leader].gossip, tls(), &garbled))
+        .unwrap();
+    assert!(
+        matches!(&answer, ControlResponse::Failed(e) if e.contains("bad certificate request")),
+        "{answer:?}"
+    );
+    let fingerprint = leader_creds.ca_fingerprint();
+    let joiner =
+        blx_membership::tls::join_client_config(fingerprint, Verification::system().time).unwrap();
+    let answer = rt
+        .block_on(exchange(cluster.agents[leader].gossip, joiner, &garbled))
+        .unwrap();
+    assert!(
+        matches!(&answer, ControlResponse::Failed(e) if e.contains("only a join request")),
+        "{answer:?}"
+    );
     let after = cluster.agents[leader].status().unwrap();
     assert_eq!(
         before["term"], after["term"],
