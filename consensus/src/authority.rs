@@ -16,6 +16,7 @@ use blx_membership::NodeId;
 use blx_membership::token::{JoinRefusal, TokenId, TokenRecord};
 use serde::{Deserialize, Serialize};
 
+use crate::access::{ApiTokenRecord, MAX_API_TOKENS, MAX_NAME};
 use crate::state::{ClusterState, CommandError};
 
 /// Most token records kept.
@@ -37,6 +38,8 @@ pub struct AuthorityState {
     pub tokens: BTreeMap<TokenId, TokenRecord>,
     /// Every node ever admitted, the first one included. Ids are never reused.
     pub nodes: BTreeMap<NodeId, AdmittedNode>,
+    /// API token records by id (see [`crate::access`]).
+    pub api_tokens: BTreeMap<TokenId, ApiTokenRecord>,
 }
 
 /// One admitted node.
@@ -82,6 +85,10 @@ pub enum AuthorityCommand {
     },
     /// Revokes a node for good.
     NodeRevoke(NodeId),
+    /// Adds an API token record.
+    ApiTokenPut(ApiTokenRecord),
+    /// Revokes an API token.
+    ApiTokenRevoke(TokenId),
 }
 
 /// Most admitted-node records kept (a cluster that admitted this many must start over).
@@ -112,6 +119,8 @@ impl ClusterState {
                     || a.tokens.iter().any(|(id, r)| *id != r.id)
                     || a.nodes.len() > MAX_NODES
                     || a.nodes.contains_key(&NodeId::UNKNOWN)
+                    || a.api_tokens.len() > MAX_API_TOKENS
+                    || a.api_tokens.iter().any(|(id, r)| *id != r.id)
                 {
                     return Err(CommandError::InvalidConfig(
                         "a CA of at most 16 KiB of PEM and at most 10000 tokens, keyed by id"
@@ -167,6 +176,41 @@ impl ClusterState {
                 if !a.nodes.contains_key(node) {
                     return Err(CommandError::NoSuchNode(node.to_string()));
                 }
+                Ok(())
+            }
+            AuthorityCommand::ApiTokenPut(record) => {
+                let a = self.authority.as_ref().ok_or(CommandError::NoAuthority)?;
+                if a.api_tokens.contains_key(&record.id) {
+                    return Err(CommandError::Conflict(format!(
+                        "API token {} already exists",
+                        record.id
+                    )));
+                }
+                if record.name.is_empty()
+                    || record.name.len() > MAX_NAME
+                    || !record
+                        .name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
+                {
+                    return Err(CommandError::InvalidConfig(format!(
+                        "an API token name is 1 to {MAX_NAME} of A-Z a-z 0-9 - _ . @"
+                    )));
+                }
+                if record.expires_unix <= record.created_unix {
+                    return Err(CommandError::InvalidConfig(
+                        "an API token must expire after it is created".into(),
+                    ));
+                }
+                if a.api_tokens.len() >= MAX_API_TOKENS {
+                    return Err(CommandError::InvalidConfig(format!(
+                        "at most {MAX_API_TOKENS} API tokens; revoke some first"
+                    )));
+                }
+                Ok(())
+            }
+            AuthorityCommand::ApiTokenRevoke(_) => {
+                self.authority.as_ref().ok_or(CommandError::NoAuthority)?;
                 Ok(())
             }
         }
@@ -230,6 +274,29 @@ impl ClusterState {
                     None => false,
                 }
             }
+            AuthorityCommand::ApiTokenPut(record) => {
+                let Some(a) = self.authority.as_mut() else {
+                    return false;
+                };
+                // As for join tokens: the new record's clock drops long-expired records.
+                let now = record.created_unix;
+                a.api_tokens
+                    .retain(|_, r| r.expires_unix.saturating_add(EXPIRED_KEPT_SECS) > now);
+                a.api_tokens.insert(record.id, record.clone());
+                true
+            }
+            AuthorityCommand::ApiTokenRevoke(id) => {
+                let Some(a) = self.authority.as_mut() else {
+                    return false;
+                };
+                match a.api_tokens.get_mut(id) {
+                    Some(r) => {
+                        r.revoked = true;
+                        true
+                    }
+                    None => false,
+                }
+            }
         }
     }
 }
@@ -259,6 +326,7 @@ mod tests {
             ca_key_pem: "key".into(),
             tokens: BTreeMap::new(),
             nodes: BTreeMap::new(),
+            api_tokens: BTreeMap::new(),
         }));
         s.apply(2, &init).unwrap();
         assert!(matches!(s.apply(3, &init), Err(CommandError::Conflict(_))));
@@ -331,6 +399,7 @@ mod admission_tests {
             ca_key_pem: "key".into(),
             tokens,
             nodes,
+            api_tokens: BTreeMap::new(),
         };
         s.apply(1, &Command::Authority(AuthorityCommand::Init(init)))
             .unwrap();

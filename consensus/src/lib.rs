@@ -12,6 +12,7 @@
 //! simulator's), with [`durable`] saying which entries are on disk; [`network`] carries Raft RPC
 //! over any byte transport, and [`node`] puts them together for the agent.
 
+pub mod access;
 pub mod authority;
 pub mod autopilot;
 pub mod durable;

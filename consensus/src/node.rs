@@ -358,19 +358,23 @@ impl ConsensusNode {
     /// `stale`.
     pub async fn read(&self, stale: bool) -> Result<ClusterState, ConsensusError> {
         if !stale {
-            match self.raft.ensure_linearizable().await {
-                Ok(_) => {}
-                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
-                    f,
-                ))) => {
-                    return Err(ConsensusError::NotLeader {
-                        leader: f.leader_id,
-                    });
-                }
-                Err(e) => return Err(ConsensusError::Raft(e.to_string())),
-            }
+            self.confirm_leader().await?;
         }
         Ok(self.machine.state())
+    }
+
+    /// Confirms with a quorum that this node leads and waits until it has applied what was
+    /// committed before the call (Raft's read index), without copying the state.
+    pub async fn confirm_leader(&self) -> Result<(), ConsensusError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(ConsensusError::NotLeader {
+                    leader: f.leader_id,
+                })
+            }
+            Err(e) => Err(ConsensusError::Raft(e.to_string())),
+        }
     }
 
     /// Wakes on every change to this node's applied state.

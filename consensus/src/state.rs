@@ -371,7 +371,9 @@ impl ClusterState {
             Command::Authority(a) => {
                 let existed = self.apply_authority(a);
                 match a {
-                    AuthorityCommand::TokenRevoke(_) => Applied::Revoked { existed },
+                    AuthorityCommand::TokenRevoke(_) | AuthorityCommand::ApiTokenRevoke(_) => {
+                        Applied::Revoked { existed }
+                    }
                     _ => Applied::Nothing,
                 }
             }

@@ -1,4 +1,5 @@
-//! The Raft RPC decoder: what a member's control stream may carry to openraft. A command that
+//! The Raft RPC decoder: what a member's control stream may carry to openraft, and the
+//! forwarded-write envelope. A command that
 //! decodes is also validated and applied, to a fresh state and to one with nodes and VMs, and
 //! the leader's scheduling pass runs on the result: none of it may panic, whatever the bytes.
 #![no_main]
@@ -26,6 +27,19 @@ fn with_authority() -> ClusterState {
         ca_key_pem: "key".into(),
         tokens: [(token.id, token)].into(),
         nodes: [(blx_membership::NodeId([2; 8]), node)].into(),
+        api_tokens: [(
+            TokenId([3; 8]),
+            blx_consensus::access::ApiTokenRecord {
+                id: TokenId([3; 8]),
+                name: "ci".into(),
+                scope: blx_consensus::access::Scope::Write,
+                secret_hash: [3; 32],
+                created_unix: 0,
+                expires_unix: u64::MAX,
+                revoked: false,
+            },
+        )]
+        .into(),
     };
     let mut state = ClusterState::default();
     state
@@ -38,6 +52,15 @@ fuzz_target!(|data: &[u8]| {
     let _ = blx_consensus::network::decode_request(data);
     let _ = blx_consensus::machine::MachineData::decode(data);
     let _ = blx_consensus::machine::decode::<(String, u64)>(data);
+    // A forwarded write: who it is for, then the command.
+    if let Ok((caller, cmd)) =
+        blx_consensus::machine::decode::<(blx_consensus::access::Caller, Command)>(data)
+    {
+        let state = with_authority();
+        if let (blx_consensus::access::Caller::Token(id), Some(a)) = (caller, &state.authority) {
+            let _ = a.authorize(id, 1, cmd.scope());
+        }
+    }
     if let Ok(cmd) = blx_consensus::machine::decode::<Command>(data) {
         let mut state = ClusterState::default();
         let before = state.clone();

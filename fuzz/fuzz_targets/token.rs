@@ -1,4 +1,5 @@
-//! Join token text and token ids, as typed by operators or pasted from elsewhere.
+//! Join and API token text, token ids and scopes, as typed by operators, pasted from
+//! elsewhere, or sent in an HTTP Authorization header.
 #![no_main]
 
 use blx_membership::token::{JoinToken, TokenId};
@@ -10,5 +11,14 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(t.to_string().parse::<JoinToken>().unwrap(), t);
         }
         let _ = s.parse::<TokenId>();
+        if let Ok(t) = s.parse::<blx_consensus::access::ApiToken>() {
+            assert_eq!(
+                t.to_string()
+                    .parse::<blx_consensus::access::ApiToken>()
+                    .unwrap(),
+                t
+            );
+        }
+        let _ = s.parse::<blx_consensus::access::Scope>();
     }
 });

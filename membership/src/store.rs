@@ -15,7 +15,8 @@ const NODE_ID: &str = "node-id";
 const GENERATION: &str = "generation";
 const NODE_CERT: &str = "node.crt";
 const NODE_KEY: &str = "node.key";
-const CA_CERT: &str = "ca.crt";
+/// The cluster CA certificate in a data dir (PEM): what the CLI trusts for an HTTPS API.
+pub const CA_CERT: &str = "ca.crt";
 const CA_KEY: &str = "ca.key";
 const TOKENS: &str = "tokens.bin";
 const TOKENS_VERSION: u8 = 1;

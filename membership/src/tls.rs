@@ -348,6 +348,7 @@ impl NodeCredentials {
         let verifier = Arc::new(MemberServerVerifier {
             inner,
             revoked: checks.revoked.clone(),
+            any_node: false,
         });
         let mut config =
             rustls::ClientConfig::builder_with_details(provider(), checks.time.clone())
@@ -471,10 +472,13 @@ impl ClientCertVerifier for MemberClientVerifier {
 }
 
 /// A member's check of the member it dials: the CA's signature, then the revocation list.
+/// With `any_node` (the CLI dialling an HTTPS API by address), the certificate is checked
+/// under the name every node certificate carries instead of the name dialled.
 #[derive(Debug)]
 struct MemberServerVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     revoked: Revocations,
+    any_node: bool,
 }
 
 impl ServerCertVerifier for MemberServerVerifier {
@@ -486,6 +490,14 @@ impl ServerCertVerifier for MemberServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let shared;
+        let server_name = if self.any_node {
+            shared = ServerName::try_from(NODE_DNS_SUFFIX)
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            &shared
+        } else {
+            server_name
+        };
         let verified = self.inner.verify_server_cert(
             end_entity,
             intermediates,
@@ -535,6 +547,83 @@ pub fn join_client_config(
         }))
         .with_no_client_auth();
     config.alpn_protocols = vec![JOIN_ALPN.to_vec()];
+    Ok(config)
+}
+
+/// ALPN of the HTTP API.
+const HTTP1_ALPN: &[u8] = b"http/1.1";
+
+/// The certificate the HTTPS API presents: this node's current cluster certificate, which
+/// the renewal task replaces in place, so a renewed certificate serves the next handshake.
+#[derive(Clone, Debug)]
+pub struct ServingCert(Arc<RwLock<Arc<rustls::sign::CertifiedKey>>>);
+
+impl ServingCert {
+    /// Serves `creds`.
+    pub fn new(creds: &NodeCredentials) -> Result<Self, TlsError> {
+        Ok(ServingCert(Arc::new(RwLock::new(Arc::new(
+            Self::certified(creds)?,
+        )))))
+    }
+
+    /// Serves `creds` from the next handshake on.
+    pub fn replace(&self, creds: &NodeCredentials) -> Result<(), TlsError> {
+        let key = Arc::new(Self::certified(creds)?);
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = key;
+        Ok(())
+    }
+
+    fn certified(creds: &NodeCredentials) -> Result<rustls::sign::CertifiedKey, TlsError> {
+        Ok(rustls::sign::CertifiedKey::from_der(
+            creds.chain(),
+            creds.key(),
+            &provider(),
+        )?)
+    }
+
+    /// The server side of the HTTPS API: this certificate, TLS 1.3, no client certificate
+    /// (API callers prove themselves with a bearer token).
+    pub fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(self.clone()));
+        config.alpn_protocols = vec![HTTP1_ALPN.to_vec()];
+        Ok(config)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// The client side of the HTTPS API: the server must present a node certificate signed by
+/// the cluster CA `ca_der`, whatever address it was dialled at (node certificates name nodes,
+/// not addresses).
+pub fn api_client_config(ca_der: CertificateDer<'static>) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    roots.add(ca_der)?;
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider(),
+    )
+    .build()
+    .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(MemberServerVerifier {
+            inner,
+            revoked: Revocations::default(),
+            any_node: true,
+        }))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![HTTP1_ALPN.to_vec()];
     Ok(config)
 }
 
@@ -636,12 +725,10 @@ pub fn der_to_pem(label: &str, der: &[u8]) -> String {
     out
 }
 
-/// Decodes the first PEM block.
+/// Decodes the first PEM block (of any label).
 pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>, TlsError> {
-    use base64::Engine;
-    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(body.trim())
+    use rustls::pki_types::pem::{PemObject, SectionKind};
+    let (_, der) = <(SectionKind, Vec<u8>)>::from_pem_slice(pem.as_bytes())
         .map_err(|e| TlsError::BadRequest(format!("bad PEM: {e}")))?;
     Ok(der.into())
 }

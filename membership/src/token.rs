@@ -81,7 +81,9 @@ pub enum TokenError {
     Malformed(String),
 }
 
-fn checksum(body: &[u8]) -> [u8; 4] {
+/// The first 4 bytes of the SHA-256 of `body`: the checksum at the end of a token's text,
+/// which tells a cut or mistyped token from a forged one.
+pub fn checksum(body: &[u8]) -> [u8; 4] {
     let d = ring::digest::digest(&ring::digest::SHA256, body);
     let mut out = [0u8; 4];
     out.copy_from_slice(&d.as_ref()[..4]);
