@@ -29,8 +29,10 @@ def api(i, path, method="GET", body=None):
     data = json.dumps(body).encode() if body is not None else None
     while True:
         try:
+            token = open(f"{work}/n{i}/api.token").read().strip()  # the agent's local token
             req = urllib.request.Request(f"http://127.0.0.{70 + i}:7947{path}", data=data, method=method,
-                                         headers={"content-type": "application/json"})
+                                         headers={"content-type": "application/json",
+                                                  "authorization": f"Bearer {token}"})
             with urllib.request.urlopen(req, timeout=5) as r:
                 return json.loads(r.read())
         except OSError:

@@ -34,7 +34,7 @@ kill_all() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; w
 
 # ---- blx -------------------------------------------------------------------------------------
 BLX_GOSSIP=${BLX_GOSSIP:-19000}; BLX_API=${BLX_API:-19500}
-blx_members() { "$blx" members --api "127.0.0.1:$((BLX_API+$1))" -o json 2>/dev/null || echo "[]"; }
+blx_members() { "$blx" members --api "127.0.0.1:$((BLX_API+$1))" --data-dir "$work/blx/n$1" -o json 2>/dev/null || echo "[]"; }
 blx_count() { blx_members "$1" | grep -c "\"state\": \"$2\"" || true; }
 blx_start() { # i [args...]
   local i=$1; shift

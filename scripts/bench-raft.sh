@@ -37,7 +37,7 @@ start_blx() { # dir i [args]
   "$blx" agent --data-dir "$d/blx$i" --bind "127.0.0.$((40+i)):7946" --api "127.0.0.$((40+i)):7947" --name "b$i" --no-mdns "$@" \
     >"$d/blx$i.out" 2>"$d/blx$i.log" & disown
 }
-voters() { "$blx" status -o json --api 127.0.0.41:7947 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(len(s["voters"]) if s["role"]=="leader" and not s["changing"] else 0)' 2>/dev/null || echo 0; }
+voters() { "$blx" status -o json --api 127.0.0.41:7947 --data-dir "$d/blx1" 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(len(s["voters"]) if s["role"]=="leader" and not s["changing"] else 0)' 2>/dev/null || echo 0; }
 blx_cluster() { # dir [agent args]
   local d=$1; shift
   start_blx "$d" 1 "$@"
@@ -47,7 +47,10 @@ blx_cluster() { # dir [agent args]
   start_blx "$d" 3 --token "$token" --seed 127.0.0.41:7946 "$@"
   until [ "$(voters)" = 3 ]; do sleep 0.2; done
 }
-printf 'wrk.method = "PUT"\nwrk.body = "%s"\n' "$val" >"$work/blx.lua"
+blx_lua() { # dir: the load, with the first member's local API token
+  printf 'wrk.method = "PUT"\nwrk.body = "%s"\nwrk.headers["Authorization"] = "Bearer %s"\n' \
+    "$val" "$(cat "$1/blx1/api.token")" >"$work/blx.lua"
+}
 
 # ---- etcd ---------------------------------------------------------------------------------------
 etcd_cluster() { # dir -> the leader's client address in $eleader
@@ -79,6 +82,7 @@ for threads in default 1; do
   else
     blx_cluster "$d" --threads 1; GOMAXPROCS=1 etcd_cluster "$d"
   fi
+  blx_lua "$d"
   for c in 1 64; do
     read -r r p50 p99 e < <(run_wrk "$c" "http://127.0.0.41:7947/v1/kv/bench" "$work/blx.lua")
     echo "| $threads | blx  | $c | $r | $p50 | $p99 | $e |"

@@ -20,10 +20,10 @@ cleanup() { exec 2>/dev/null; pkill -9 -f -- "$work" || true; rm -rf "$work"; }
 trap cleanup EXIT
 api=127.0.0.61:7947
 "$blx" agent --data-dir "$work/n1" --bind 127.0.0.61:7946 --api $api --name bench --no-mdns >"$work/n1.out" 2>"$work/n1.log" &
-for _ in $(seq 200); do "$blx" status --api $api >/dev/null 2>&1 && break; sleep 0.05; done
+for _ in $(seq 200); do "$blx" status --api $api --data-dir "$work/n1" >/dev/null 2>&1 && break; sleep 0.05; done
 # Warm up: the first VM runs the KVM probe (cached afterwards) and pages QEMU in.
-"$blx" vm run warmup --api $api >/dev/null
-"$blx" vm delete warmup --api $api >/dev/null 2>&1
+"$blx" vm run warmup --api $api --data-dir "$work/n1" >/dev/null
+"$blx" vm delete warmup --api $api --data-dir "$work/n1" >/dev/null 2>&1
 accel=$(cat "$work/n1/vms/accel" 2>/dev/null || echo "?")
 python3 - "$blx" "$api" "$img" "$N" "$work" "$accel" <<'PY'
 import json, os, signal, statistics, subprocess, sys, time
@@ -48,11 +48,11 @@ def bare():
 def via_blx(i):
     name = f"b{i}"
     t0 = time.monotonic()
-    r = subprocess.run([blx, "vm", "run", name, "--api", api, "-o", "json"], capture_output=True)
+    r = subprocess.run([blx, "vm", "run", name, "--api", api, "--data-dir", f"{work}/n1", "-o", "json"], capture_output=True)
     t = time.monotonic() - t0
     ok = r.returncode == 0
     boot_ms = json.loads(r.stdout).get("boot_ms") if ok else None
-    subprocess.run([blx, "vm", "delete", name, "--api", api], capture_output=True)
+    subprocess.run([blx, "vm", "delete", name, "--api", api, "--data-dir", f"{work}/n1"], capture_output=True)
     # Wait until the VM's QEMU is gone so runs do not overlap.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and subprocess.run(["pgrep", "-f", f"{work}/n1/vms/{name}/"], capture_output=True).returncode == 0:

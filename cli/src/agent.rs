@@ -309,6 +309,12 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         let control = control.clone();
         tokio::spawn(async move { control.replicate_authority().await })
     });
+    // Beyond loopback the API speaks HTTPS with this node's certificate.
+    let serving = if config.api.ip().is_loopback() {
+        None
+    } else {
+        Some(blx_membership::tls::ServingCert::new(&creds)?)
+    };
     tasks.push(tokio::spawn(
         crate::renewal::Renewal {
             dir: dir.clone(),
@@ -318,6 +324,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
             clock: clock.clone(),
             entropy: entropy.clone(),
             creds: creds.clone(),
+            serving: serving.clone(),
         }
         .run(),
     ));
@@ -362,18 +369,23 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
     };
 
     let shutdown = Arc::new(Notify::new());
+    // A new local token at each start, readable only by the agent's user: the CLI on this
+    // machine reads it from the data dir.
+    let local_token = crate::access::local_token(entropy.bytes());
+    dir.write(crate::access::LOCAL_TOKEN_FILE, local_token.as_bytes())?;
     let router = crate::api::router(crate::api::ApiState {
         membership: membership.clone(),
         control: control.clone(),
         cluster: cluster.clone(),
         shutdown: shutdown.clone(),
-        api_token: config.api_token.clone(),
+        local_token: Arc::new(local_token),
+        entropy: entropy.clone(),
         self_id: id,
         cluster_id: hex(&creds.ca_fingerprint()),
         images: config.image_dir.clone(),
     });
     let api = net
-        .serve_api(config.api, router.clone())
+        .serve_api(config.api, router.clone(), serving)
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the HTTP API on {}: {e}", config.api))?;
     tracing::info!(node = %id, name = %membership.members()[&id].meta.as_ref().map(|m| m.name.as_str()).unwrap_or(""), gossip = %advertise, api = %config.api, "agent running");

@@ -4,12 +4,17 @@
 //! | route | does |
 //! |---|---|
 //! | `GET /v1/health` | liveness, no auth |
+//!
+//! Every other route needs a bearer token of the scope [`crate::access::route_scope`] names.
 //! | `GET /v1/agent/self` | this node's id, name and cluster |
 //! | `GET /v1/members` | the member table |
 //! | `POST /v1/agent/leave` | leave gracefully and stop |
 //! | `POST /v1/tokens` `{"ttl_secs": N}` | create a join token |
 //! | `GET /v1/tokens` | list tokens |
 //! | `DELETE /v1/tokens/{id}` | revoke a token |
+//! | `POST /v1/api-tokens` `{"name": "ci", "scope": "write", "ttl_secs": N}` | create an API token |
+//! | `GET /v1/api-tokens` | list API tokens |
+//! | `DELETE /v1/api-tokens/{id}` | revoke an API token |
 //! | `GET /v1/status` | leader, term, indexes, voters, learners |
 //! | `GET /v1/kv/{key}` | a value (raw body); `?recurse` lists by prefix (JSON); `?stale` reads locally |
 //! | `PUT /v1/kv/{key}` | set a value (raw body); `?cas=INDEX` compare-and-set |
@@ -24,9 +29,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -44,7 +48,10 @@ pub(crate) struct ApiState {
     pub(crate) control: Arc<AgentControl>,
     pub(crate) cluster: crate::raft::Cluster,
     pub(crate) shutdown: Arc<Notify>,
-    pub(crate) api_token: Option<String>,
+    /// The local token (see [`crate::access`]).
+    pub(crate) local_token: Arc<String>,
+    /// For new API tokens.
+    pub(crate) entropy: crate::world::Entropy,
     pub(crate) self_id: NodeId,
     pub(crate) cluster_id: String,
     /// This node's guest image folder.
@@ -152,39 +159,16 @@ pub(crate) fn router(state: ApiState) -> Router {
                 .put(snapshot_restore)
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_SNAPSHOT)),
         )
+        .route("/v1/api-tokens", post(api_token_create).get(api_token_list))
+        .route("/v1/api-tokens/{id}", delete(api_token_revoke))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            require_token,
+            crate::access::authenticate,
         ));
     Router::new()
         .route("/v1/health", get(|| async { "ok" }))
         .merge(authed)
         .with_state(state)
-}
-
-async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    if let Some(expected) = &state.api_token {
-        let presented = request
-            .headers()
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let ok = presented.is_some_and(|p| {
-            p.len() == expected.len()
-                && p.bytes()
-                    .zip(expected.bytes())
-                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                    == 0
-        });
-        if !ok {
-            return ApiError(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong API token (Authorization: Bearer ...)".into(),
-            )
-            .into_response();
-        }
-    }
-    next.run(request).await
 }
 
 async fn agent_self(State(state): State<ApiState>) -> Json<serde_json::Value> {
@@ -216,17 +200,23 @@ async fn leave(State(state): State<ApiState>) -> Json<serde_json::Value> {
     Json(serde_json::json!({ "leaving": true }))
 }
 
-async fn token_create(
-    State(state): State<ApiState>,
-    body: Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<CreatedToken>, ApiError> {
-    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    if body.ttl_secs == 0 || body.ttl_secs > crate::duration::MAX_TTL.as_secs() {
+/// A token's lifetime must be between a second and a year.
+fn check_ttl(ttl_secs: u64) -> Result<(), ApiError> {
+    if ttl_secs == 0 || ttl_secs > crate::duration::MAX_TTL.as_secs() {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             "ttl_secs must be between 1 and 31536000".into(),
         ));
     }
+    Ok(())
+}
+
+async fn token_create(
+    State(state): State<ApiState>,
+    body: Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<CreatedToken>, ApiError> {
+    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    check_ttl(body.ttl_secs)?;
     let token = state
         .control
         .token_create(Duration::from_secs(body.ttl_secs))
@@ -263,8 +253,101 @@ async fn token_revoke(
     }
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateApiToken {
+    name: String,
+    scope: blx_consensus::access::Scope,
+    ttl_secs: u64,
+}
+
+/// A new API token, as `POST /v1/api-tokens` answers: the only time its secret is shown.
+#[derive(Serialize, Deserialize)]
+#[allow(missing_docs)] // JSON shapes: each field is the JSON field of that name.
+pub struct CreatedApiToken {
+    pub id: String,
+    pub token: String,
+    pub scope: blx_consensus::access::Scope,
+    pub expires_unix: u64,
+}
+
+async fn api_token_create(
+    State(state): State<ApiState>,
+    body: Result<Json<CreateApiToken>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<CreatedApiToken>, ApiError> {
+    use blx_consensus::access::{ApiToken, ApiTokenRecord, secret_hash};
+    let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    check_ttl(body.ttl_secs)?;
+    let token = ApiToken {
+        id: TokenId(state.entropy.bytes()),
+        secret: state.entropy.bytes(),
+    };
+    let now = state.cluster.clock.now_unix();
+    let record = ApiTokenRecord {
+        id: token.id,
+        name: body.name,
+        scope: body.scope,
+        secret_hash: secret_hash(&token.secret),
+        created_unix: now,
+        expires_unix: now.saturating_add(body.ttl_secs),
+        revoked: false,
+    };
+    let expires_unix = record.expires_unix;
+    let cmd = blx_consensus::state::Command::Authority(
+        blx_consensus::authority::AuthorityCommand::ApiTokenPut(record),
+    );
+    write(&state, cmd).await?;
+    tracing::info!(token = %token.id, scope = %body.scope, "created an API token");
+    Ok(Json(CreatedApiToken {
+        id: token.id.to_string(),
+        token: token.to_string(),
+        scope: body.scope,
+        expires_unix,
+    }))
+}
+
+async fn api_token_list(
+    State(state): State<ApiState>,
+) -> Result<Json<Vec<blx_consensus::access::ApiTokenInfo>>, ApiError> {
+    let s = state.cluster.read(false).await.map_err(cluster_error)?;
+    let now = state.cluster.clock.now_unix();
+    Ok(Json(
+        s.authority
+            .iter()
+            .flat_map(|a| a.api_tokens.values())
+            .map(|r| r.info(now))
+            .collect(),
+    ))
+}
+
+async fn api_token_revoke(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id: TokenId = id.parse().map_err(|e: blx_membership::token::TokenError| {
+        ApiError(StatusCode::BAD_REQUEST, e.to_string())
+    })?;
+    let cmd = blx_consensus::state::Command::Authority(
+        blx_consensus::authority::AuthorityCommand::ApiTokenRevoke(id),
+    );
+    match write(&state, cmd).await? {
+        blx_consensus::state::Applied::Revoked { existed: true } => {
+            tracing::info!(token = %id, "revoked an API token");
+            Ok(Json(serde_json::json!({ "revoked": id.to_string() })))
+        }
+        blx_consensus::state::Applied::Revoked { existed: false } => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no API token with id {id}"),
+        )),
+        other => Err(unexpected(other)),
+    }
+}
+
 pub(crate) fn cluster_error(e: crate::raft::ClusterError) -> ApiError {
-    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    match e {
+        crate::raft::ClusterError::Denied(d) => crate::access::denied(&d),
+        e => ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 /// A refused command as an HTTP answer: 409 when the state moved on or the name is taken, 404

@@ -43,6 +43,9 @@ pub(crate) enum Command {
     /// Manage join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Manage API tokens: scoped credentials for the HTTP API and the CLI on other machines.
+    #[command(subcommand, name = "api-token")]
+    ApiToken(ApiTokenCommand),
     /// Show the Raft group: leader, term, indexes, voters and learners.
     Status {
         #[command(flatten)]
@@ -102,6 +105,44 @@ pub(crate) enum TokenCommand {
         /// The token id (16 hex digits, from `blx token list`).
         id: String,
     },
+}
+
+/// `blx api-token ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum ApiTokenCommand {
+    /// Create an API token and print it alone on stdout (it is shown only this once).
+    Create {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Who or what it is for (1 to 64 of A-Z a-z 0-9 - _ . @).
+        #[arg(long)]
+        name: String,
+        /// What it allows: read; write (also keys and VMs); operator (everything).
+        #[arg(long, value_parser = parse_scope)]
+        scope: blx_consensus::access::Scope,
+        /// How long it works: 90s, 15m, 1h, 30d (at most a year).
+        #[arg(long, default_value = "30d", value_parser = blx::duration::parse_ttl)]
+        ttl: std::time::Duration,
+    },
+    /// List API tokens (ids, names, scopes and status; secrets are never stored).
+    List {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Revoke an API token by id: every member refuses it from then on.
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The token id (16 hex digits, from `blx api-token list`).
+        id: String,
+    },
+}
+
+fn parse_scope(s: &str) -> Result<blx_consensus::access::Scope, String> {
+    s.parse()
 }
 
 /// `blx kv ...`.
@@ -436,15 +477,23 @@ pub(crate) enum Output {
     Json,
 }
 
-/// Where the agent's HTTP API is.
+/// Where the agent's HTTP API is, and how to prove who is asking.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct ApiArgs {
-    /// The agent's HTTP API address.
+    /// The agent's HTTP API address. Loopback: plain HTTP; beyond: HTTPS, checked against
+    /// the cluster CA.
     #[arg(long, env = "BLX_API", default_value = "127.0.0.1:7947")]
     pub(crate) api: SocketAddr,
-    /// Bearer token for an agent whose API listens beyond loopback.
+    /// API token (from `blx api-token create`). Default: the local token in the data dir.
     #[arg(long, env = "BLX_API_TOKEN", hide_env_values = true)]
     pub(crate) api_token: Option<String>,
+    /// The agent's data dir, for its local API token and CA certificate.
+    #[arg(long, env = "BLX_DATA_DIR", default_value = "/var/lib/blx")]
+    pub(crate) data_dir: PathBuf,
+    /// The cluster CA certificate (PEM) to check an HTTPS API against (default: the data
+    /// dir's ca.crt).
+    #[arg(long, env = "BLX_CA_CERT")]
+    pub(crate) ca_cert: Option<PathBuf>,
 }
 
 /// Flags of `blx agent` and `blx join`.
@@ -460,12 +509,10 @@ pub(crate) struct AgentArgs {
     /// non-loopback IPv4 address).
     #[arg(long)]
     pub(crate) advertise: Option<SocketAddr>,
-    /// HTTP API address. Loopback unless --api-token is set.
+    /// HTTP API address. Beyond loopback it speaks HTTPS with this node's certificate;
+    /// every request but /v1/health needs a token either way.
     #[arg(long, default_value = "127.0.0.1:7947")]
     pub(crate) api: SocketAddr,
-    /// Bearer token required by the HTTP API; needed when --api is not loopback.
-    #[arg(long, env = "BLX_API_TOKEN", hide_env_values = true)]
-    pub(crate) api_token: Option<String>,
     /// Node name (default: the host name).
     #[arg(long)]
     pub(crate) name: Option<String>,
@@ -522,7 +569,6 @@ impl AgentArgs {
         config.bind = self.bind;
         config.advertise = self.advertise;
         config.api = self.api;
-        config.api_token = self.api_token;
         config.name = self.name;
         config.seeds = self.seeds;
         config.token = token;

@@ -18,9 +18,25 @@ pub(crate) struct Unreachable {
     reason: String,
 }
 
+/// An error and its causes, outermost first: reqwest's own message names only the URL, and
+/// the reason (a refused connection, a certificate from another CA) is further down.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
+}
+
 pub(crate) struct Client {
     http: reqwest::Client,
     api: ApiArgs,
+    /// `http` on loopback, `https` beyond.
+    scheme: &'static str,
+    token: String,
 }
 
 impl Client {
@@ -30,10 +46,19 @@ impl Client {
 
     /// A client whose requests may take up to `timeout` (long polls).
     pub(crate) fn with_timeout(api: &ApiArgs, timeout: Duration) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder().timeout(timeout).build()?;
+        let token = credential(api)?;
+        let mut builder = reqwest::Client::builder().timeout(timeout);
+        let scheme = if api.api.ip().is_loopback() {
+            "http"
+        } else {
+            builder = builder.use_preconfigured_tls(tls_config(api)?);
+            "https"
+        };
         Ok(Client {
-            http,
+            http: builder.build()?,
             api: api.clone(),
+            scheme,
+            token,
         })
     }
 
@@ -61,11 +86,8 @@ impl Client {
         body: Option<Vec<u8>>,
         json: bool,
     ) -> anyhow::Result<Vec<u8>> {
-        let url = format!("http://{}{path}", self.api.api);
-        let mut req = self.http.request(method, &url);
-        if let Some(token) = &self.api.api_token {
-            req = req.bearer_auth(token);
-        }
+        let url = format!("{}://{}{path}", self.scheme, self.api.api);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some(body) = body {
             if json {
                 req = req.header(reqwest::header::CONTENT_TYPE, "application/json");
@@ -74,7 +96,7 @@ impl Client {
         }
         let resp = req.send().await.map_err(|e| Unreachable {
             addr: self.api.api,
-            reason: e.to_string(),
+            reason: causes(&e),
         })?;
         let status = resp.status();
         let bytes = resp
@@ -92,6 +114,47 @@ impl Client {
         }
         Ok(bytes)
     }
+}
+
+/// The token to present: `--api-token` (or `BLX_API_TOKEN`) if given, else the agent's local
+/// token from its data dir.
+fn credential(api: &ApiArgs) -> anyhow::Result<String> {
+    if let Some(t) = &api.api_token {
+        let t = t.trim();
+        anyhow::ensure!(
+            !t.is_empty(),
+            "the API token is empty: unset BLX_API_TOKEN (or --api-token) to use the local token, or give one"
+        );
+        return Ok(t.to_string());
+    }
+    let path = api.data_dir.join(blx::access::LOCAL_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => anyhow::bail!("{} is empty: is the agent running?", path.display()),
+        Err(e) => anyhow::bail!(
+            "cannot read the local API token {} ({e}): run as the agent's user, point --data-dir \
+             (or BLX_DATA_DIR) at the agent's data dir, or pass --api-token",
+            path.display()
+        ),
+    }
+}
+
+/// TLS for an HTTPS API: the cluster CA from `--ca-cert`, else from the data dir.
+fn tls_config(api: &ApiArgs) -> anyhow::Result<rustls::ClientConfig> {
+    let path = api.ca_cert.clone().unwrap_or_else(|| {
+        api.data_dir
+            .join(blx_membership::store::CA_CERT)
+    });
+    let pem = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading the cluster CA certificate {} (needed for the HTTPS API at {}; pass --ca-cert)",
+            path.display(),
+            api.api
+        )
+    })?;
+    let ca = blx_membership::tls::pem_to_der(&pem)
+        .with_context(|| format!("{} is not a PEM certificate", path.display()))?;
+    Ok(blx_membership::tls::api_client_config(ca)?)
 }
 
 pub(crate) async fn members(api: &ApiArgs, output: Output) -> anyhow::Result<()> {
@@ -154,15 +217,10 @@ pub(crate) async fn token_list(api: &ApiArgs, output: Output) -> anyhow::Result<
             let rows: Vec<Vec<String>> = tokens
                 .iter()
                 .map(|t| {
-                    let left = t.expires_unix.saturating_sub(now);
                     vec![
                         t.id.clone(),
                         t.status.clone(),
-                        if t.status == "valid" {
-                            format!("{left}s")
-                        } else {
-                            "-".into()
-                        },
+                        expires_in(&t.status, t.expires_unix, now),
                     ]
                 })
                 .collect();
@@ -179,6 +237,71 @@ pub(crate) async fn token_revoke(api: &ApiArgs, id: &str) -> anyhow::Result<()> 
         .await?;
     eprintln!("blx: revoked token {id}");
     Ok(())
+}
+
+pub(crate) async fn api_token_create(
+    api: &ApiArgs,
+    name: &str,
+    scope: blx_consensus::access::Scope,
+    ttl: Duration,
+) -> anyhow::Result<()> {
+    let created: blx::api::CreatedApiToken = Client::new(api)?
+        .call(
+            reqwest::Method::POST,
+            "/v1/api-tokens",
+            Some(serde_json::json!({ "name": name, "scope": scope, "ttl_secs": ttl.as_secs() })),
+        )
+        .await?;
+    eprintln!(
+        "blx: API token {} ({scope}) created; it is shown only now",
+        created.id
+    );
+    println!("{}", created.token);
+    Ok(())
+}
+
+pub(crate) async fn api_token_list(api: &ApiArgs, output: Output) -> anyhow::Result<()> {
+    let tokens: Vec<blx_consensus::access::ApiTokenInfo> = Client::new(api)?
+        .call(reqwest::Method::GET, "/v1/api-tokens", None)
+        .await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&tokens)?),
+        Output::Table => {
+            let now = blx::world::WallClock::now_unix(&blx::world::SystemClock);
+            let rows: Vec<Vec<String>> = tokens
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.clone(),
+                        t.name.clone(),
+                        t.scope.to_string(),
+                        t.status.clone(),
+                        expires_in(&t.status, t.expires_unix, now),
+                    ]
+                })
+                .collect();
+            print_table(&["ID", "NAME", "SCOPE", "STATUS", "EXPIRES IN"], &rows);
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn api_token_revoke(api: &ApiArgs, id: &str) -> anyhow::Result<()> {
+    let id: blx_membership::token::TokenId = id.parse()?;
+    let _: serde_json::Value = Client::new(api)?
+        .call(reqwest::Method::DELETE, &format!("/v1/api-tokens/{id}"), None)
+        .await?;
+    eprintln!("blx: revoked API token {id}");
+    Ok(())
+}
+
+/// A token's EXPIRES IN cell: seconds left while it is valid, `-` once not.
+fn expires_in(status: &str, expires_unix: u64, now: u64) -> String {
+    if status == "valid" {
+        format!("{}s", expires_unix.saturating_sub(now))
+    } else {
+        "-".into()
+    }
 }
 
 pub(crate) fn print_table(header: &[&str], rows: &[Vec<String>]) {

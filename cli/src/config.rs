@@ -23,10 +23,8 @@ pub struct AgentConfig {
     /// Address other nodes reach this one at; None: `bind`, or when that is a wildcard, the
     /// host's first non-loopback IPv4 address.
     pub advertise: Option<SocketAddr>,
-    /// HTTP API address. Must be loopback unless `api_token` is set.
+    /// HTTP API address. Beyond loopback the API speaks HTTPS with the node's certificate.
     pub api: SocketAddr,
-    /// Bearer token the HTTP API requires. Not empty when set.
-    pub api_token: Option<String>,
     /// Node name; None: the host name if it is a valid name, else `node-<id>`.
     pub name: Option<String>,
     /// Gossip addresses of members to join through.
@@ -58,12 +56,6 @@ pub struct AgentConfig {
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    /// The API would be reachable from other hosts without a token.
-    #[error("--api {0} is reachable beyond this host: set --api-token (or BLX_API_TOKEN)")]
-    OpenApi(SocketAddr),
-    /// An API token that is set but empty would let anyone in.
-    #[error("the API token is empty: set a non-empty --api-token or none")]
-    EmptyApiToken,
     /// The advertised address is a wildcard.
     #[error("--advertise must be a concrete address, not {0}")]
     WildcardAdvertise(SocketAddr),
@@ -98,7 +90,6 @@ impl AgentConfig {
             bind: SocketAddr::from(([0, 0, 0, 0], 7946)),
             advertise: None,
             api: SocketAddr::from(([127, 0, 0, 1], 7947)),
-            api_token: None,
             name: None,
             seeds: Vec::new(),
             token: None,
@@ -116,11 +107,6 @@ impl AgentConfig {
 
     /// Checks every field; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        match &self.api_token {
-            Some(t) if t.is_empty() => return Err(ConfigError::EmptyApiToken),
-            None if !self.api.ip().is_loopback() => return Err(ConfigError::OpenApi(self.api)),
-            _ => {}
-        }
         if let Some(a) = self.advertise
             && a.ip().is_unspecified()
         {
@@ -169,11 +155,7 @@ mod tests {
         assert_eq!(ok.validate(), Ok(()));
         let mut c = ok.clone();
         c.api = "0.0.0.0:7947".parse().unwrap();
-        assert!(matches!(c.validate(), Err(ConfigError::OpenApi(_))));
-        c.api_token = Some(String::new());
-        assert_eq!(c.validate(), Err(ConfigError::EmptyApiToken));
-        c.api_token = Some("s3cret".into());
-        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.validate(), Ok(()), "beyond loopback the API is HTTPS");
         let mut c = ok.clone();
         c.advertise = Some("0.0.0.0:1".parse().unwrap());
         assert!(matches!(

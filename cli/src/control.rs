@@ -293,6 +293,7 @@ impl AgentControl {
                                     },
                                 )]
                                 .into(),
+                                api_tokens: Default::default(),
                             },
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot read the local token records");

@@ -15,8 +15,10 @@
 //! and starts many agents in one process. Nothing in the agent asks which world it is in.
 //! The argument parser and the client commands live in the binary, not here.
 
+pub mod access;
 pub mod agent;
 pub mod api;
+mod api_tls;
 pub mod api_vms;
 pub mod config;
 mod console;

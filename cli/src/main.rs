@@ -68,6 +68,18 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
         args::Command::Token(args::TokenCommand::Revoke { api, id }) => {
             client::token_revoke(&api, &id).await
         }
+        args::Command::ApiToken(args::ApiTokenCommand::Create {
+            api,
+            name,
+            scope,
+            ttl,
+        }) => client::api_token_create(&api, &name, scope, ttl).await,
+        args::Command::ApiToken(args::ApiTokenCommand::List { api, output }) => {
+            client::api_token_list(&api, output).await
+        }
+        args::Command::ApiToken(args::ApiTokenCommand::Revoke { api, id }) => {
+            client::api_token_revoke(&api, &id).await
+        }
         args::Command::Status { api, output } => client::status(&api, output).await,
         args::Command::Kv(args::KvCommand::Put {
             api,

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use blx_consensus::access::{Caller, Denied};
 use blx_consensus::autopilot::NodeView;
 use blx_consensus::machine::{Response, decode, encode};
 use blx_consensus::node::{ConsensusError, ConsensusNode};
@@ -91,6 +92,18 @@ pub(crate) enum ClusterError {
         "the leader changed while the request was in flight (a write may or may not have been applied); retry"
     )]
     LeaderChanged,
+    /// The caller's API token does not allow the write (checked where the write is proposed).
+    #[error("{0}")]
+    Denied(Denied),
+}
+
+/// Why the leader did not commit a forwarded write, as it answers the forwarding member.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum WriteRefusal {
+    /// The caller's token does not allow it.
+    Denied(Denied),
+    /// Anything else.
+    Failed(String),
 }
 
 /// The agent's handle on consensus, with forwarding to the leader.
@@ -176,18 +189,63 @@ impl Cluster {
         }
     }
 
-    /// Writes through the leader, wherever it is.
+    /// Writes through the leader, wherever it is, for the caller of the API request being
+    /// served (see [`crate::access::CALLER`]), or for this node outside a request.
     pub(crate) async fn write(&self, cmd: Command) -> Result<Response, ClusterError> {
+        let caller = crate::access::CALLER
+            .try_with(|c| *c)
+            .unwrap_or(Caller::Node);
+        self.authorize(caller, &cmd).map_err(ClusterError::Denied)?;
         match self.node.write(cmd.clone()).await {
             Ok(r) => Ok(r),
             Err(ConsensusError::NotLeader { leader }) => {
-                let bytes = self.forward(leader, SERVICE_WRITE, encode(&cmd)).await?;
-                decode::<Result<Response, String>>(&bytes)
+                let bytes = self
+                    .forward(leader, SERVICE_WRITE, encode(&(caller, cmd)))
+                    .await?;
+                match decode::<Result<Response, WriteRefusal>>(&bytes)
                     .map_err(ClusterError::Consensus)?
-                    .map_err(ClusterError::Consensus)
+                {
+                    Ok(r) => Ok(r),
+                    Err(WriteRefusal::Denied(d)) => Err(ClusterError::Denied(d)),
+                    Err(WriteRefusal::Failed(e)) => Err(ClusterError::Consensus(e)),
+                }
             }
             Err(e) => Err(ClusterError::Consensus(e.to_string())),
         }
+    }
+
+    /// Whether `caller` may have `cmd` committed, by this node's applied records: an API
+    /// token must be valid now and of the command's scope. The member that took the request
+    /// checked the token's secret; the leader checks the record again before proposing.
+    fn authorize(&self, caller: Caller, cmd: &Command) -> Result<(), Denied> {
+        let Caller::Token(id) = caller else {
+            return Ok(());
+        };
+        let now = self.clock.now_unix();
+        self.node.with_local_state(|s| match &s.authority {
+            Some(a) => a.authorize(id, now, cmd.scope()).map(|_| ()),
+            None => Err(Denied::Unknown),
+        })
+    }
+
+    /// Runs `f` on this node's state once it is as current as the leader's (a read-index
+    /// read): without a leader that a quorum confirms, an error, never a stale answer.
+    pub(crate) async fn fresh<R>(
+        &self,
+        f: impl FnOnce(&ClusterState) -> R,
+    ) -> Result<R, ClusterError> {
+        let index = self.read_index().await?;
+        let mut applied = self.node.subscribe();
+        let caught_up =
+            tokio::time::timeout(FORWARD_TIMEOUT / 2, applied.wait_for(|a| *a >= index))
+                .await
+                .is_ok_and(|r| r.is_ok());
+        if !caught_up {
+            return Err(ClusterError::Consensus(format!(
+                "this node has not caught up to the leader's index {index}"
+            )));
+        }
+        Ok(self.node.with_local_state(f))
     }
 
     /// Reads the state: this node's copy if `stale`; otherwise linearizable. A follower asks
@@ -242,7 +300,7 @@ impl Cluster {
     /// quorum, that it still leads. A node that has applied up to it is as current as the
     /// leader was when asked.
     pub(crate) async fn read_index(&self) -> Result<u64, ClusterError> {
-        match self.node.read(false).await.map(|_| ()) {
+        match self.node.confirm_leader().await {
             Ok(()) => Ok(self.node.status().applied_index),
             Err(ConsensusError::NotLeader { leader }) => {
                 let bytes = self.forward(leader, SERVICE_INDEX, Vec::new()).await?;
@@ -360,15 +418,25 @@ impl Cluster {
                 ControlResponse::Service(self.node.serve_rpc(raft_id(from), payload).await)
             }
             SERVICE_WRITE => {
-                let result = match decode::<Command>(payload) {
-                    Ok(cmd) => match check_forwarded(from, &cmd) {
-                        Ok(()) => self.node.write(cmd).await.map_err(|e| e.to_string()),
+                let result = match decode::<(Caller, Command)>(payload) {
+                    Ok((caller, cmd)) => match check_forwarded(from, &cmd) {
+                        Ok(()) => match self.authorize(caller, &cmd) {
+                            Ok(()) => self
+                                .node
+                                .write(cmd)
+                                .await
+                                .map_err(|e| WriteRefusal::Failed(e.to_string())),
+                            Err(d) => {
+                                tracing::warn!(%from, %caller, refusal = %d, "forwarded write refused");
+                                Err(WriteRefusal::Denied(d))
+                            }
+                        },
                         Err(e) => {
                             tracing::warn!(%from, error = %e, "forwarded write refused");
-                            Err(e)
+                            Err(WriteRefusal::Failed(e))
                         }
                     },
-                    Err(e) => Err(format!("bad command: {e}")),
+                    Err(e) => Err(WriteRefusal::Failed(format!("bad command: {e}"))),
                 };
                 ControlResponse::Service(encode(&result))
             }
@@ -378,8 +446,8 @@ impl Cluster {
             SERVICE_ELECT => ControlResponse::Service(encode(
                 &self.node.elect().await.map_err(|e| e.to_string()),
             )),
-            SERVICE_INDEX => ControlResponse::Service(encode(&match self.node.read(false).await {
-                Ok(_) => Ok(self.node.status().applied_index),
+            SERVICE_INDEX => ControlResponse::Service(encode(&match self.node.confirm_leader().await {
+                Ok(()) => Ok(self.node.status().applied_index),
                 Err(e) => Err(e.to_string()),
             })),
             SERVICE_LOGS => {

@@ -29,6 +29,8 @@ pub(crate) struct Renewal {
     pub(crate) clock: Arc<dyn WallClock>,
     pub(crate) entropy: Entropy,
     pub(crate) creds: NodeCredentials,
+    /// The HTTPS API's certificate, when the API listens beyond loopback.
+    pub(crate) serving: Option<blx_membership::tls::ServingCert>,
 }
 
 /// Why a certificate cannot be used at start.
@@ -126,6 +128,9 @@ impl Renewal {
         self.transport
             .use_credentials(&creds)
             .map_err(|e| e.to_string())?;
+        if let Some(serving) = &self.serving {
+            serving.replace(&creds).map_err(|e| e.to_string())?;
+        }
         self.creds = creds;
         Ok(until)
     }

@@ -29,11 +29,13 @@ pub trait Net: Send + Sync + 'static {
         &self,
         addr: SocketAddr,
     ) -> BoxFuture<'_, std::io::Result<Arc<dyn quinn::AsyncUdpSocket>>>;
-    /// Serves the API's `router` on `addr` until the returned task is aborted.
+    /// Serves the API's `router` on `addr` until the returned task is aborted: over HTTPS
+    /// with `tls` when it is given (an address beyond loopback), plain HTTP otherwise.
     fn serve_api(
         &self,
         addr: SocketAddr,
         router: axum::Router,
+        tls: Option<blx_membership::tls::ServingCert>,
     ) -> BoxFuture<'_, std::io::Result<tokio::task::JoinHandle<()>>>;
 }
 
@@ -219,12 +221,24 @@ impl Net for OsNet {
         &self,
         addr: SocketAddr,
         router: axum::Router,
+        tls: Option<blx_membership::tls::ServingCert>,
     ) -> BoxFuture<'_, std::io::Result<tokio::task::JoinHandle<()>>> {
         Box::pin(async move {
             let listener = tokio::net::TcpListener::bind(addr).await?;
+            let Some(tls) = tls else {
+                return Ok(tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, router).await {
+                        tracing::error!(error = %e, "the HTTP API stopped");
+                    }
+                }));
+            };
+            let config = tls
+                .server_config()
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let listener = crate::api_tls::ApiListener::new(listener, Arc::new(config))?;
             Ok(tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, router).await {
-                    tracing::error!(error = %e, "the HTTP API stopped");
+                    tracing::error!(error = %e, "the HTTPS API stopped");
                 }
             }))
         })

@@ -495,6 +495,7 @@ fn host_software(
             net: Arc::new(SimNet {
                 faults: shared.faults.clone(),
                 api: api.clone(),
+                data_dir: config.data_dir.clone(),
             }),
             raft: Arc::new(disk),
             drivers: Arc::new(move |_ctx| {

@@ -29,10 +29,12 @@ pub(crate) fn now() -> Duration {
 }
 
 /// turmoil's UDP for QUIC; the API is not served on a socket: its router goes into `api`,
-/// where the host's clients call it in-process.
+/// where the host's clients call it in-process, presenting the local token the agent wrote
+/// to `data_dir` as the CLI on its machine would.
 pub(crate) struct SimNet {
     pub(crate) faults: Arc<LinkFaults>,
     pub(crate) api: Arc<Mutex<Option<axum::Router>>>,
+    pub(crate) data_dir: std::path::PathBuf,
 }
 
 impl Net for SimNet {
@@ -50,9 +52,26 @@ impl Net for SimNet {
         &self,
         _addr: SocketAddr,
         router: axum::Router,
+        _tls: Option<blx_membership::tls::ServingCert>,
     ) -> BoxFuture<'_, std::io::Result<tokio::task::JoinHandle<()>>> {
-        *lock(&self.api) = Some(router);
-        Box::pin(async { Ok(tokio::spawn(std::future::pending::<()>())) })
+        Box::pin(async move {
+            let token = std::fs::read_to_string(self.data_dir.join(blx::access::LOCAL_TOKEN_FILE))?;
+            let bearer = axum::http::HeaderValue::try_from(format!("Bearer {}", token.trim()))
+                .map_err(std::io::Error::other)?;
+            let router = router.layer(axum::middleware::map_request(
+                move |mut request: axum::extract::Request| {
+                    let bearer = bearer.clone();
+                    async move {
+                        request
+                            .headers_mut()
+                            .insert(axum::http::header::AUTHORIZATION, bearer);
+                        request
+                    }
+                },
+            ));
+            *lock(&self.api) = Some(router);
+            Ok(tokio::spawn(std::future::pending::<()>()))
+        })
     }
 }
 

@@ -188,6 +188,8 @@ impl Agent {
             .args(&args[..split])
             .arg("--api")
             .arg(self.api.to_string())
+            .arg("--data-dir")
+            .arg(&self.data_dir)
             .args(&args[split..])
             .stdin(Stdio::null())
             .output()
@@ -230,6 +232,19 @@ impl Agent {
         )
     }
 
+    /// The local API token this agent wrote at its last start.
+    pub fn local_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("api.token"))
+            .expect("the agent's local API token")
+            .trim()
+            .to_string()
+    }
+
+    /// One raw request to this agent's API with its local token.
+    pub fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+        http(self.api, Some(&self.local_token()), method, path, body)
+    }
+
     /// True while the process runs.
     pub fn is_running(&self) -> bool {
         self.child.is_some()
@@ -258,13 +273,22 @@ impl Drop for Agent {
     }
 }
 
-/// One raw HTTP/1.1 request to `addr`; returns the status code and the body. For feeding the
-/// API what the CLI would never send.
-pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+/// One raw HTTP/1.1 request to `addr`, with `token` as its bearer token if given; returns the
+/// status code and the body. For feeding the API what the CLI would never send.
+pub fn http(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> (u16, String) {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(addr).expect("connect to the API");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: blx\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: blx\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     conn.write_all(head.as_bytes()).expect("send");
@@ -551,4 +575,58 @@ impl Cluster {
             .map(|a| format!("--- {} ---\n{}", a.name, a.log()))
             .collect()
     }
+}
+
+/// A network namespace of this test's own, deleted (with every process in it) on drop. Needs
+/// root, as CI has.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// Creates namespace `name`, with its loopback up.
+    pub fn new(name: &str) -> Netns {
+        ip(&["netns", "add", name]);
+        let ns = Netns(name.to_string());
+        ip(&["-n", name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// A command to run inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(args);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "pids", &self.0])
+            .output()
+            .map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            });
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Runs `ip` with these arguments and asserts that it succeeded.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether this process runs as root (network namespaces need it).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
 }

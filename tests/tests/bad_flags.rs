@@ -40,7 +40,8 @@ fn bad_agent_flags_are_refused_before_anything_is_written() {
     agent_fails(&["--name", "has space"], "node name");
     agent_fails(&["--label", "novalue"], "label");
     agent_fails(&["--label", "k=has space"], "label");
-    agent_fails(&["--api", "0.0.0.0:7947"], "api-token");
+    // The agent takes no shared secret for its API: tokens are scoped and replicated.
+    agent_fails(&["--api-token", "s3cret"], "unexpected argument");
     agent_fails(&["--seed", "127.0.0.1:7946"], "needs a join token");
     agent_fails(&["--token", "blx1.garbage"], "malformed join token");
     agent_fails(&["--raft-snapshot-logs", "3"], "raft-snapshot-logs");
@@ -81,7 +82,11 @@ fn bad_operator_and_query_input_is_refused() {
     let mut conn = std::net::TcpStream::connect(a.api).unwrap();
     std::io::Write::write_all(
         &mut conn,
-        b"GET /v1/kv/x?stale=maybe HTTP/1.1\r\nHost: blx\r\nConnection: close\r\n\r\n",
+        format!(
+            "GET /v1/kv/x?stale=maybe HTTP/1.1\r\nHost: blx\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
+            a.local_token()
+        )
+        .as_bytes(),
     )
     .unwrap();
     let mut reply = String::new();

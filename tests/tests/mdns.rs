@@ -1,45 +1,12 @@
 //! LAN discovery: two agents in separate network namespaces, joined by a veth pair, find each
 //! other over mDNS with no seed given. Needs root (for `ip netns`), as CI has.
 
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use blx_tests::{blx_bin, wait_until};
+use blx_tests::{Netns, blx_bin, ip, is_root, wait_until};
 
-struct Netns(String);
-
-impl Netns {
-    fn exec(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).args(args);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "pids", &self.0])
-            .output()
-            .map(|o| {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            });
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out: Output = Command::new("ip").args(args).output().expect("ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn members_json(ns: &Netns) -> Vec<serde_json::Value> {
+fn members_json(ns: &Netns, data_dir: &std::path::Path) -> Vec<serde_json::Value> {
     let out = ns
         .exec(&[
             blx_bin().to_str().unwrap(),
@@ -48,6 +15,8 @@ fn members_json(ns: &Netns) -> Vec<serde_json::Value> {
             "json",
             "--api",
             "127.0.0.1:7947",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
         ])
         .output()
         .unwrap();
@@ -56,19 +25,15 @@ fn members_json(ns: &Netns) -> Vec<serde_json::Value> {
 
 #[test]
 fn two_agents_in_network_namespaces_find_each_other_over_mdns() {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    if !is_root {
+    if !is_root() {
         eprintln!("SKIPPED: needs root for network namespaces (CI runs as root)");
         return;
     }
     let tag = std::process::id() % 10000;
-    let (a, b) = (Netns(format!("blxa{tag}")), Netns(format!("blxb{tag}")));
-    ip(&["netns", "add", &a.0]);
-    ip(&["netns", "add", &b.0]);
+    let (a, b) = (
+        Netns::new(&format!("blxa{tag}")),
+        Netns::new(&format!("blxb{tag}")),
+    );
     let (va, vb) = (format!("va{tag}"), format!("vb{tag}"));
     ip(&[
         "link", "add", &va, "netns", &a.0, "type", "veth", "peer", "name", &vb, "netns", &b.0,
@@ -76,7 +41,6 @@ fn two_agents_in_network_namespaces_find_each_other_over_mdns() {
     for (ns, dev, addr) in [(&a, &va, "10.231.0.1/24"), (&b, &vb, "10.231.0.2/24")] {
         ip(&["-n", &ns.0, "addr", "add", addr, "dev", dev]);
         ip(&["-n", &ns.0, "link", "set", dev, "up", "multicast", "on"]);
-        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
     }
     let dir = tempfile::tempdir().unwrap();
     let bin = blx_bin();
@@ -137,15 +101,15 @@ fn two_agents_in_network_namespaces_find_each_other_over_mdns() {
             std::fs::read_to_string(dir.path().join("b.log")).unwrap_or_default()
         )
     };
-    let both_alive = |ns: &Netns| {
-        members_json(ns)
+    let both_alive = |ns: &Netns, name: &str| {
+        members_json(ns, &dir.path().join(name))
             .iter()
             .filter(|m| m["state"] == "alive")
             .count()
             == 2
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    while !(both_alive(&a) && both_alive(&b)) {
+    while !(both_alive(&a, "a") && both_alive(&b, "b")) {
         assert!(
             std::time::Instant::now() < deadline,
             "agents did not find each other over mDNS:\n{}",

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use blx_consensus::access::{ApiToken, Caller};
 use blx_consensus::machine::{decode, encode};
 use blx_consensus::state::Command as RaftCommand;
 use blx_consensus::workload::WorkloadCommand;
@@ -16,6 +17,14 @@ use blx_membership::token::JoinToken;
 use blx_membership::wire::{self, ControlRequest, ControlResponse, JoinRequest};
 use blx_membership::{NodeId, quic};
 use blx_tests::{Agent, Cluster, blx_bin, wait_until};
+
+/// How the leader refuses a forwarded write (`WriteRefusal` in `cli/src/raft.rs`, which
+/// postcard encodes by variant position).
+#[derive(Debug, serde::Deserialize)]
+enum Refusal {
+    Denied(blx_consensus::access::Denied),
+    Failed(String),
+}
 
 /// The consensus services of `cli/src/raft.rs`, as they are numbered on the wire.
 const SERVICE_RAFT: u8 = 1;
@@ -173,19 +182,41 @@ fn a_member_cannot_speak_for_another() {
         reports: Vec::new(),
         now_ms: 0,
     });
-    let request = ControlRequest::Service {
-        service: SERVICE_WRITE,
-        payload: encode(&report),
+    let forward = |caller: Caller, cmd: &RaftCommand| {
+        let request = ControlRequest::Service {
+            service: SERVICE_WRITE,
+            payload: encode(&(caller, cmd.clone())),
+        };
+        let answer = rt
+            .block_on(exchange(cluster.agents[leader].gossip, tls(), &request))
+            .unwrap();
+        let ControlResponse::Service(bytes) = answer else {
+            panic!("unexpected answer {answer:?}");
+        };
+        decode::<Result<blx_consensus::machine::Response, Refusal>>(&bytes).unwrap()
     };
-    let answer = rt
-        .block_on(exchange(cluster.agents[leader].gossip, tls(), &request))
-        .unwrap();
-    let ControlResponse::Service(bytes) = answer else {
-        panic!("unexpected answer {answer:?}");
+    match forward(Caller::Node, &report) {
+        Err(Refusal::Failed(e)) => assert!(e.contains("only its own VMs"), "{e}"),
+        other => panic!("a report for another node was not refused: {other:?}"),
+    }
+
+    tracing::info!("--- a key write forwarded for a read-only API token");
+    let (ok, reader, err) = cluster.agents[leader].run(&[
+        "api-token", "create", "--name", "reader", "--scope", "read",
+    ]);
+    assert!(ok, "{err}");
+    let reader: ApiToken = reader.trim().parse().unwrap();
+    let put = RaftCommand::KvPut {
+        key: "forged".into(),
+        value: b"x".to_vec(),
+        cas: None,
     };
-    let result: Result<blx_consensus::machine::Response, String> = decode(&bytes).unwrap();
-    let err = result.expect_err("a report for another node was committed");
-    assert!(err.contains("only its own VMs"), "{err}");
+    match forward(Caller::Token(reader.id), &put) {
+        Err(Refusal::Denied(d)) => assert!(d.to_string().contains("needs write"), "{d}"),
+        other => panic!("a write for a read-only token was not refused: {other:?}"),
+    }
+    let (found, _, _) = cluster.agents[leader].run(&["kv", "get", "forged"]);
+    assert!(!found, "the refused write was applied");
 
     tracing::info!("--- a vote request naming the leader as candidate, from the other member");
     let vote = openraft::raft::VoteRequest::<u64> {
@@ -519,6 +550,9 @@ fn the_data_dir_is_private_and_an_open_one_is_refused() {
         }
     }
     assert_eq!(mode(&cluster.agents[0].data_dir.join("ca.key")), 0o600);
+    for agent in &cluster.agents {
+        assert_eq!(mode(&agent.data_dir.join("api.token")), 0o600);
+    }
     assert_eq!(mode(&cluster.agents[0].data_dir.join("tokens.bin")), 0o600);
 
     tracing::info!("--- an agent refuses a data dir that others can read");

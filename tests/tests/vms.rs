@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use blx_tests::{Cluster, http, wait_until};
+use blx_tests::{Cluster, wait_until};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -539,7 +539,7 @@ fn garbage_on_the_vm_and_node_routes_is_refused_with_nothing_changed() {
         ),
     ];
     for (method, path, body, status, expect) in cases {
-        let (got, text) = http(a.api, method, path, body.as_bytes());
+        let (got, text) = a.http(method, path, body.as_bytes());
         assert_eq!(got, *status, "{method} {path} {body}: {text}");
         assert!(
             text.contains(expect),
