@@ -499,60 +499,67 @@ pub(crate) struct ApiArgs {
 /// Flags of `blx agent` and `blx join`.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct AgentArgs {
+    /// A TOML file with any of these flags as keys (`bind = "0.0.0.0:7946"`, `label = ["zone=a"]`).
+    /// Flags win over `BLX_*` variables, which win over the file.
+    #[arg(long, env = "BLX_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Print the effective configuration (as a config file) and exit.
+    #[arg(long)]
+    pub(crate) print_config: bool,
     /// Where the agent keeps its identity, certificates and state.
     #[arg(long, env = "BLX_DATA_DIR", default_value = "/var/lib/blx")]
     pub(crate) data_dir: PathBuf,
     /// UDP address of the QUIC endpoint (gossip and cluster traffic).
-    #[arg(long, default_value = "0.0.0.0:7946")]
+    #[arg(long, env = "BLX_BIND", default_value = "0.0.0.0:7946")]
     pub(crate) bind: SocketAddr,
     /// Address other nodes reach this one at, when --bind is a wildcard (default: the first
     /// non-loopback IPv4 address).
-    #[arg(long)]
+    #[arg(long, env = "BLX_ADVERTISE")]
     pub(crate) advertise: Option<SocketAddr>,
     /// HTTP API address. Beyond loopback it speaks HTTPS with this node's certificate;
-    /// every request but /v1/health needs a token either way.
-    #[arg(long, default_value = "127.0.0.1:7947")]
+    /// every request but /v1/health and /v1/ready needs a token either way.
+    #[arg(long, env = "BLX_API", default_value = "127.0.0.1:7947")]
     pub(crate) api: SocketAddr,
     /// Node name (default: the host name).
-    #[arg(long)]
+    #[arg(long, env = "BLX_NAME")]
     pub(crate) name: Option<String>,
     /// Gossip address of a member to join through (repeatable).
-    #[arg(long = "seed", value_name = "IP:PORT")]
+    #[arg(long = "seed", value_name = "IP:PORT", env = "BLX_SEEDS", value_delimiter = ',')]
     pub(crate) seeds: Vec<SocketAddr>,
     /// Join token, for a data dir that has not joined yet.
     #[arg(long, env = "BLX_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
     /// Node label `key=value` (repeatable); `zone=...` sets the failure zone.
-    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label, env = "BLX_LABELS", value_delimiter = ',')]
     pub(crate) labels: Vec<(String, String)>,
     /// Do not announce or browse over mDNS.
-    #[arg(long)]
+    #[arg(long, env = "BLX_NO_MDNS")]
     pub(crate) no_mdns: bool,
     /// Take a Raft snapshot (and purge the log before it) every this many applied entries.
-    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
+    #[arg(long, env = "BLX_RAFT_SNAPSHOT_LOGS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
     pub(crate) raft_snapshot_logs: u64,
     /// How long a fresh cluster's first join token is valid.
-    #[arg(long, default_value = "24h", value_parser = blx::duration::parse_ttl)]
+    #[arg(long, env = "BLX_BOOTSTRAP_TOKEN_TTL", default_value = "24h", value_parser = blx::duration::parse_ttl)]
     pub(crate) bootstrap_token_ttl: std::time::Duration,
     /// How long the node certificates this agent signs are valid; nodes renew theirs two
     /// thirds of the way through.
-    #[arg(long, default_value = "30d", value_parser = blx::duration::parse_ttl)]
+    #[arg(long, env = "BLX_CERT_VALIDITY", default_value = "30d", value_parser = blx::duration::parse_ttl)]
     pub(crate) cert_validity: std::time::Duration,
     /// vCPUs this node offers to VMs (default: the host's).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, env = "BLX_VCPUS", value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub(crate) vcpus: Option<u32>,
     /// Memory this node offers to VMs: 512MiB, 8GiB (default: the host's).
-    #[arg(long, value_parser = blx::size::parse_size)]
+    #[arg(long, env = "BLX_MEMORY", value_parser = blx::size::parse_size)]
     pub(crate) memory: Option<u64>,
     /// Folder of named guest images (default: $BLX_IMAGE_DIR or ~/.cache/blx/images).
-    #[arg(long)]
+    #[arg(long, env = "BLX_IMAGE_DIR")]
     pub(crate) image_dir: Option<PathBuf>,
     /// QEMU acceleration: probe KVM with a test boot and fall back to TCG (auto), or force one.
-    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    #[arg(long, env = "BLX_ACCEL", value_enum, default_value_t = AccelArg::Auto)]
     pub(crate) accel: AccelArg,
     /// Async worker threads (default: one per core). Agents that share a machine, as in a
     /// local test cluster, do better with 1 each than fighting over every core.
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, env = "BLX_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub(crate) threads: Option<u16>,
 }
 

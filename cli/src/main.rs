@@ -5,13 +5,38 @@
 mod args;
 mod client;
 mod client_vms;
+mod config_file;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
-    let cli = args::Cli::parse();
+    let matches = args::Cli::command().get_matches();
+    let mut cli = match args::Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // The agent's flags, filled in from its config file where the operator set none.
+    let agent = match &mut cli.command {
+        args::Command::Agent(a) => matches.subcommand_matches("agent").map(|m| (a, m)),
+        args::Command::Join { agent, .. } => matches.subcommand_matches("join").map(|m| (agent, m)),
+        _ => None,
+    };
+    if let Some((agent, m)) = agent {
+        if let Err(e) = config_file::apply(agent, m) {
+            eprintln!("blx: {e}");
+            return ExitCode::from(2);
+        }
+        if agent.print_config {
+            if let Err(e) = agent.clone().into_config() {
+                eprintln!("blx: {e:#}");
+                return ExitCode::from(2);
+            }
+            print!("{}", config_file::render(agent));
+            return ExitCode::SUCCESS;
+        }
+    }
     if matches!(
         cli.command,
         args::Command::Agent(_) | args::Command::Join { .. }
