@@ -1,4 +1,5 @@
-//! Who may call the HTTP API. Every route but `/v1/health` needs a bearer token:
+//! Who may call the HTTP API. Every route but `/v1/health` and `/v1/ready` needs a bearer
+//! token:
 //!
 //! - the **local token**, which the agent writes to `<data dir>/api.token` (mode 0600) at each
 //!   start, so whoever can read the agent's data dir (the agent's user, root) uses the CLI on

@@ -383,6 +383,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         self_id: id,
         cluster_id: hex(&creds.ca_fingerprint()),
         images: config.image_dir.clone(),
+        readiness: Default::default(),
     });
     let api = net
         .serve_api(config.api, router.clone(), serving)

@@ -4,6 +4,7 @@
 //! | route | does |
 //! |---|---|
 //! | `GET /v1/health` | liveness, no auth |
+//! | `GET /v1/ready` | 200 when a Raft leader answers this member, else 503; no auth |
 //!
 //! Every other route needs a bearer token of the scope [`crate::access::route_scope`] names.
 //! | `GET /v1/agent/self` | this node's id, name and cluster |
@@ -56,7 +57,27 @@ pub(crate) struct ApiState {
     pub(crate) cluster_id: String,
     /// This node's guest image folder.
     pub(crate) images: std::path::PathBuf,
+    /// The last readiness check and when it was made (see [`ready`]).
+    pub(crate) readiness: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Readiness)>>>,
 }
+
+/// What `GET /v1/ready` answers.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[allow(missing_docs)] // JSON shapes: each field is the JSON field of that name.
+pub struct Readiness {
+    pub ready: bool,
+    /// The leader that answered, as a node id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// Why this node is not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// How long a readiness check waits for the leader.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long one readiness check's answer is reused.
+const READY_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A member as the API and `blx members --output json` show it.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -167,8 +188,51 @@ pub(crate) fn router(state: ApiState) -> Router {
         ));
     Router::new()
         .route("/v1/health", get(|| async { "ok" }))
+        .route("/v1/ready", get(ready))
         .merge(authed)
         .with_state(state)
+}
+
+/// `GET /v1/ready`: 200 when this node is a member (the API serves only after admission)
+/// and a Raft leader has just confirmed its leadership to it (a read-index round trip within
+/// [`READY_WITHIN`]); 503 with the reason otherwise. It needs no token, for load balancers
+/// and systemd, so one check runs at a time and its answer is reused for [`READY_REUSE`]: no
+/// caller can turn the route into load on the leader.
+async fn ready(State(state): State<ApiState>) -> (StatusCode, Json<Readiness>) {
+    let mut last = state.readiness.lock().await;
+    let now = tokio::time::Instant::now();
+    let answer = match &*last {
+        Some((at, answer)) if now.duration_since(*at) < READY_REUSE => answer.clone(),
+        _ => {
+            let check = tokio::time::timeout(READY_WITHIN, state.cluster.read_index()).await;
+            let leader = state.cluster.node.status().leader;
+            let answer = match check {
+                Ok(Ok(_)) => Readiness {
+                    ready: true,
+                    leader: leader.map(|l| crate::raft::node_id(l).to_string()),
+                    reason: None,
+                },
+                Ok(Err(e)) => Readiness {
+                    ready: false,
+                    leader: None,
+                    reason: Some(e.to_string()),
+                },
+                Err(_) => Readiness {
+                    ready: false,
+                    leader: None,
+                    reason: Some(format!("no Raft leader answered within {READY_WITHIN:?}")),
+                },
+            };
+            *last = Some((now, answer.clone()));
+            answer
+        }
+    };
+    let code = if answer.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(answer))
 }
 
 async fn agent_self(State(state): State<ApiState>) -> Json<serde_json::Value> {

@@ -40,7 +40,7 @@ pub(crate) fn raft_id(id: NodeId) -> u64 {
     u64::from_be_bytes(id.0)
 }
 
-fn node_id(raft: u64) -> NodeId {
+pub(crate) fn node_id(raft: u64) -> NodeId {
     NodeId(raft.to_be_bytes())
 }
 

@@ -1,0 +1,49 @@
+//! What load balancers and process supervisors use, with real `blx` processes: `/v1/health`
+//! answers while the process is up, and `/v1/ready` only while a Raft leader answers the node,
+//! both without an API token.
+
+use std::time::Duration;
+
+use blx_tests::{Agent, Cluster, http, wait_until};
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn ready(agent: &Agent) -> (u16, String) {
+    http(agent.api, None, "GET", "/v1/ready", b"")
+}
+
+#[test]
+fn ready_is_503_while_no_leader_answers_and_200_once_one_does() {
+    let mut cluster = Cluster::bootstrap();
+    cluster.join();
+    cluster.join();
+    cluster.wait_alive(3, LONG);
+    cluster.wait_raft(3, 0, LONG);
+    for a in &cluster.agents {
+        wait_until(LONG, "every member is ready", || ready(a).0 == 200);
+        let (code, body) = ready(a);
+        assert!(body.contains("\"ready\":true") && body.contains("\"leader\""), "{code} {body}");
+        assert_eq!(http(a.api, None, "GET", "/v1/health", b"").0, 200);
+    }
+
+    tracing::info!("--- SIGKILL every agent, start one: it is up, but has no quorum");
+    for a in cluster.agents.iter_mut() {
+        a.kill();
+    }
+    cluster.agents[0].restart();
+    let first = &cluster.agents[0];
+    wait_until(LONG, "the restarted agent serves its API", || {
+        first.status().is_some()
+    });
+    assert_eq!(http(first.api, None, "GET", "/v1/health", b"").0, 200);
+    let (code, body) = ready(first);
+    assert_eq!(code, 503, "ready without a quorum: {body}");
+    assert!(body.contains("\"ready\":false") && body.contains("\"reason\""), "{body}");
+
+    tracing::info!("--- a second voter back: a leader is elected and answers");
+    cluster.agents[1].restart();
+    let first = &cluster.agents[0];
+    wait_until(LONG, "ready once a quorum elects a leader", || {
+        ready(first).0 == 200
+    });
+}
