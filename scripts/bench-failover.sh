@@ -65,7 +65,7 @@ def alive(): return next(i for i in (1, 2, 3) if procs[i].poll() is None)
 for trial in range(n):
     kind = "leader and host" if trial % 2 else "host"
     a = alive()
-    leader = index[f'{api(a, "/v1/status")["leader"]:016x}']
+    leader = index[api(a, "/v1/status")["leader"]]
     on = index[api(a, "/v1/vms/job")["node"]]
     if kind == "host" and on == leader:
         # Move the VM off the leader so this trial kills a follower only.

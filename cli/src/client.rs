@@ -348,20 +348,16 @@ pub(crate) async fn status(api: &ApiArgs, output: Output) -> anyhow::Result<()> 
                 v.as_array()
                     .map(|a| {
                         a.iter()
-                            .map(|x| format!("{:016x}", x.as_u64().unwrap_or(0)))
+                            .filter_map(serde_json::Value::as_str)
                             .collect::<Vec<_>>()
                             .join(" ")
                     })
                     .unwrap_or_default()
             };
-            let leader = s["leader"]
-                .as_u64()
-                .map(|l| format!("{l:016x}"))
-                .unwrap_or_else(|| "none".into());
-            println!("leader    {leader}");
+            println!("leader    {}", s["leader"].as_str().unwrap_or("none"));
             println!(
-                "this node {:016x} ({})",
-                s["id"].as_u64().unwrap_or(0),
+                "this node {} ({})",
+                s["id"].as_str().unwrap_or(""),
                 s["role"].as_str().unwrap_or("")
             );
             println!("term      {}", s["term"]);

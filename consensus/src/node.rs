@@ -37,12 +37,15 @@ pub enum ConsensusError {
     },
 }
 
-/// What `blx status` shows.
+/// What `blx status` shows. Node ids are written as the 16 hex digits the member list and
+/// every table use, not as Raft's integers.
 #[derive(Clone, Debug, Serialize)]
 pub struct Status {
     /// This node's Raft id.
+    #[serde(serialize_with = "id_text::one")]
     pub id: u64,
     /// The leader, if known.
+    #[serde(serialize_with = "id_text::maybe")]
     pub leader: Option<u64>,
     /// The current term.
     pub term: u64,
@@ -53,16 +56,49 @@ pub struct Status {
     /// Leader, follower, learner or candidate.
     pub role: String,
     /// Voter ids; during a voter change, the old and the new voters together.
+    #[serde(serialize_with = "id_text::set")]
     pub voters: BTreeSet<u64>,
     /// A voter change is under way (joint consensus): until it ends, a quorum of the old
     /// voters is needed as well as one of the new.
     pub changing: bool,
     /// Learner ids.
+    #[serde(serialize_with = "id_text::set")]
     pub learners: BTreeSet<u64>,
     /// Index of the latest snapshot.
     pub snapshot_index: u64,
     /// Index up to which the log was purged.
     pub purged_index: u64,
+}
+
+/// Raft ids as JSON text: the node id's 16 hex digits.
+mod id_text {
+    use std::collections::BTreeSet;
+
+    use serde::Serializer;
+    use serde::ser::SerializeSeq;
+
+    fn text(id: u64) -> String {
+        format!("{id:016x}")
+    }
+
+    pub(super) fn one<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&text(*id))
+    }
+
+    pub(super) fn maybe<S: Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match id {
+            Some(id) => s.serialize_some(&text(*id)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn set<S: Serializer>(ids: &BTreeSet<u64>, s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(ids.len()))?;
+        for id in ids {
+            seq.serialize_element(&text(*id))?;
+        }
+        seq.end()
+    }
 }
 
 /// One node's consensus.

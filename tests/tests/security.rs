@@ -307,7 +307,7 @@ fn a_removed_node_is_refused_everywhere_and_cannot_come_back() {
         })
     });
     tracing::info!("--- the autopilot takes it out of Raft (the fourth node replaces it)");
-    let n3 = raft_id(&removed.id.to_string());
+    let n3 = removed.id.to_string();
     cluster.wait_or_dump(
         Duration::from_secs(30),
         "n3 is no longer a Raft member",
@@ -316,7 +316,7 @@ fn a_removed_node_is_refused_everywhere_and_cannot_come_back() {
                 ["voters", "learners"].iter().all(|k| {
                     s[*k]
                         .as_array()
-                        .is_some_and(|ids| ids.iter().all(|v| v.as_u64() != Some(n3)))
+                        .is_some_and(|ids| ids.iter().all(|v| v.as_str() != Some(&n3)))
                 })
             })
         },
