@@ -10,6 +10,10 @@
 //!    `stabilization_secs` is promoted while there are fewer voters than desired, preferring
 //!    zones that have no voter yet. The voter count stays odd.
 //! 4. A learner that is down past the grace period, or has left, is removed.
+//! 5. While there are more voters than desired (`desired_voters` was lowered) and nothing else
+//!    changes the voter set, one voter per step goes back to being a learner: never the
+//!    leader, from the zone with the most voters so the spread over zones is kept, the least
+//!    healthy first.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -136,6 +140,23 @@ pub fn plan(nodes: &BTreeMap<RaftId, NodeView>, raft: &RaftView, config: &Cluste
     if voters.len() % 2 == 0 && !dead.is_empty() && voters.len() < raft.voters.len() {
         voters.insert(dead[dead.len() - 1]);
     }
+    // 5. Too many voters: one steps down per step, from the most crowded zone.
+    let zone_of = |id: &RaftId| nodes.get(id).and_then(|n| n.zone.clone());
+    if voters == raft.voters && voters.len() > desired.max(1) && voters.len() >= 3 {
+        let mut per_zone: BTreeMap<Option<String>, usize> = BTreeMap::new();
+        for id in &voters {
+            *per_zone.entry(zone_of(id)).or_default() += 1;
+        }
+        let lag = |id: &RaftId| nodes.get(id).and_then(|n| n.lag).unwrap_or(u64::MAX);
+        let demoted = voters
+            .iter()
+            .filter(|id| **id != raft.leader)
+            .max_by_key(|id| (per_zone[&zone_of(id)], !healthy(id), lag(id), **id))
+            .copied();
+        if let Some(id) = demoted {
+            voters.remove(&id);
+        }
+    }
     if voters != raft.voters {
         out.voters = Some(voters);
     }
@@ -243,6 +264,45 @@ mod tests {
         assert_eq!(plan(&nodes, &raft, &cfg(3)).voters, Some([1, 2, 4].into()));
     }
 
+    #[test]
+    fn lowering_desired_voters_demotes_one_at_a_time_keeping_zones() {
+        let zones = [(1, "a"), (2, "a"), (3, "b"), (4, "c"), (5, "c")];
+        let nodes: BTreeMap<RaftId, NodeView> =
+            zones.iter().map(|(id, z)| (*id, up(z, 0))).collect();
+        let mut raft = RaftView {
+            leader: 1,
+            voters: [1, 2, 3, 4, 5].into(),
+            learners: BTreeSet::new(),
+        };
+        assert!(plan(&nodes, &raft, &cfg(5)).is_empty());
+        let mut steps = 0;
+        while let Some(voters) = plan(&nodes, &raft, &cfg(3)).voters {
+            assert_eq!(voters.len() + 1, raft.voters.len(), "one voter per step");
+            assert!(voters.contains(&1), "the leader stays");
+            raft.learners
+                .extend(raft.voters.difference(&voters).copied());
+            raft.voters = voters;
+            steps += 1;
+            assert!(steps <= 2, "{raft:?}");
+        }
+        assert_eq!(raft.voters.len(), 3);
+        let spread: BTreeSet<_> = raft.voters.iter().map(|id| zones[*id as usize - 1].1).collect();
+        assert_eq!(spread.len(), 3, "one voter in each zone: {:?}", raft.voters);
+        assert!(plan(&nodes, &raft, &cfg(3)).is_empty(), "then it stays");
+    }
+
+    #[test]
+    fn a_lagging_voter_steps_down_before_a_healthy_one() {
+        let mut nodes: BTreeMap<RaftId, NodeView> = (1..=5).map(|i| (i, up("z", 0))).collect();
+        nodes.get_mut(&2).unwrap().lag = Some(5_000);
+        let raft = RaftView {
+            leader: 5,
+            voters: [1, 2, 3, 4, 5].into(),
+            learners: BTreeSet::new(),
+        };
+        assert_eq!(plan(&nodes, &raft, &cfg(3)).voters, Some([1, 3, 4, 5].into()));
+    }
+
     fn arb_cluster() -> impl Strategy<Value = (BTreeMap<RaftId, NodeView>, RaftView, ClusterConfig)>
     {
         let node = (
@@ -315,6 +375,14 @@ mod tests {
                 for added in voters.difference(&raft.voters) {
                     let n = &nodes[added];
                     prop_assert!(n.up && !n.left && raft.learners.contains(added), "promoted an unhealthy or unknown node {added}");
+                }
+                // With every voter up, only rule 5 shrinks the set: by one, and not below
+                // the desired count.
+                let all_up = raft.voters.iter().all(|id| nodes.get(id).is_some_and(|n| n.up && !n.left));
+                let shrank = raft.voters.len().saturating_sub(voters.len());
+                if all_up && shrank > 0 {
+                    prop_assert_eq!(shrank, 1, "demoted several at once: {:?}", voters);
+                    prop_assert!(voters.len() >= usize::from(config.desired_voters), "shrank below desired: {:?}", voters);
                 }
                 let grew = voters.len() > raft.voters.len();
                 prop_assert!(!grew || voters.len() % 2 == 1, "grew to an even count {voters:?}");

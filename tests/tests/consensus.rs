@@ -8,7 +8,7 @@ use blx_tests::{Cluster, wait_until};
 const LONG: Duration = Duration::from_secs(90);
 
 #[test]
-fn one_agent_and_four_joiners_end_with_three_voters_then_five_on_request() {
+fn one_agent_and_four_joiners_end_with_three_voters_then_five_then_three_on_request() {
     let mut cluster = Cluster::bootstrap();
     for _ in 0..4 {
         cluster.join();
@@ -22,6 +22,13 @@ fn one_agent_and_four_joiners_end_with_three_voters_then_five_on_request() {
     let (ok, _, err) = cluster.agents[2].run(&["config", "set", "--desired-voters", "5"]);
     assert!(ok, "{err}");
     cluster.wait_raft(5, 0, LONG);
+
+    tracing::info!("--- desired_voters 3 again: two voters step down to learners");
+    let (ok, _, err) = cluster.agents[4].run(&["config", "set", "--desired-voters", "3"]);
+    assert!(ok, "{err}");
+    cluster.wait_raft(3, 2, LONG);
+    let (ok, _, err) = cluster.agents[0].run(&["kv", "put", "after/shrink", "yes"]);
+    assert!(ok, "a write after the shrink: {err}");
 }
 
 #[test]
