@@ -35,6 +35,10 @@ pub(crate) const MAX_LOG_TAIL: u64 = 1024 * 1024;
 /// How long a forwarded write or read may take.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a linearizable read waits for a leader to answer (an election, as after a whole
+/// cluster restarts) before it is refused with "no leader".
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+
 /// Raft's node id for a membership node id.
 pub(crate) fn raft_id(id: NodeId) -> u64 {
     u64::from_be_bytes(id.0)
@@ -95,6 +99,23 @@ pub(crate) enum ClusterError {
     /// The caller's API token does not allow the write (checked where the write is proposed).
     #[error("{0}")]
     Denied(Denied),
+}
+
+impl ClusterError {
+    /// No leader answered: one may a moment later.
+    fn leaderless(&self) -> bool {
+        matches!(self, ClusterError::NoLeader | ClusterError::LeaderChanged)
+    }
+}
+
+/// The error a member answered a forwarded read with, as this node's error: the member this
+/// one took for the leader saying it does not lead (any more, or not yet) is "no leader".
+fn remote_error(message: String) -> ClusterError {
+    if message == (ConsensusError::NotLeader { leader: None }).to_string() {
+        ClusterError::NoLeader
+    } else {
+        ClusterError::Consensus(message)
+    }
 }
 
 /// Why the leader did not commit a forwarded write, as it answers the forwarding member.
@@ -253,13 +274,20 @@ impl Cluster {
     /// (Raft's read-index read, served by followers), so no state crosses the network; only if
     /// it cannot catch up in time does the leader send its copy.
     pub(crate) async fn read(&self, stale: bool) -> Result<ClusterState, ClusterError> {
-        match self.node.read(stale).await {
+        if stale {
+            return Ok(self.node.with_local_state(ClusterState::clone));
+        }
+        self.while_leaderless(|| self.read_once()).await
+    }
+
+    async fn read_once(&self) -> Result<ClusterState, ClusterError> {
+        match self.node.read(false).await {
             Ok(s) => Ok(s),
             Err(ConsensusError::NotLeader { leader }) => {
                 let bytes = self.forward(leader, SERVICE_INDEX, Vec::new()).await?;
                 let index = decode::<Result<u64, String>>(&bytes)
                     .map_err(ClusterError::Consensus)?
-                    .map_err(ClusterError::Consensus)?;
+                    .map_err(remote_error)?;
                 let mut applied = self.node.subscribe();
                 let caught_up =
                     tokio::time::timeout(FORWARD_TIMEOUT / 2, applied.wait_for(|a| *a >= index))
@@ -271,7 +299,7 @@ impl Cluster {
                 let bytes = self.forward(leader, SERVICE_READ, Vec::new()).await?;
                 decode::<Result<ClusterState, String>>(&bytes)
                     .map_err(ClusterError::Consensus)?
-                    .map_err(ClusterError::Consensus)
+                    .map_err(remote_error)
             }
             Err(e) => Err(ClusterError::Consensus(e.to_string())),
         }
@@ -300,15 +328,46 @@ impl Cluster {
     /// quorum, that it still leads. A node that has applied up to it is as current as the
     /// leader was when asked.
     pub(crate) async fn read_index(&self) -> Result<u64, ClusterError> {
+        self.while_leaderless(|| self.read_index_once()).await
+    }
+
+    async fn read_index_once(&self) -> Result<u64, ClusterError> {
         match self.node.confirm_leader().await {
             Ok(()) => Ok(self.node.status().applied_index),
             Err(ConsensusError::NotLeader { leader }) => {
                 let bytes = self.forward(leader, SERVICE_INDEX, Vec::new()).await?;
                 decode::<Result<u64, String>>(&bytes)
                     .map_err(ClusterError::Consensus)?
-                    .map_err(ClusterError::Consensus)
+                    .map_err(remote_error)
             }
             Err(e) => Err(ClusterError::Consensus(e.to_string())),
+        }
+    }
+
+    /// Runs a read until it gets past "no leader": an election under way, a leader that has
+    /// just won and does not serve reads yet, or one that changed mid-request. A read changes
+    /// nothing, so it may be tried again; it waits for the next leader change or 100 ms
+    /// between tries, and for [`LEADER_WAIT`] in all, then answers with the last error.
+    async fn while_leaderless<T, F, Fut>(&self, mut attempt: F) -> Result<T, ClusterError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClusterError>>,
+    {
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut metrics = self.node.raft.metrics();
+        loop {
+            let known = metrics.borrow_and_update().current_leader;
+            match attempt().await {
+                Err(e) if e.leaderless() && Instant::now() < deadline => {
+                    let pause = deadline.min(Instant::now() + Duration::from_millis(100));
+                    let _ = tokio::time::timeout_at(
+                        pause,
+                        metrics.wait_for(|m| m.current_leader.is_some() && m.current_leader != known),
+                    )
+                    .await;
+                }
+                other => return other,
+            }
         }
     }
 
