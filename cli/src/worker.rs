@@ -10,7 +10,8 @@
 //! After a restart the thread adopts what the previous agent left running, but acts only once
 //! this node has applied everything the leader had committed when it asked (a read index), so
 //! a node that was cut off never restarts, or keeps, VMs that were placed elsewhere meanwhile
-//! on the strength of a stale copy of the state.
+//! on the strength of a stale copy of the state. If it cannot reach the leader within the
+//! fence time, it stops what it adopted: those VMs may be running elsewhere by now.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -72,7 +73,8 @@ pub(crate) fn spawn(
 }
 
 /// Sends the desired set to the worker whenever this node's VMs change, starting once this
-/// node has caught up with the leader. The node holds a lease on its VMs: a read index from
+/// node has caught up with the leader (and stopping what it adopted if that takes longer than
+/// [`FENCE_AFTER`]). The node holds a lease on its VMs: a read index from
 /// the leader, renewed every [`LEASE_RENEW`]. When the lease is older than [`FENCE_AFTER`], or
 /// its gossip view has shown no majority of the voters for that long, it is cut off and the
 /// others will place its VMs elsewhere: it stops them all (self-fencing), and once it can
@@ -88,7 +90,18 @@ async fn feed_desired(
     tx: watch::Sender<DesiredSet>,
 ) {
     loop {
-        catch_up(&cluster).await;
+        // The lease holds from the agent's first moment: what it adopted from the previous
+        // agent may have been placed elsewhere while it was away, so a node that cannot hear
+        // the leader within the fence time stops everything until it can.
+        if tokio::time::timeout(FENCE_AFTER, catch_up(&cluster)).await.is_err() {
+            tracing::warn!(
+                "no word from the leader within the fence time: stopping every VM on this node until there is"
+            );
+            if tx.send(Some(BTreeMap::new())).is_err() {
+                return;
+            }
+            catch_up(&cluster).await;
+        }
         tracing::info!("VMM worker caught up with the leader; reconciling");
         let mut applied = cluster.node.subscribe_workload();
         let mut check = tokio::time::interval(Duration::from_millis(250));

@@ -441,6 +441,42 @@ fn a_node_cut_off_from_the_cluster_stops_its_vms_while_they_run_elsewhere() {
 }
 
 #[test]
+fn an_agent_restarted_while_cut_off_stops_the_vms_it_adopts() {
+    let mut cluster = three_nodes(&[]);
+    create(&cluster, 0, "job", &[]);
+    let v = cluster.wait_vm(0, "job", LONG, "running", |v| phase(v) == "running");
+    let host = cluster.index_of(v["node"].as_str().unwrap()).unwrap();
+    let other = (host + 1) % 3;
+    assert_eq!(cluster.agents[host].workload_pids().len(), 1);
+
+    tracing::info!("--- the host's agent dies, its workload lives on; the host is cut off");
+    cluster.agents[host].kill();
+    assert_eq!(cluster.agents[host].workload_pids().len(), 1);
+    let cut = Partition::cut(cluster.ip(u8::try_from(host + 1).unwrap()));
+    cluster.agents[host].restart();
+    wait_until(LONG, "the restarted agent answers", || {
+        cluster.agents[host].status().is_some()
+    });
+    tracing::info!("--- restarted, it cannot hear the leader: it stops what it adopted");
+    cluster.wait_or_dump(LONG, "the cut-off host stops its adopted copy", || {
+        cluster.agents[host].workload_pids().is_empty()
+    });
+    assert!(
+        cluster.agents[host].log().contains("stopping every VM"),
+        "the agent does not say why it stopped its VMs"
+    );
+    cluster.wait_vm(other, "job", LONG, "running elsewhere", |v| {
+        phase(v) == "running" && cluster.index_of(v["node"].as_str().unwrap_or("")) != Some(host)
+    });
+
+    drop(cut);
+    tracing::info!("--- healed: the host catches up and still runs nothing");
+    cluster.wait_alive(3, LONG);
+    cluster.wait_raft(3, 0, LONG);
+    assert!(cluster.agents[host].workload_pids().is_empty());
+}
+
+#[test]
 fn garbage_on_the_vm_and_node_routes_is_refused_with_nothing_changed() {
     let cluster = Cluster::bootstrap();
     cluster.wait_raft(1, 0, LONG);
