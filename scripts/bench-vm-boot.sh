@@ -67,6 +67,12 @@ if not ok_b or not ok_x:
     print("boots failed: bare", bares, "blx", blxs); sys.exit(1)
 mb, mx = statistics.median(ok_b), statistics.median(ok_x)
 print(f"accel: {accel}, {n} runs each, alternating\n")
+print("| pair | bare qemu (s) | blx vm run (s) | of which the worker's QEMU (s) |")
+print("|---|---|---|---|")
+cell = lambda x, scale=1: f"{x / scale:.3f}" if x else "failed"
+for i, (b, t, boot) in enumerate(zip(bares, blxs, worker)):
+    print(f"| {i + 1} | {cell(b)} | {cell(t)} | {cell(boot, 1000)} |")
+print()
 print("| | median (s) | min (s) | max (s) | ok |")
 print("|---|---|---|---|---|")
 print(f"| bare qemu, start to readiness line | {mb:.3f} | {min(ok_b):.3f} | {max(ok_b):.3f} | {len(ok_b)}/{n} |")
