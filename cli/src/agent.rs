@@ -390,6 +390,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind the HTTP API on {}: {e}", config.api))?;
     tracing::info!(node = %id, name = %membership.members()[&id].meta.as_ref().map(|m| m.name.as_str()).unwrap_or(""), gossip = %advertise, api = %config.api, "agent running");
+    operator.running();
     tasks.push(tokio::spawn(save_peers_periodically(
         dir.clone(),
         membership.clone(),

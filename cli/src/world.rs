@@ -124,6 +124,8 @@ pub struct HostFacts {
 pub trait Operator: Send + Sync + 'static {
     /// A new cluster was bootstrapped here; `token` admits the next agents for `ttl`.
     fn bootstrapped(&self, token: &JoinToken, ttl: Duration);
+    /// The agent is admitted and serves its API.
+    fn running(&self) {}
 }
 
 /// The terminal: the token on standard output (so a script can capture it), the rest on
@@ -142,6 +144,33 @@ impl Operator for Terminal {
         );
         println!("{token}");
     }
+
+    fn running(&self) {
+        if let Err(e) = notify_service_manager("READY=1") {
+            tracing::warn!(error = %e, "cannot tell the service manager the agent is ready");
+        }
+    }
+}
+
+/// Sends `state` to the service manager's socket when there is one (systemd's `Type=notify`
+/// sets `NOTIFY_SOCKET`, a path or, with a leading `@`, an abstract socket name).
+fn notify_service_manager(state: &str) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let socket = std::os::unix::net::UnixDatagram::unbound()?;
+    match path.as_bytes().strip_prefix(b"@") {
+        Some(name) => {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            socket.send_to_addr(state.as_bytes(), &addr)?;
+        }
+        None => {
+            socket.send_to(state.as_bytes(), &path)?;
+        }
+    }
+    Ok(())
 }
 
 /// Everything an agent takes from its surroundings.

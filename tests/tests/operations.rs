@@ -1,10 +1,12 @@
 //! What load balancers and process supervisors use, with real `blx` processes: `/v1/health`
 //! answers while the process is up, and `/v1/ready` only while a Raft leader answers the node,
-//! both without an API token.
+//! both without an API token; under systemd (`Type=notify`) the agent says when it is ready.
 
 use std::time::Duration;
 
-use blx_tests::{Agent, Cluster, http, wait_until};
+use std::process::{Command, Stdio};
+
+use blx_tests::{Agent, Cluster, blx_bin, http, subnet, wait_until};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -46,4 +48,37 @@ fn ready_is_503_while_no_leader_answers_and_200_once_one_does() {
     wait_until(LONG, "ready once a quorum elects a leader", || {
         ready(first).0 == 200
     });
+}
+
+#[test]
+fn the_agent_tells_systemd_it_is_ready_once_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(LONG)).unwrap();
+    let [a, b, c] = subnet();
+    let ip = format!("{a}.{b}.{c}.1");
+    let data = dir.path().join("data");
+    let mut agent = Command::new(blx_bin())
+        .args(["agent", "--no-mdns", "--threads", "1"])
+        .args(["--bind", &format!("{ip}:7946"), "--api", &format!("{ip}:7947")])
+        .arg("--data-dir")
+        .arg(&data)
+        .env("NOTIFY_SOCKET", &socket_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let got = socket.recv(&mut buf);
+    // Ready means serving: the API answers at once.
+    let health = got
+        .is_ok()
+        .then(|| http(format!("{ip}:7947").parse().unwrap(), None, "GET", "/v1/health", b""));
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let n = got.expect("no notification from the agent");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert_eq!(health.map(|h| h.0), Some(200));
 }
