@@ -117,12 +117,25 @@ impl MemberView {
     }
 }
 
-/// An API error: a status and a message, sent as `{"error": "..."}`.
+/// An API error: a status and a message, sent as `{"error": "...", "code": "..."}`, the one
+/// shape of every error the API answers.
 pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) String);
+
+/// The stable code of an error status: its HTTP reason phrase in snake case (`not_found`,
+/// `unauthorized`, `service_unavailable`), so a client can branch on it without parsing the
+/// message.
+pub(crate) fn error_code(status: StatusCode) -> String {
+    status
+        .canonical_reason()
+        .unwrap_or("error")
+        .to_ascii_lowercase()
+        .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        let body = serde_json::json!({ "error": self.1, "code": error_code(self.0) });
+        (self.0, Json(body)).into_response()
     }
 }
 
@@ -190,6 +203,13 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/health", get(|| async { "ok" }))
         .route("/v1/ready", get(ready))
         .merge(authed)
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this route does not take that method".into(),
+            )
+        })
         .with_state(state)
 }
 

@@ -82,3 +82,26 @@ fn the_agent_tells_systemd_it_is_ready_once_it_serves() {
     assert_eq!(&buf[..n], b"READY=1");
     assert_eq!(health.map(|h| h.0), Some(200));
 }
+
+#[test]
+fn every_error_has_one_shape_with_a_stable_code() {
+    let cluster = Cluster::bootstrap();
+    let a = &cluster.agents[0];
+    wait_until(LONG, "the agent answers", || a.status().is_some());
+    let token = a.local_token();
+    let cases: [(Option<&str>, &str, &str, &[u8], u16, &str); 5] = [
+        (Some(&token), "GET", "/v1/nowhere", b"", 404, "not_found"),
+        (None, "GET", "/v1/nowhere", b"", 404, "not_found"),
+        (Some(&token), "DELETE", "/v1/members", b"", 405, "method_not_allowed"),
+        (None, "GET", "/v1/members", b"", 401, "unauthorized"),
+        (Some(&token), "POST", "/v1/tokens", b"{\"ttl_secs\":", 400, "bad_request"),
+    ];
+    for (token, method, path, body, status, code) in cases {
+        let (got, text) = http(a.api, token, method, path, body);
+        assert_eq!(got, status, "{method} {path}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text:?}"));
+        assert_eq!(v["code"], code, "{method} {path}: {text}");
+        assert!(v["error"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: {text}");
+    }
+}
