@@ -375,7 +375,11 @@ struct Partition {
 
 impl Partition {
     fn cut(ip: std::net::Ipv4Addr) -> Partition {
-        let table = format!("blx_partition_{}", std::process::id());
+        // One table per partition: tests in this binary run in parallel, and one's cleanup
+        // must not lift another's cut.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let table = format!("blx_partition_{}_{n}", std::process::id());
         let script = format!(
             "add table inet {table}\n\
              add chain inet {table} input {{ type filter hook input priority 0; }}\n\
