@@ -118,7 +118,15 @@ fn a_bad_file_is_refused_with_the_file_the_key_and_the_reason() {
     refused("bind = \"10.0.0.300:7946\"\n", "bind", "invalid socket address");
     refused("advertise = \"0.0.0.0:7946\"\n", "advertise", "concrete address");
     refused("cert-validity = \"soon\"\n", "cert-validity", "not a duration");
+    // A bad variable is refused by the flag's parser too, naming the flag.
     let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = agent(&["--data-dir", data.to_str().unwrap()], &[("BLX_VCPUS", "zero")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vcpus"));
+    assert!(!data.exists(), "a bad variable created the data dir");
     let out = agent(&["--config", dir.path().join("none.toml").to_str().unwrap()], &[])
         .output()
         .unwrap();
