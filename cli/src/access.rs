@@ -88,7 +88,11 @@ pub(crate) async fn authenticate(
     }
 }
 
-async fn caller(state: &ApiState, presented: Option<&str>, need: Scope) -> Result<Caller, ApiError> {
+async fn caller(
+    state: &ApiState,
+    presented: Option<&str>,
+    need: Scope,
+) -> Result<Caller, ApiError> {
     let Some(presented) = presented.filter(|p| !p.is_empty()) else {
         return Err(ApiError(
             StatusCode::UNAUTHORIZED,
@@ -113,11 +117,12 @@ async fn caller(state: &ApiState, presented: Option<&str>, need: Scope) -> Resul
             ))
         };
     }
-    let token: ApiToken = presented
-        .parse()
-        .map_err(|e: blx_consensus::access::MalformedToken| {
-            ApiError(StatusCode::UNAUTHORIZED, e.to_string())
-        })?;
+    let token: ApiToken =
+        presented
+            .parse()
+            .map_err(|e: blx_consensus::access::MalformedToken| {
+                ApiError(StatusCode::UNAUTHORIZED, e.to_string())
+            })?;
     let now = state.cluster.clock.now_unix();
     let checked = state
         .cluster

@@ -351,6 +351,10 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         },
         driver_set,
     ));
+    tasks.push(tokio::spawn(crate::metrics::count_leader_changes(
+        node.clone(),
+        cluster.metrics.clone(),
+    )));
     tasks.push(tokio::spawn(node.clone().run_autopilot(
         Duration::from_secs(1),
         crate::raft::member_views(membership.clone(), node.clone()),
@@ -384,6 +388,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         cluster_id: hex(&creds.ca_fingerprint()),
         images: config.image_dir.clone(),
         readiness: Default::default(),
+        metrics_need_token: config.metrics_need_token,
     });
     let api = net
         .serve_api(config.api, router.clone(), serving)

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `GET /v1/health` | liveness, no auth |
 //! | `GET /v1/ready` | 200 when a Raft leader answers this member, else 503; no auth |
+//! | `GET /v1/metrics` | Prometheus text; no auth unless `--metrics-need-token` |
 //!
 //! Every other route needs a bearer token of the scope [`crate::access::route_scope`] names.
 //! | `GET /v1/agent/self` | this node's id, name and cluster |
@@ -59,6 +60,8 @@ pub(crate) struct ApiState {
     pub(crate) images: std::path::PathBuf,
     /// The last readiness check and when it was made (see [`ready`]).
     pub(crate) readiness: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Readiness)>>>,
+    /// `/v1/metrics` asks for a read token too.
+    pub(crate) metrics_need_token: bool,
 }
 
 /// What `GET /v1/ready` answers.
@@ -194,13 +197,18 @@ pub(crate) fn router(state: ApiState) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_SNAPSHOT)),
         )
         .route("/v1/api-tokens", post(api_token_create).get(api_token_list))
-        .route("/v1/api-tokens/{id}", delete(api_token_revoke))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            crate::access::authenticate,
-        ));
-    Router::new()
-        .route("/v1/health", get(|| async { "ok" }))
+        .route("/v1/api-tokens/{id}", delete(api_token_revoke));
+    // Open by default, as etcd's `/metrics` is, so a stock Prometheus can scrape it.
+    let (open, authed) = if state.metrics_need_token {
+        (Router::new(), authed.route("/v1/metrics", get(metrics)))
+    } else {
+        (Router::new().route("/v1/metrics", get(metrics)), authed)
+    };
+    let authed = authed.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        crate::access::authenticate,
+    ));
+    open.route("/v1/health", get(|| async { "ok" }))
         .route("/v1/ready", get(ready))
         .merge(authed)
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
@@ -210,7 +218,44 @@ pub(crate) fn router(state: ApiState) -> Router {
                 "this route does not take that method".into(),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+/// Counts and times every request by its route's pattern (never the raw path, so the label
+/// set stays bounded), method and status.
+async fn track(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().as_str().to_owned();
+    let started = tokio::time::Instant::now();
+    let response = next.run(request).await;
+    state.cluster.metrics.api_request(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// `GET /v1/metrics`: every metric in Prometheus text format (see [`crate::metrics`]).
+async fn metrics(State(state): State<ApiState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        )],
+        state.cluster.metrics.render(),
+    )
+        .into_response()
 }
 
 /// `GET /v1/ready`: 200 when this node is a member (the API serves only after admission)

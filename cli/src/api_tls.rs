@@ -79,7 +79,10 @@ pub(crate) struct ApiListener {
 
 impl ApiListener {
     /// Serves TLS with `config` on `listener`.
-    pub(crate) fn new(listener: TcpListener, config: Arc<rustls::ServerConfig>) -> io::Result<Self> {
+    pub(crate) fn new(
+        listener: TcpListener,
+        config: Arc<rustls::ServerConfig>,
+    ) -> io::Result<Self> {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -127,7 +130,9 @@ async fn open(
         return Ok(None);
     }
     if first[0] == TLS_HANDSHAKE {
-        return Ok(Some(ApiStream::Tls(Box::new(acceptor.accept(stream).await?))));
+        return Ok(Some(ApiStream::Tls(Box::new(
+            acceptor.accept(stream).await?,
+        ))));
     }
     if peer.ip().is_loopback() {
         return Ok(Some(ApiStream::Plain(stream)));
@@ -139,9 +144,7 @@ async fn open(
     let _ = stream.read(&mut sink).await?;
     stream.write_all(PLAIN_REFUSED.as_bytes()).await?;
     stream.shutdown().await?;
-    let drain = async {
-        while stream.read(&mut sink).await.is_ok_and(|n| n > 0) {}
-    };
+    let drain = async { while stream.read(&mut sink).await.is_ok_and(|n| n > 0) {} };
     let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
     Ok(None)
 }

@@ -524,7 +524,12 @@ pub(crate) struct AgentArgs {
     #[arg(long, env = "BLX_NAME")]
     pub(crate) name: Option<String>,
     /// Gossip address of a member to join through (repeatable).
-    #[arg(long = "seed", value_name = "IP:PORT", env = "BLX_SEEDS", value_delimiter = ',')]
+    #[arg(
+        long = "seed",
+        value_name = "IP:PORT",
+        env = "BLX_SEEDS",
+        value_delimiter = ','
+    )]
     pub(crate) seeds: Vec<SocketAddr>,
     /// Join token, for a data dir that has not joined yet.
     #[arg(long, env = "BLX_TOKEN", hide_env_values = true)]
@@ -535,6 +540,10 @@ pub(crate) struct AgentArgs {
     /// Do not announce or browse over mDNS.
     #[arg(long, env = "BLX_NO_MDNS")]
     pub(crate) no_mdns: bool,
+    /// Ask for an API token (read scope) on `GET /v1/metrics` too; by default it answers
+    /// anyone who can reach the API, as etcd's `/metrics` does.
+    #[arg(long, env = "BLX_METRICS_NEED_TOKEN")]
+    pub(crate) metrics_need_token: bool,
     /// Take a Raft snapshot (and purge the log before it) every this many applied entries.
     #[arg(long, env = "BLX_RAFT_SNAPSHOT_LOGS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(10..))]
     pub(crate) raft_snapshot_logs: u64,
@@ -581,6 +590,7 @@ impl AgentArgs {
         config.token = token;
         config.labels = self.labels.into_iter().collect();
         config.mdns = !self.no_mdns;
+        config.metrics_need_token = self.metrics_need_token;
         config.raft_snapshot_logs = self.raft_snapshot_logs;
         config.bootstrap_token_ttl = self.bootstrap_token_ttl;
         config.cert_validity = self.cert_validity;

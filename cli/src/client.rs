@@ -141,10 +141,10 @@ fn credential(api: &ApiArgs) -> anyhow::Result<String> {
 
 /// TLS for an HTTPS API: the cluster CA from `--ca-cert`, else from the data dir.
 fn tls_config(api: &ApiArgs) -> anyhow::Result<rustls::ClientConfig> {
-    let path = api.ca_cert.clone().unwrap_or_else(|| {
-        api.data_dir
-            .join(blx_membership::store::CA_CERT)
-    });
+    let path = api
+        .ca_cert
+        .clone()
+        .unwrap_or_else(|| api.data_dir.join(blx_membership::store::CA_CERT));
     let pem = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "reading the cluster CA certificate {} (needed for the HTTPS API at {}; pass --ca-cert)",
@@ -289,7 +289,11 @@ pub(crate) async fn api_token_list(api: &ApiArgs, output: Output) -> anyhow::Res
 pub(crate) async fn api_token_revoke(api: &ApiArgs, id: &str) -> anyhow::Result<()> {
     let id: blx_membership::token::TokenId = id.parse()?;
     let _: serde_json::Value = Client::new(api)?
-        .call(reqwest::Method::DELETE, &format!("/v1/api-tokens/{id}"), None)
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/api-tokens/{id}"),
+            None,
+        )
         .await?;
     eprintln!("blx: revoked API token {id}");
     Ok(())

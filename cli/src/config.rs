@@ -35,6 +35,8 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// Announce on, and browse, the LAN over mDNS.
     pub mdns: bool,
+    /// `GET /v1/metrics` asks for an API token of read scope, like every other route.
+    pub metrics_need_token: bool,
     /// Take a Raft snapshot (and purge the log before it) every this many applied entries;
     /// at least 10.
     pub raft_snapshot_logs: u64,
@@ -95,6 +97,7 @@ impl AgentConfig {
             token: None,
             labels: BTreeMap::new(),
             mdns: true,
+            metrics_need_token: false,
             raft_snapshot_logs: 5000,
             bootstrap_token_ttl: Duration::from_secs(24 * 3600),
             cert_validity: DEFAULT_CERT_VALIDITY,

@@ -99,8 +99,9 @@ fn parse(words: Vec<OsString>) -> Result<ArgMatches, clap::Error> {
     Cli::command()
         .mut_subcommand("agent", |agent| {
             let ids: Vec<clap::Id> = agent.get_arguments().map(|a| a.get_id().clone()).collect();
-            ids.into_iter()
-                .fold(agent, |agent, id| agent.mut_arg(id, |a| a.env(None::<&str>)))
+            ids.into_iter().fold(agent, |agent, id| {
+                agent.mut_arg(id, |a| a.env(None::<&str>))
+            })
         })
         .try_get_matches_from(argv)
         .map(|m| m.subcommand_matches("agent").cloned().unwrap_or_default())
@@ -120,10 +121,12 @@ fn load(file: &Path) -> Result<(AgentArgs, ArgMatches), ConfigFileError> {
         file: name.clone(),
         reason: e.to_string(),
     })?;
-    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigFileError::Syntax {
-        file: name.clone(),
-        reason: e.message().to_string(),
-    })?;
+    let table: toml::Table =
+        text.parse()
+            .map_err(|e: toml::de::Error| ConfigFileError::Syntax {
+                file: name.clone(),
+                reason: e.message().to_string(),
+            })?;
     let command = agent_command();
     let key_error = |key: &str, reason: String| ConfigFileError::Key {
         file: name.clone(),
@@ -141,7 +144,10 @@ fn load(file: &Path) -> Result<(AgentArgs, ArgMatches), ConfigFileError> {
                     .filter_map(|a| a.get_long())
                     .filter(|l| !NOT_IN_FILE.contains(l))
                     .collect();
-                key_error(key, format!("unknown key; the keys are {}", known.join(", ")))
+                key_error(
+                    key,
+                    format!("unknown key; the keys are {}", known.join(", ")),
+                )
             })?;
         let these = words(key, arg.get_action(), value).map_err(|r| key_error(key, r))?;
         // Each key alone first, parsed and validated, so a refusal names the key that
@@ -197,6 +203,7 @@ pub(crate) fn apply(args: &mut AgentArgs, matches: &ArgMatches) -> Result<(), Co
         token,
         labels,
         no_mdns,
+        metrics_need_token,
         raft_snapshot_logs,
         bootstrap_token_ttl,
         cert_validity,
@@ -240,6 +247,10 @@ pub(crate) fn render(args: &AgentArgs) -> String {
         ),
     );
     put("no-mdns", Value::Boolean(args.no_mdns));
+    put(
+        "metrics-need-token",
+        Value::Boolean(args.metrics_need_token),
+    );
     put(
         "raft-snapshot-logs",
         Value::Integer(i64::try_from(args.raft_snapshot_logs).unwrap_or(i64::MAX)),
@@ -313,13 +324,19 @@ mod tests {
     #[test]
     fn bad_files_are_refused_with_the_file_the_key_and_the_reason() {
         let e = refusal("bindd = \"127.0.0.1:1\"\n");
-        assert!(e.contains("blx.toml") && e.contains("`bindd`") && e.contains("unknown key"), "{e}");
+        assert!(
+            e.contains("blx.toml") && e.contains("`bindd`") && e.contains("unknown key"),
+            "{e}"
+        );
         let e = refusal("bind = 5\n");
         assert!(e.contains("`bind`") && e.contains("invalid"), "{e}");
         let e = refusal("bind = \"nowhere\"\n");
         assert!(e.contains("`bind`") && e.contains("nowhere"), "{e}");
         let e = refusal("no-mdns = \"yes\"\n");
-        assert!(e.contains("`no-mdns`") && e.contains("true or false"), "{e}");
+        assert!(
+            e.contains("`no-mdns`") && e.contains("true or false"),
+            "{e}"
+        );
         let e = refusal("vcpus = 0\n");
         assert!(e.contains("`vcpus`"), "{e}");
         let e = refusal("api = [\"127.0.0.1:1\"]\n");

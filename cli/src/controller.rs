@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use blx_consensus::state::Command;
-use blx_consensus::workload::{NodeStatus, NodeUpdate, node_changes, plan_schedule};
+use blx_consensus::workload::{
+    NodeStatus, NodeUpdate, WorkloadCommand, node_changes, plan_schedule,
+};
 use blx_membership::{MemberState, Membership};
 use blx_scheduler::Resources;
 
@@ -41,21 +43,83 @@ pub(crate) async fn run(cluster: Cluster, membership: Membership, mut seed: u64)
             .await;
         }
         seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let plan = cluster
-            .node
-            .with_local_state(|s| plan_schedule(s, cluster.clock.now_ms(), seed));
-        if let Some(cmd) = plan {
-            propose(&cluster, cmd).await;
+        let started = tokio::time::Instant::now();
+        let (plan, counts) = cluster.node.with_local_state(|s| {
+            let plan = plan_schedule(s, cluster.clock.now_ms(), seed);
+            let counts = plan.as_ref().and_then(|p| PassCounts::of(s, p));
+            (plan, counts)
+        });
+        cluster
+            .metrics
+            .scheduling_pass
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(cmd) = plan
+            && propose(&cluster, cmd).await
+            && let Some(c) = counts
+        {
+            let m = &cluster.metrics;
+            m.placements.inc_by(c.placements);
+            m.preemptions.inc_by(c.preemptions);
+            m.failovers.inc_by(c.failovers);
         }
     }
 }
 
-async fn propose(cluster: &Cluster, cmd: blx_consensus::workload::WorkloadCommand) {
+/// Proposes `cmd`; true once it is applied.
+async fn propose(cluster: &Cluster, cmd: blx_consensus::workload::WorkloadCommand) -> bool {
     match cluster.node.write(Command::Workload(cmd)).await {
-        Ok(Ok(_)) => {}
+        Ok(Ok(_)) => true,
         // Another change got in first; the next pass plans against the new state.
-        Ok(Err(e)) => tracing::debug!(error = %e, "scheduling pass refused"),
-        Err(e) => tracing::debug!(error = %e, "scheduling pass not proposed"),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "scheduling pass refused");
+            false
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "scheduling pass not proposed");
+            false
+        }
+    }
+}
+
+/// What one scheduling pass does, for the metrics.
+struct PassCounts {
+    placements: u64,
+    preemptions: u64,
+    /// Placements of VMs whose node was lost (down past its grace, or drained).
+    failovers: u64,
+}
+
+impl PassCounts {
+    fn of(state: &blx_consensus::state::ClusterState, plan: &WorkloadCommand) -> Option<Self> {
+        let WorkloadCommand::Schedule {
+            placements,
+            evictions,
+            ..
+        } = plan
+        else {
+            return None;
+        };
+        let failovers = placements
+            .iter()
+            .filter(|p| {
+                state.vms.get(&p.vm).is_some_and(|vm| {
+                    vm.node.as_deref().is_some_and(|n| n != p.node)
+                        || vm
+                            .status
+                            .reason
+                            .as_deref()
+                            .is_some_and(|r| r.starts_with("node "))
+                })
+            })
+            .count();
+        Some(PassCounts {
+            placements: placements.len() as u64,
+            preemptions: evictions
+                .iter()
+                .filter(|e| e.reason.starts_with("preempted by"))
+                .count() as u64,
+            failovers: failovers as u64,
+        })
     }
 }
 

@@ -25,6 +25,7 @@ mod console;
 mod control;
 mod controller;
 pub mod duration;
+mod metrics;
 mod raft;
 mod renewal;
 pub mod size;

@@ -139,6 +139,8 @@ pub(crate) struct Cluster {
     pub(crate) self_id: NodeId,
     /// The wall clock, for the stamps on state changes.
     pub(crate) clock: Arc<dyn crate::world::WallClock>,
+    /// This agent's metrics.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Cluster {
@@ -150,6 +152,11 @@ impl Cluster {
         self_id: NodeId,
         clock: Arc<dyn crate::world::WallClock>,
     ) -> Self {
+        let metrics = Arc::new(crate::metrics::Metrics::new(
+            node.clone(),
+            membership.clone(),
+            self_id,
+        ));
         Cluster {
             node,
             membership,
@@ -157,6 +164,7 @@ impl Cluster {
             run_root,
             self_id,
             clock,
+            metrics,
         }
     }
 
@@ -217,6 +225,17 @@ impl Cluster {
             .try_with(|c| *c)
             .unwrap_or(Caller::Node);
         self.authorize(caller, &cmd).map_err(ClusterError::Denied)?;
+        let started = tokio::time::Instant::now();
+        let outcome = self.write_as(caller, cmd).await;
+        if outcome.is_ok() {
+            self.metrics
+                .proposal
+                .observe(started.elapsed().as_secs_f64());
+        }
+        outcome
+    }
+
+    async fn write_as(&self, caller: Caller, cmd: Command) -> Result<Response, ClusterError> {
         match self.node.write(cmd.clone()).await {
             Ok(r) => Ok(r),
             Err(ConsensusError::NotLeader { leader }) => {
@@ -362,7 +381,8 @@ impl Cluster {
                     let pause = deadline.min(Instant::now() + Duration::from_millis(100));
                     let _ = tokio::time::timeout_at(
                         pause,
-                        metrics.wait_for(|m| m.current_leader.is_some() && m.current_leader != known),
+                        metrics
+                            .wait_for(|m| m.current_leader.is_some() && m.current_leader != known),
                     )
                     .await;
                 }
@@ -505,10 +525,12 @@ impl Cluster {
             SERVICE_ELECT => ControlResponse::Service(encode(
                 &self.node.elect().await.map_err(|e| e.to_string()),
             )),
-            SERVICE_INDEX => ControlResponse::Service(encode(&match self.node.confirm_leader().await {
-                Ok(()) => Ok(self.node.status().applied_index),
-                Err(e) => Err(e.to_string()),
-            })),
+            SERVICE_INDEX => {
+                ControlResponse::Service(encode(&match self.node.confirm_leader().await {
+                    Ok(()) => Ok(self.node.status().applied_index),
+                    Err(e) => Err(e.to_string()),
+                }))
+            }
             SERVICE_LOGS => {
                 ControlResponse::Service(encode(&match decode::<(String, u64)>(payload) {
                     Ok((vm, max)) if blx_consensus::workload::valid_vm_name(&vm) => {

@@ -93,7 +93,10 @@ async fn feed_desired(
         // The lease holds from the agent's first moment: what it adopted from the previous
         // agent may have been placed elsewhere while it was away, so a node that cannot hear
         // the leader within the fence time stops everything until it can.
-        if tokio::time::timeout(FENCE_AFTER, catch_up(&cluster)).await.is_err() {
+        if tokio::time::timeout(FENCE_AFTER, catch_up(&cluster))
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 "no word from the leader within the fence time: stopping every VM on this node until there is"
             );
@@ -386,16 +389,28 @@ fn to_report(d: &Desired, observed: Option<&Observed>) -> VmReport {
 /// Sends reports to the leader in batches, newest per VM, retrying until one gets through.
 async fn report(cluster: Cluster, self_id: String, mut rx: mpsc::UnboundedReceiver<VmReport>) {
     let mut pending: BTreeMap<String, VmReport> = BTreeMap::new();
+    // The incarnation whose boot was last timed, per VM: each boot counts once.
+    let mut timed: BTreeMap<String, (u64, u32)> = BTreeMap::new();
+    let mut observe = |r: &VmReport| {
+        if let Some(ms) = r.boot_ms
+            && timed.get(&r.name) != Some(&(r.incarnation, r.restarts))
+        {
+            timed.insert(r.name.clone(), (r.incarnation, r.restarts));
+            cluster.metrics.boot.observe(ms as f64 / 1000.0);
+        }
+    };
     loop {
         if pending.is_empty() {
             match rx.recv().await {
                 Some(r) => {
+                    observe(&r);
                     pending.insert(r.name.clone(), r);
                 }
                 None => return,
             }
         }
         while let Ok(r) = rx.try_recv() {
+            observe(&r);
             pending.insert(r.name.clone(), r);
         }
         let cmd = Command::Workload(WorkloadCommand::VmReports {

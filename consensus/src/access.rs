@@ -380,7 +380,11 @@ mod tests {
         );
         assert!("blx1.abc".parse::<ApiToken>().is_err());
         assert!("".parse::<ApiToken>().is_err());
-        assert!(format!("{PREFIX}{}", "A".repeat(5000)).parse::<ApiToken>().is_err());
+        assert!(
+            format!("{PREFIX}{}", "A".repeat(5000))
+                .parse::<ApiToken>()
+                .is_err()
+        );
     }
 
     #[test]

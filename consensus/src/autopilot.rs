@@ -286,7 +286,11 @@ mod tests {
             assert!(steps <= 2, "{raft:?}");
         }
         assert_eq!(raft.voters.len(), 3);
-        let spread: BTreeSet<_> = raft.voters.iter().map(|id| zones[*id as usize - 1].1).collect();
+        let spread: BTreeSet<_> = raft
+            .voters
+            .iter()
+            .map(|id| zones[*id as usize - 1].1)
+            .collect();
         assert_eq!(spread.len(), 3, "one voter in each zone: {:?}", raft.voters);
         assert!(plan(&nodes, &raft, &cfg(3)).is_empty(), "then it stays");
     }
@@ -300,7 +304,10 @@ mod tests {
             voters: [1, 2, 3, 4, 5].into(),
             learners: BTreeSet::new(),
         };
-        assert_eq!(plan(&nodes, &raft, &cfg(3)).voters, Some([1, 3, 4, 5].into()));
+        assert_eq!(
+            plan(&nodes, &raft, &cfg(3)).voters,
+            Some([1, 3, 4, 5].into())
+        );
     }
 
     fn arb_cluster() -> impl Strategy<Value = (BTreeMap<RaftId, NodeView>, RaftView, ClusterConfig)>

@@ -37,6 +37,7 @@ pub struct Durability {
     /// Counts the times the disk caught up with a commit index that [`Durability::clamp`]
     /// had to lower, so the leader can tell followers at once instead of at its next heartbeat.
     released: watch::Sender<u64>,
+    stats: Arc<crate::stats::RaftStats>,
 }
 
 #[derive(Debug, Default)]
@@ -90,7 +91,13 @@ impl Durability {
             }),
             on_disk: watch::Sender::new(on_disk),
             released: watch::Sender::new(0),
+            stats: Default::default(),
         })
+    }
+
+    /// What this node's log, state machine and proposals have done.
+    pub fn stats(&self) -> &Arc<crate::stats::RaftStats> {
+        &self.stats
     }
 
     fn lock(&self) -> MutexGuard<'_, Marks> {

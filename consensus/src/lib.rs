@@ -24,6 +24,7 @@ pub mod node;
 pub mod rocks;
 pub mod runtime;
 pub mod state;
+pub mod stats;
 pub mod workload;
 
 #[cfg(test)]

@@ -143,6 +143,9 @@ impl RaftLogStorage<TypeConfig> for MemLogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StoreError> {
+        if let Some(c) = committed {
+            self.durability.stats().committed_to(c.index);
+        }
         self.lock().committed = committed;
         Ok(())
     }

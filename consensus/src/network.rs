@@ -213,6 +213,11 @@ pub async fn serve(
                 .or(rpc.prev_log_id)
                 .map(|l| l.index);
             let reply = raft.append_entries(rpc).await;
+            if reply.is_ok() {
+                durability
+                    .stats()
+                    .heard_from_leader(tokio::time::Instant::now());
+            }
             let claimed = match &reply {
                 Ok(AppendEntriesResponse::Success) => upto,
                 Ok(AppendEntriesResponse::PartialSuccess(matching)) => matching.map(|l| l.index),

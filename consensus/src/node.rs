@@ -373,6 +373,26 @@ impl ConsensusNode {
             });
             return Ok(Ok(crate::state::Applied::Kv { index: 0 }));
         }
+        let stats = self.durability.stats();
+        stats.pending.inc();
+        let started = tokio::time::Instant::now();
+        let outcome = self.propose(cmd).await;
+        stats.pending.dec();
+        match &outcome {
+            Ok(_) => stats.commit.observe(started.elapsed().as_secs_f64()),
+            Err(_) => {
+                stats.failed.inc();
+            }
+        };
+        outcome
+    }
+
+    /// What this node's log, state machine and proposals have done.
+    pub fn stats(&self) -> Arc<crate::stats::RaftStats> {
+        self.durability.stats().clone()
+    }
+
+    async fn propose(&self, cmd: Command) -> Result<Response, ConsensusError> {
         // Nothing in flight and nothing queued: propose directly, saving the hand-off.
         if self.permits.available_permits() == IN_FLIGHT
             && self.proposals.capacity() == self.proposals.max_capacity()

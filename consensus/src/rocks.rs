@@ -226,6 +226,9 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StoreError> {
         // Not synced: the committed index only saves re-applying entries after a restart, and
         // openraft recomputes it if it is behind. An fsync here would sit on every commit.
+        if let Some(c) = committed {
+            self.durability.stats().committed_to(c.index);
+        }
         self.db
             .put_cf(self.cf(CF_META), KEY_COMMITTED, encode(&committed))
             .map_err(|e| StorageIOError::write(io(e)).into())
@@ -261,14 +264,28 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         } else {
             synced()
         };
-        if let Err(e) = self.db.write_opt(batch, &options) {
+        let started = std::time::Instant::now();
+        let written = self.db.write_opt(batch, &options);
+        if !defer {
+            self.durability
+                .stats()
+                .fsync
+                .observe(started.elapsed().as_secs_f64());
+        }
+        if let Err(e) = written {
             callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
             return Err(StorageIOError::write_logs(io(e)).into());
         }
         if let Some(ticket) = self.durability.wrote(last, !defer) {
             let (db, durability) = (self.db.clone(), self.durability.clone());
             tokio::task::spawn_blocking(move || {
-                durability.run_syncs(ticket, || db.flush_wal(true).map_err(|e| e.to_string()))
+                let stats = durability.stats().clone();
+                durability.run_syncs(ticket, || {
+                    let started = std::time::Instant::now();
+                    let flushed = db.flush_wal(true).map_err(|e| e.to_string());
+                    stats.fsync.observe(started.elapsed().as_secs_f64());
+                    flushed
+                })
             });
         }
         callback.log_io_completed(Ok(()));
@@ -374,9 +391,14 @@ impl RocksStateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for RocksStateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StoreError> {
+        let started = std::time::Instant::now();
         let snapshot = self.cell.build_snapshot();
         self.persist(&snapshot)?;
         self.cell.set_snapshot(snapshot.clone());
+        self.durability
+            .stats()
+            .snapshot_build
+            .observe(started.elapsed().as_secs_f64());
         Ok(snapshot.to_snapshot())
     }
 }
@@ -411,6 +433,7 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         meta: &SnapshotMeta<u64, Node>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: snapshot.into_inner(),
@@ -419,6 +442,10 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         // On disk first: a crash after this keeps the snapshot, and the log catches up.
         self.persist(&stored)?;
         self.cell.replace(data, stored);
+        self.durability
+            .stats()
+            .snapshot_install
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -224,6 +224,20 @@ pub enum VmPhase {
     Failed,
 }
 
+impl VmPhase {
+    /// Every phase, in order.
+    pub const ALL: [VmPhase; 8] = [
+        VmPhase::Pending,
+        VmPhase::Scheduled,
+        VmPhase::Starting,
+        VmPhase::Running,
+        VmPhase::Paused,
+        VmPhase::Stopped,
+        VmPhase::Exited,
+        VmPhase::Failed,
+    ];
+}
+
 impl std::fmt::Display for VmPhase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

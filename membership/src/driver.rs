@@ -26,6 +26,7 @@ pub struct Membership {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<MemberEvent>,
     table: watch::Receiver<Arc<BTreeMap<NodeId, Member>>>,
+    stats: Arc<crate::swim::SwimStats>,
 }
 
 /// The membership task has stopped.
@@ -43,6 +44,7 @@ impl Membership {
         let (commands, command_rx) = mpsc::channel(64);
         let (events, _) = broadcast::channel(1024);
         let (table_tx, table) = watch::channel(Arc::new(swim.members().clone()));
+        let stats = swim.stats();
         tokio::spawn(run(
             swim,
             transport,
@@ -55,7 +57,13 @@ impl Membership {
             commands,
             events,
             table,
+            stats,
         }
+    }
+
+    /// What this node's SWIM has done so far.
+    pub fn stats(&self) -> &Arc<crate::swim::SwimStats> {
+        &self.stats
     }
 
     /// Announces to these addresses (and keeps announcing while nobody answers).

@@ -22,6 +22,7 @@ use foca::{
     AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification, PostcardCodec,
     State, Timer,
 };
+use prometheus_client::metrics::counter::Counter;
 use rand::rngs::StdRng;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -312,6 +313,26 @@ pub struct Swim {
     /// Members foca holds suspect: the incarnation suspected and since when.
     suspected: BTreeMap<NodeId, (u16, Instant)>,
     left: bool,
+    stats: Arc<SwimStats>,
+    /// This node's incarnation when last looked at, to count refutations.
+    incarnation: u16,
+}
+
+/// What this node's SWIM has done, for the agent's metrics. Counted, never read back.
+#[derive(Debug, Default)]
+pub struct SwimStats {
+    /// Direct probes sent.
+    pub probes: Counter,
+    /// Indirect probes asked of others.
+    pub indirect_probes: Counter,
+    /// Members this node turned suspect.
+    pub suspicions: Counter,
+    /// Suspicions of this node that it refuted (each bumps its incarnation).
+    pub refutations: Counter,
+    /// SWIM and metadata datagram bytes received.
+    pub bytes_in: Counter,
+    /// SWIM and metadata datagram bytes sent.
+    pub bytes_out: Counter,
 }
 
 impl Swim {
@@ -353,6 +374,8 @@ impl Swim {
             active: false,
             suspected: BTreeMap::new(),
             left: false,
+            stats: Default::default(),
+            incarnation: 0,
         };
         swim.members.insert(
             identity.id,
@@ -443,6 +466,7 @@ impl Swim {
         bytes: &[u8],
         now: Instant,
     ) -> Result<(), PacketError> {
+        self.stats.bytes_in.inc_by(bytes.len() as u64);
         let result = match wire::decode_datagram(bytes)? {
             Datagram::Swim(packet) => {
                 let (header, _) =
@@ -511,7 +535,16 @@ impl Swim {
 
     /// The next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<(NodeIdentity, Bytes)> {
-        self.outbox.pop_front()
+        let next = self.outbox.pop_front();
+        if let Some((_, bytes)) = &next {
+            self.stats.bytes_out.inc_by(bytes.len() as u64);
+        }
+        next
+    }
+
+    /// What this node's SWIM has done so far.
+    pub fn stats(&self) -> Arc<SwimStats> {
+        self.stats.clone()
     }
 
     /// The next membership event.
@@ -552,6 +585,24 @@ impl Swim {
 
     fn drain_runtime(&mut self, now: Instant) {
         while let Some((to, packet)) = self.runtime.to_send() {
+            match postcard::take_from_bytes::<foca::Header<NodeIdentity>>(&packet) {
+                Ok((header, _)) => {
+                    // foca raises its own incarnation only to refute a suspicion of itself,
+                    // and every packet it sends carries it.
+                    if header.src_incarnation > self.incarnation {
+                        self.stats
+                            .refutations
+                            .inc_by(u64::from(header.src_incarnation - self.incarnation));
+                    }
+                    self.incarnation = header.src_incarnation;
+                    match header.message {
+                        foca::Message::Ping(_) => self.stats.probes.inc(),
+                        foca::Message::PingReq { .. } => self.stats.indirect_probes.inc(),
+                        _ => 0,
+                    }
+                }
+                Err(_) => 0,
+            };
             self.outbox.push_back((to, wire::encode_swim(&packet)));
         }
         while let Some((after, timer)) = self.runtime.to_schedule() {
@@ -652,6 +703,9 @@ impl Swim {
             return;
         }
         entry.state = state;
+        if state == MemberState::Suspect {
+            self.stats.suspicions.inc();
+        }
         let id = identity.id;
         self.events.push_back(match state {
             MemberState::Alive => MemberEvent::Up(id),
@@ -664,6 +718,7 @@ impl Swim {
     /// Brings the member table in line with foca and the metadata table after any input.
     fn after_input(&mut self, now: Instant) {
         self.drain_runtime(now);
+
         let size = self.foca.num_members() + 1;
         if self.config.transmissions_for(size) != self.config.transmissions_for(self.tuned_for)
             && let Err(e) = self.foca.set_config(self.config.foca(size))

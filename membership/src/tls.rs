@@ -605,15 +605,15 @@ impl rustls::server::ResolvesServerCert for ServingCert {
 /// The client side of the HTTPS API: the server must present a node certificate signed by
 /// the cluster CA `ca_der`, whatever address it was dialled at (node certificates name nodes,
 /// not addresses).
-pub fn api_client_config(ca_der: CertificateDer<'static>) -> Result<rustls::ClientConfig, TlsError> {
+pub fn api_client_config(
+    ca_der: CertificateDer<'static>,
+) -> Result<rustls::ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     roots.add(ca_der)?;
-    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider(),
-    )
-    .build()
-    .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()

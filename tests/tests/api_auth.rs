@@ -47,7 +47,13 @@ fn the_api_refuses_missing_wrong_revoked_expired_and_narrow_tokens() {
     }
     .to_string();
     let wrong_local = format!("blxlocal1.{}", "0".repeat(64));
-    for token in [None, Some(""), Some("hello"), Some(&forged), Some(&wrong_local)] {
+    for token in [
+        None,
+        Some(""),
+        Some("hello"),
+        Some(&forged),
+        Some(&wrong_local),
+    ] {
         for agent in [l, f] {
             let (status, body) = http(agent.api, token, "POST", "/v1/tokens", mint);
             assert_eq!(status, 401, "{token:?}: {body}");
@@ -65,7 +71,11 @@ fn the_api_refuses_missing_wrong_revoked_expired_and_narrow_tokens() {
     for (method, path, body) in [
         ("PUT", "/v1/kv/k", &b"v"[..]),
         ("POST", "/v1/tokens", &mint[..]),
-        ("POST", "/v1/vms", br#"{"name":"x","command":["/bin/true"]}"#),
+        (
+            "POST",
+            "/v1/vms",
+            br#"{"name":"x","command":["/bin/true"]}"#,
+        ),
         ("POST", "/v1/agent/leave", b""),
     ] {
         for agent in [l, f] {
@@ -90,10 +100,7 @@ fn the_api_refuses_missing_wrong_revoked_expired_and_narrow_tokens() {
         assert!(ok, "{err}");
         serde_json::from_str(&out).unwrap()
     };
-    let id = list(l)
-        .into_iter()
-        .find(|t| t["name"] == "deploy")
-        .unwrap()["id"]
+    let id = list(l).into_iter().find(|t| t["name"] == "deploy").unwrap()["id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -116,7 +123,10 @@ fn the_api_refuses_missing_wrong_revoked_expired_and_narrow_tokens() {
     for (args, expect) in [
         (&["--name", "has space", "--scope", "read"][..], "name"),
         (&["--name", "x", "--scope", "admin"][..], "unknown scope"),
-        (&["--name", "x", "--scope", "read", "--ttl", "2y"][..], "unit must be"),
+        (
+            &["--name", "x", "--scope", "read", "--ttl", "2y"][..],
+            "unit must be",
+        ),
     ] {
         let mut all = vec!["api-token", "create"];
         all.extend_from_slice(args);
@@ -127,7 +137,11 @@ fn the_api_refuses_missing_wrong_revoked_expired_and_narrow_tokens() {
     assert!(!ok && err.contains("empty"), "{err}");
 
     tracing::info!("--- nothing that was refused was applied");
-    assert_eq!(join_tokens(l), tokens, "a refused request minted a join token");
+    assert_eq!(
+        join_tokens(l),
+        tokens,
+        "a refused request minted a join token"
+    );
     let (ok, out, err) = l.run(&["kv", "get", "k"]);
     assert!(ok && out.trim() == "from-writer", "{out} {err}");
     let names: Vec<String> = list(f)
@@ -167,9 +181,8 @@ impl Isolated {
     /// answer.
     fn plain_http(&self, request: &str) -> String {
         let (host, port) = self.addr.split_once(':').unwrap();
-        let script = format!(
-            "exec 3<>/dev/tcp/{host}/{port}; printf '%s' \"$REQ\" >&3; timeout 5 cat <&3"
-        );
+        let script =
+            format!("exec 3<>/dev/tcp/{host}/{port}; printf '%s' \"$REQ\" >&3; timeout 5 cat <&3");
         let out = self
             .ns
             .exec(&["bash", "-c", &script])
@@ -225,8 +238,7 @@ fn beyond_loopback_the_api_speaks_only_https() {
     let logs = || std::fs::read_to_string(&log).unwrap_or_default();
     wait_until(Duration::from_secs(60), "the agent leads", || {
         let (ok, out, _) = node.blx(&["status", "-o", "json"]);
-        ok && serde_json::from_str::<serde_json::Value>(&out)
-            .is_ok_and(|s| s["role"] == "leader")
+        ok && serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|s| s["role"] == "leader")
     });
 
     tracing::info!("--- the CLI checks the HTTPS API against the data dir's CA");
@@ -243,11 +255,7 @@ fn beyond_loopback_the_api_speaks_only_https() {
 
     tracing::info!("--- a CA that did not sign the node's certificate is not trusted");
     let wrong_ca = data.join("node.crt");
-    let (ok, _, err) = node.blx(&[
-        "status",
-        "--ca-cert",
-        wrong_ca.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = node.blx(&["status", "--ca-cert", wrong_ca.to_str().unwrap()]);
     assert!(!ok, "a server checked against the wrong CA was trusted");
     assert!(err.contains("UnknownIssuer"), "{err}");
 
@@ -262,5 +270,9 @@ fn beyond_loopback_the_api_speaks_only_https() {
     let answer = node.plain_http(&request);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("HTTPS"), "{answer}");
-    assert_eq!(count(&node), tokens, "the plain-HTTP request minted a token");
+    assert_eq!(
+        count(&node),
+        tokens,
+        "the plain-HTTP request minted a token"
+    );
 }

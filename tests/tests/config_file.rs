@@ -44,7 +44,9 @@ mod toml_like {
         text.lines()
             .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
             .map(|l| {
-                let (k, v) = l.split_once(" = ").unwrap_or_else(|| panic!("not a key: {l}"));
+                let (k, v) = l
+                    .split_once(" = ")
+                    .unwrap_or_else(|| panic!("not a key: {l}"));
                 (k.trim().to_string(), v.trim().to_string())
             })
             .collect()
@@ -79,15 +81,21 @@ fn flags_win_over_variables_which_win_over_the_file() {
             ("BLX_LABELS", "zone=env"),
         ],
     );
-    assert_eq!(t["bind"], "\"127.0.0.1:9301\"", "flag over variable and file");
+    assert_eq!(
+        t["bind"], "\"127.0.0.1:9301\"",
+        "flag over variable and file"
+    );
     assert_eq!(t["vcpus"], "5", "flag over file");
     assert_eq!(t["name"], "\"from-env\"", "variable over file");
     assert_eq!(t["label"], "[\"zone=env\"]", "variable over file");
     assert_eq!(t["api"], "\"127.0.0.1:9102\"", "file over default");
     // BLX_CONFIG names the file as --config does.
-    let out = agent(&["--print-config"], &[("BLX_CONFIG", file.to_str().unwrap())])
-        .output()
-        .unwrap();
+    let out = agent(
+        &["--print-config"],
+        &[("BLX_CONFIG", file.to_str().unwrap())],
+    )
+    .output()
+    .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("from-file"));
 }
 
@@ -97,15 +105,27 @@ fn refused(text: &str, key: &str, reason: &str) {
     let data = dir.path().join("data");
     std::fs::write(&file, text).unwrap();
     let out: Output = agent(
-        &["--config", file.to_str().unwrap(), "--data-dir", data.to_str().unwrap()],
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
         &[],
     )
     .output()
     .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{text:?} was not refused: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{text:?} was not refused: {stderr}"
+    );
     for part in [file.to_str().unwrap(), &format!("`{key}`"), reason] {
-        assert!(stderr.contains(part), "{text:?}: expected {part:?} in: {stderr}");
+        assert!(
+            stderr.contains(part),
+            "{text:?}: expected {part:?} in: {stderr}"
+        );
     }
     assert!(!data.exists(), "{text:?}: the data dir was created");
 }
@@ -113,23 +133,45 @@ fn refused(text: &str, key: &str, reason: &str) {
 #[test]
 fn a_bad_file_is_refused_with_the_file_the_key_and_the_reason() {
     refused("bnid = \"127.0.0.1:1\"\n", "bnid", "unknown key");
-    refused("no-mdns = \"yes\"\n", "no-mdns", "expected true or false, not string");
+    refused(
+        "no-mdns = \"yes\"\n",
+        "no-mdns",
+        "expected true or false, not string",
+    );
     refused("vcpus = [1]\n", "vcpus", "not a list");
-    refused("bind = \"10.0.0.300:7946\"\n", "bind", "invalid socket address");
-    refused("advertise = \"0.0.0.0:7946\"\n", "advertise", "concrete address");
-    refused("cert-validity = \"soon\"\n", "cert-validity", "not a duration");
+    refused(
+        "bind = \"10.0.0.300:7946\"\n",
+        "bind",
+        "invalid socket address",
+    );
+    refused(
+        "advertise = \"0.0.0.0:7946\"\n",
+        "advertise",
+        "concrete address",
+    );
+    refused(
+        "cert-validity = \"soon\"\n",
+        "cert-validity",
+        "not a duration",
+    );
     // A bad variable is refused by the flag's parser too, naming the flag.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let out = agent(&["--data-dir", data.to_str().unwrap()], &[("BLX_VCPUS", "zero")])
-        .output()
-        .unwrap();
+    let out = agent(
+        &["--data-dir", data.to_str().unwrap()],
+        &[("BLX_VCPUS", "zero")],
+    )
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vcpus"));
     assert!(!data.exists(), "a bad variable created the data dir");
-    let out = agent(&["--config", dir.path().join("none.toml").to_str().unwrap()], &[])
-        .output()
-        .unwrap();
+    let out = agent(
+        &["--config", dir.path().join("none.toml").to_str().unwrap()],
+        &[],
+    )
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("none.toml"));
 }
@@ -177,13 +219,18 @@ fn an_agent_runs_from_its_config_file_alone() {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
     };
-    wait_until(Duration::from_secs(60), "the configured agent answers", || {
-        members().is_some()
-    });
+    wait_until(
+        Duration::from_secs(60),
+        "the configured agent answers",
+        || members().is_some(),
+    );
     let table = members().unwrap();
     assert!(table.contains("\"configured\""), "{table}");
     assert!(table.contains("z9"), "{table}");
-    assert!(data.join("api.token").exists(), "the data dir from the file is used");
+    assert!(
+        data.join("api.token").exists(),
+        "the data dir from the file is used"
+    );
 }
 
 #[test]

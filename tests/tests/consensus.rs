@@ -142,10 +142,7 @@ fn a_voter_down_past_the_grace_period_is_replaced_by_a_learner() {
     let victim = cluster
         .agents
         .iter()
-        .position(|a| {
-            a.status()
-                .is_some_and(|s| s["id"] == victim_id)
-        })
+        .position(|a| a.status().is_some_and(|s| s["id"] == victim_id))
         .unwrap();
     cluster.agents[victim].kill();
 
@@ -187,7 +184,11 @@ fn every_acknowledged_write_survives_a_whole_cluster_crash() {
     for (i, a) in cluster.agents.iter().enumerate() {
         wait_until(LONG, "the restarted agent answers", || a.status().is_some());
         let (ok, out, err) = a.run(&["kv", "get", &format!("crash/k{i:02}")]);
-        assert!(ok, "a read right after the restart was refused: {err}\n{}", cluster.logs());
+        assert!(
+            ok,
+            "a read right after the restart was refused: {err}\n{}",
+            cluster.logs()
+        );
         assert_eq!(out, format!("v{i}"));
     }
     cluster.wait_raft(3, 0, LONG);

@@ -24,7 +24,10 @@ fn ready_is_503_while_no_leader_answers_and_200_once_one_does() {
     for a in &cluster.agents {
         wait_until(LONG, "every member is ready", || ready(a).0 == 200);
         let (code, body) = ready(a);
-        assert!(body.contains("\"ready\":true") && body.contains("\"leader\""), "{code} {body}");
+        assert!(
+            body.contains("\"ready\":true") && body.contains("\"leader\""),
+            "{code} {body}"
+        );
         assert_eq!(http(a.api, None, "GET", "/v1/health", b"").0, 200);
     }
 
@@ -40,7 +43,10 @@ fn ready_is_503_while_no_leader_answers_and_200_once_one_does() {
     assert_eq!(http(first.api, None, "GET", "/v1/health", b"").0, 200);
     let (code, body) = ready(first);
     assert_eq!(code, 503, "ready without a quorum: {body}");
-    assert!(body.contains("\"ready\":false") && body.contains("\"reason\""), "{body}");
+    assert!(
+        body.contains("\"ready\":false") && body.contains("\"reason\""),
+        "{body}"
+    );
 
     tracing::info!("--- a second voter back: a leader is elected and answers");
     cluster.agents[1].restart();
@@ -61,7 +67,12 @@ fn the_agent_tells_systemd_it_is_ready_once_it_serves() {
     let data = dir.path().join("data");
     let mut agent = Command::new(blx_bin())
         .args(["agent", "--no-mdns", "--threads", "1"])
-        .args(["--bind", &format!("{ip}:7946"), "--api", &format!("{ip}:7947")])
+        .args([
+            "--bind",
+            &format!("{ip}:7946"),
+            "--api",
+            &format!("{ip}:7947"),
+        ])
         .arg("--data-dir")
         .arg(&data)
         .env("NOTIFY_SOCKET", &socket_path)
@@ -73,9 +84,15 @@ fn the_agent_tells_systemd_it_is_ready_once_it_serves() {
     let mut buf = [0u8; 256];
     let got = socket.recv(&mut buf);
     // Ready means serving: the API answers at once.
-    let health = got
-        .is_ok()
-        .then(|| http(format!("{ip}:7947").parse().unwrap(), None, "GET", "/v1/health", b""));
+    let health = got.is_ok().then(|| {
+        http(
+            format!("{ip}:7947").parse().unwrap(),
+            None,
+            "GET",
+            "/v1/health",
+            b"",
+        )
+    });
     let _ = agent.kill();
     let _ = agent.wait();
     let n = got.expect("no notification from the agent");
@@ -92,9 +109,23 @@ fn every_error_has_one_shape_with_a_stable_code() {
     let cases: [(Option<&str>, &str, &str, &[u8], u16, &str); 5] = [
         (Some(&token), "GET", "/v1/nowhere", b"", 404, "not_found"),
         (None, "GET", "/v1/nowhere", b"", 404, "not_found"),
-        (Some(&token), "DELETE", "/v1/members", b"", 405, "method_not_allowed"),
+        (
+            Some(&token),
+            "DELETE",
+            "/v1/members",
+            b"",
+            405,
+            "method_not_allowed",
+        ),
         (None, "GET", "/v1/members", b"", 401, "unauthorized"),
-        (Some(&token), "POST", "/v1/tokens", b"{\"ttl_secs\":", 400, "bad_request"),
+        (
+            Some(&token),
+            "POST",
+            "/v1/tokens",
+            b"{\"ttl_secs\":",
+            400,
+            "bad_request",
+        ),
     ];
     for (token, method, path, body, status, code) in cases {
         let (got, text) = http(a.api, token, method, path, body);
@@ -102,6 +133,9 @@ fn every_error_has_one_shape_with_a_stable_code() {
         let v: serde_json::Value = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text:?}"));
         assert_eq!(v["code"], code, "{method} {path}: {text}");
-        assert!(v["error"].as_str().is_some_and(|m| !m.is_empty()), "{method} {path}: {text}");
+        assert!(
+            v["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{method} {path}: {text}"
+        );
     }
 }

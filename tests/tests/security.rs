@@ -201,9 +201,8 @@ fn a_member_cannot_speak_for_another() {
     }
 
     tracing::info!("--- a key write forwarded for a read-only API token");
-    let (ok, reader, err) = cluster.agents[leader].run(&[
-        "api-token", "create", "--name", "reader", "--scope", "read",
-    ]);
+    let (ok, reader, err) =
+        cluster.agents[leader].run(&["api-token", "create", "--name", "reader", "--scope", "read"]);
     assert!(ok, "{err}");
     let reader: ApiToken = reader.trim().parse().unwrap();
     let put = RaftCommand::KvPut {
