@@ -304,6 +304,19 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         clock.clone(),
     );
     control.set_cluster(cluster.clone());
+    operator.identified(&crate::telemetry::NodeTelemetry {
+        id: id.to_string(),
+        name: membership.members()[&id]
+            .meta
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default(),
+        zone: config.labels.get("zone").cloned(),
+        render: {
+            let metrics = cluster.metrics.clone();
+            Arc::new(move || metrics.render())
+        },
+    });
     let mut tasks = Vec::new();
     tasks.push({
         let control = control.clone();

@@ -235,8 +235,25 @@ async fn track(
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
     let method = request.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "api.request",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    // A caller's W3C trace context makes this request part of its trace.
+    crate::telemetry::set_parent(
+        &span,
+        request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
+    );
     let started = tokio::time::Instant::now();
-    let response = next.run(request).await;
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
     state.cluster.metrics.api_request(
         &route,
         &method,

@@ -29,6 +29,7 @@ mod metrics;
 mod raft;
 mod renewal;
 pub mod size;
+pub mod telemetry;
 mod worker;
 pub mod world;
 

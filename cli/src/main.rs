@@ -45,13 +45,6 @@ fn main() -> ExitCode {
         // and token hashes, and RocksDB creates them with the process's umask.
         rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BLX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,blx=info,openraft=error"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = cli.command.threads() {
         builder.worker_threads(n);
@@ -63,7 +56,30 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,blx=info,openraft=error"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Only the agent exports telemetry; a client command just logs.
+    let exports = matches!(
+        cli.command,
+        args::Command::Agent(_) | args::Command::Join { .. }
+    );
+    let logging = {
+        let _in_runtime = runtime.enter();
+        if exports {
+            blx::telemetry::init(filter, ansi)
+        } else {
+            blx::telemetry::init_local(filter, ansi)
+        }
+    };
+    if let Err(e) = logging {
+        eprintln!("blx: {e}");
+        return ExitCode::from(2);
+    }
+    let outcome = runtime.block_on(run(cli));
+    // Hand over what is still queued, within a few seconds, before the process ends.
+    blx::telemetry::shutdown();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("blx: {e:#}");

@@ -87,6 +87,8 @@ pub(crate) struct Metrics {
     pub(crate) audit_failures: Counter,
     rss: Gauge,
     open_fds: Gauge,
+    /// What the process's exporters had dropped at the last scrape.
+    dropped_seen: std::sync::Mutex<[u64; 3]>,
     /// When these metrics began: "never heard from a leader" counts from here.
     started: tokio::time::Instant,
 }
@@ -133,6 +135,7 @@ impl Metrics {
             rss: Gauge::default(),
             open_fds: Gauge::default(),
             started: tokio::time::Instant::now(),
+            dropped_seen: Default::default(),
         };
         for signal in ["traces", "metrics", "logs"] {
             m.dropped(signal, 0);
@@ -460,6 +463,18 @@ impl Metrics {
             self.vms.get_or_create(&StateLabel { state }).set(n);
         }
 
+        {
+            use crate::telemetry::{Signal, dropped};
+            let mut seen = self.dropped_seen.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, signal) in [Signal::Traces, Signal::Metrics, Signal::Logs]
+                .into_iter()
+                .enumerate()
+            {
+                let now = dropped(signal);
+                self.dropped(signal.name(), now.saturating_sub(seen[i]));
+                seen[i] = now.max(seen[i]);
+            }
+        }
         let (rss, fds) = process_usage();
         self.rss.set(to_i64(rss));
         self.open_fds.set(to_i64(fds));

@@ -226,7 +226,8 @@ impl Cluster {
             .unwrap_or(Caller::Node);
         self.authorize(caller, &cmd).map_err(ClusterError::Denied)?;
         let started = tokio::time::Instant::now();
-        let outcome = self.write_as(caller, cmd).await;
+        let span = tracing::info_span!("raft.write", command = command_name(&cmd));
+        let outcome = tracing::Instrument::instrument(self.write_as(caller, cmd), span).await;
         if outcome.is_ok() {
             self.metrics
                 .proposal
@@ -240,7 +241,15 @@ impl Cluster {
             Ok(r) => Ok(r),
             Err(ConsensusError::NotLeader { leader }) => {
                 let bytes = self
-                    .forward(leader, SERVICE_WRITE, encode(&(caller, cmd)))
+                    .forward(
+                        leader,
+                        SERVICE_WRITE,
+                        encode(&ForwardedWrite {
+                            caller,
+                            cmd,
+                            traceparent: crate::telemetry::current_traceparent(),
+                        }),
+                    )
                     .await?;
                 match decode::<Result<Response, WriteRefusal>>(&bytes)
                     .map_err(ClusterError::Consensus)?
@@ -497,14 +506,25 @@ impl Cluster {
                 ControlResponse::Service(self.node.serve_rpc(raft_id(from), payload).await)
             }
             SERVICE_WRITE => {
-                let result = match decode::<(Caller, Command)>(payload) {
-                    Ok((caller, cmd)) => match check_forwarded(from, &cmd) {
+                let result = match decode::<ForwardedWrite>(payload) {
+                    Ok(ForwardedWrite {
+                        caller,
+                        cmd,
+                        traceparent,
+                    }) => match check_forwarded(from, &cmd) {
                         Ok(()) => match self.authorize(caller, &cmd) {
-                            Ok(()) => self
-                                .node
-                                .write(cmd)
-                                .await
-                                .map_err(|e| WriteRefusal::Failed(e.to_string())),
+                            Ok(()) => {
+                                let span = tracing::info_span!(
+                                    "raft.forwarded_write",
+                                    otel.kind = "server",
+                                    from = %from,
+                                    command = command_name(&cmd),
+                                );
+                                crate::telemetry::set_parent(&span, traceparent.as_deref());
+                                tracing::Instrument::instrument(self.node.write(cmd), span)
+                                    .await
+                                    .map_err(|e| WriteRefusal::Failed(e.to_string()))
+                            }
                             Err(d) => {
                                 tracing::warn!(%from, %caller, refusal = %d, "forwarded write refused");
                                 Err(WriteRefusal::Denied(d))
@@ -542,6 +562,37 @@ impl Cluster {
             }
             other => ControlResponse::Failed(format!("unknown service {other}")),
         }
+    }
+}
+
+/// A write a member forwards to the leader: who asked, what, and the W3C trace context of
+/// the request it serves (so the leader's part joins the caller's trace). The record is
+/// postcard behind the format version byte, as every message; new fields go at the end.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ForwardedWrite {
+    caller: Caller,
+    cmd: Command,
+    traceparent: Option<String>,
+}
+
+/// A short name for a command, for spans.
+fn command_name(cmd: &Command) -> &'static str {
+    use blx_consensus::workload::WorkloadCommand as W;
+    match cmd {
+        Command::Workload(w) => match w {
+            W::VmCreate { .. } => "vm_create",
+            W::VmSetDesired { .. } => "vm_set_desired",
+            W::VmDelete { .. } => "vm_delete",
+            W::Schedule { .. } => "schedule",
+            W::VmReports { .. } => "vm_reports",
+            _ => "workload",
+        },
+        Command::Batch(_) => "batch",
+        Command::KvPut { .. } => "kv_put",
+        Command::KvDelete { .. } => "kv_delete",
+        Command::ConfigSet { .. } | Command::ConfigRollback => "config",
+        Command::Authority(_) => "authority",
+        _ => "other",
     }
 }
 

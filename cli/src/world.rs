@@ -126,6 +126,8 @@ pub trait Operator: Send + Sync + 'static {
     fn bootstrapped(&self, token: &JoinToken, ttl: Duration);
     /// The agent is admitted and serves its API.
     fn running(&self) {}
+    /// The agent knows its node id: telemetry can name the node, and export its metrics.
+    fn identified(&self, _node: &crate::telemetry::NodeTelemetry) {}
 }
 
 /// The terminal: the token on standard output (so a script can capture it), the rest on
@@ -143,6 +145,10 @@ impl Operator for Terminal {
             ttl.as_secs()
         );
         println!("{token}");
+    }
+
+    fn identified(&self, node: &crate::telemetry::NodeTelemetry) {
+        crate::telemetry::identified(node);
     }
 
     fn running(&self) {

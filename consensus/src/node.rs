@@ -376,7 +376,8 @@ impl ConsensusNode {
         let stats = self.durability.stats();
         stats.pending.inc();
         let started = tokio::time::Instant::now();
-        let outcome = self.propose(cmd).await;
+        let span = tracing::info_span!("raft.propose");
+        let outcome = tracing::Instrument::instrument(self.propose(cmd), span).await;
         stats.pending.dec();
         match &outcome {
             Ok(_) => stats.commit.observe(started.elapsed().as_secs_f64()),

@@ -64,11 +64,24 @@ pub struct Agent {
     pub data_dir: PathBuf,
     child: Option<Child>,
     log: PathBuf,
+    /// Environment variables the agent starts with, beyond the test's own.
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Starts `blx agent` with these extra arguments.
     pub fn start(root: &Path, name: &str, ip: Ipv4Addr, extra: &[String]) -> Agent {
+        Agent::start_with_env(root, name, ip, extra, &[])
+    }
+
+    /// Starts `blx agent` with these extra arguments and environment variables.
+    pub fn start_with_env(
+        root: &Path,
+        name: &str,
+        ip: Ipv4Addr,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> Agent {
         let data_dir = root.join(name);
         let gossip = SocketAddr::from((ip, 7946));
         let api = SocketAddr::from((ip, 7947));
@@ -80,6 +93,7 @@ impl Agent {
             data_dir,
             child: None,
             log,
+            env: env.to_vec(),
         };
         agent.spawn(extra);
         agent
@@ -105,11 +119,31 @@ impl Agent {
             .arg("--no-mdns")
             .args(extra)
             .env("BLX_LOG", "info,blx_membership=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(std::fs::File::create(out).expect("out file"))
             .stderr(log)
             .spawn()
             .expect("spawn blx agent");
         self.child = Some(child);
+    }
+
+    /// Runs a process VM named `name` through this agent (`blx vm run --wait`): a shell that
+    /// prints its readiness line and sleeps. Panics if it does not come up.
+    pub fn run_sleeper(&self, name: &str) {
+        let (ok, _, err) = self.run(&[
+            "vm",
+            "run",
+            name,
+            "--ready-marker",
+            "READY",
+            "--wait",
+            "60s",
+            "--",
+            "sh",
+            "-c",
+            "echo READY; exec sleep 600",
+        ]);
+        assert!(ok, "vm run {name}: {err}");
     }
 
     /// Restarts a stopped agent with the same data dir and no token.
@@ -366,6 +400,7 @@ pub struct Cluster {
     pub token: String,
     net: [u8; 3],
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     /// Root of all data dirs (kept on failure for inspection when BLX_KEEP is set).
     pub root: tempfile::TempDir,
 }
@@ -390,17 +425,27 @@ impl Cluster {
 
     /// Like [`Cluster::bootstrap`], with extra flags for every agent of this cluster.
     pub fn bootstrap_with(extra: &[&str]) -> Cluster {
+        Cluster::bootstrap_with_env(extra, &[])
+    }
+
+    /// Like [`Cluster::bootstrap_with`], with environment variables for every agent.
+    pub fn bootstrap_with_env(extra: &[&str], env: &[(&str, &str)]) -> Cluster {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let root = tempfile::Builder::new()
             .prefix("blx-it-")
             .tempdir()
             .expect("tempdir");
         let net = subnet();
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
-        let first = Agent::start(
+        let first = Agent::start_with_env(
             root.path(),
             "n1",
             Ipv4Addr::new(net[0], net[1], net[2], 1),
             &extra,
+            &env,
         );
         let mut token = String::new();
         wait_until(
@@ -417,6 +462,7 @@ impl Cluster {
             net,
             root,
             extra,
+            env,
         }
     }
 
@@ -441,7 +487,13 @@ impl Cluster {
             self.agents[seed].gossip.to_string(),
         ];
         args.extend(self.extra.iter().cloned());
-        let agent = Agent::start(self.root.path(), &format!("n{k}"), self.ip(k), &args);
+        let agent = Agent::start_with_env(
+            self.root.path(),
+            &format!("n{k}"),
+            self.ip(k),
+            &args,
+            &self.env,
+        );
         self.agents.push(agent);
         self.agents.last().expect("just pushed")
     }

@@ -114,20 +114,7 @@ fn metrics_parse_and_hold_every_family_an_operator_watches() {
     let a = &cluster.agents[0];
     let (code, body) = a.http("PUT", "/v1/kv/metrics/probe", b"one");
     assert_eq!(code, 200, "{body}");
-    let (ok, _, err) = a.run(&[
-        "vm",
-        "run",
-        "sleeper",
-        "--ready-marker",
-        "READY",
-        "--wait",
-        "60s",
-        "--",
-        "sh",
-        "-c",
-        "echo READY; exec sleep 600",
-    ]);
-    assert!(ok, "vm run: {err}");
+    a.run_sleeper("sleeper");
 
     let scrapes: Vec<Scrape> = cluster.agents.iter().map(Scrape::of).collect();
     for (i, s) in scrapes.iter().enumerate() {

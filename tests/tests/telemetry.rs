@@ -1,0 +1,245 @@
+//! OTLP export with real `blx` processes and a real OTLP receiver (mock-collector, in this
+//! test's process, over the network): one `blx vm run` through a follower is one trace across
+//! the follower and the leader; metrics and log records arrive, each naming its node; a
+//! collector that is gone or never answers does not slow writes, and what could not be sent
+//! is counted. Everything is set through the standard `OTEL_*` variables only.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use blx_tests::{Cluster, http, wait_until};
+use mock_collector::{MockServer, Protocol};
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
+    let kv = attrs.iter().find(|kv| kv.key == key)?;
+    match kv.value.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The variables every agent of these tests gets: short batch and export intervals, so the
+/// test need not wait for the defaults.
+fn otel_env(endpoint: &str, protocol: &str) -> Vec<(String, String)> {
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+        ("OTEL_BLRP_SCHEDULE_DELAY", "200"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "1000"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn one_trace_across_nodes(protocol: Protocol, name: &str) {
+    let rt = runtime();
+    let server = rt
+        .block_on(MockServer::builder().protocol(protocol).port(0).start())
+        .expect("start the OTLP receiver");
+    let endpoint = format!("http://{}", server.addr());
+    let env = otel_env(&endpoint, name);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut cluster = Cluster::bootstrap_with_env(&[], &env);
+    cluster.join();
+    cluster.join();
+    cluster.wait_alive(3, LONG);
+    cluster.wait_raft(3, 0, LONG);
+
+    // Through a follower, so the write is forwarded to the leader.
+    let leader = cluster.agents[0].status().unwrap()["leader"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let follower = (0..3)
+        .find(|i| cluster.index_of(&leader) != Some(*i))
+        .unwrap();
+    let leader_ix = cluster.index_of(&leader).unwrap();
+    let follower_id = std::fs::read_to_string(cluster.agents[follower].data_dir.join("node-id"))
+        .unwrap()
+        .trim()
+        .to_string();
+    cluster.agents[follower].run_sleeper("traced");
+
+    // The follower's API span for the create and the leader's span of the forwarded write
+    // share one trace id.
+    let shared = |c: &mock_collector::MockCollector| -> Option<Vec<u8>> {
+        let api: BTreeSet<Vec<u8>> = c
+            .spans()
+            .iter()
+            .filter(|s| {
+                s.span().name == "POST /v1/vms"
+                    && attr(s.resource_attrs(), "service.instance.id").as_deref()
+                        == Some(follower_id.as_str())
+            })
+            .map(|s| s.span().trace_id.clone())
+            .collect();
+        c.spans()
+            .iter()
+            .find(|s| {
+                s.span().name == "raft.forwarded_write"
+                    && attr(s.resource_attrs(), "service.instance.id").as_deref()
+                        == Some(leader.as_str())
+                    && api.contains(&s.span().trace_id)
+            })
+            .map(|s| s.span().trace_id.clone())
+    };
+    let found = rt.block_on(server.wait_until(|c| shared(c).is_some(), LONG));
+    if found.is_err() {
+        let dump = rt.block_on(server.with_collector(|c| {
+            c.spans()
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {:?} {}",
+                        s.span().name,
+                        attr(s.resource_attrs(), "service.instance.id"),
+                        hex(&s.span().trace_id)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }));
+        panic!(
+            "no trace shared by {follower_id} and {leader} (agent {leader_ix}):\n{dump}\n{}",
+            cluster.logs()
+        );
+    }
+    let trace = rt.block_on(server.with_collector(|c| shared(c))).unwrap();
+    assert_eq!(trace.len(), 16);
+    rt.block_on(server.with_collector(|c| {
+        // Every span names its node and the service.
+        for s in c.spans() {
+            assert_eq!(
+                attr(s.resource_attrs(), "service.name").as_deref(),
+                Some("blx")
+            );
+        }
+        // The trace holds the follower's write and the leader's proposal too.
+        let in_trace: BTreeSet<&str> = c
+            .spans()
+            .iter()
+            .filter(|s| s.span().trace_id == trace)
+            .map(|s| s.span().name.as_str())
+            .collect();
+        assert!(
+            in_trace.contains("raft.write") && in_trace.contains("raft.propose"),
+            "{in_trace:?}"
+        );
+    }));
+
+    // Metrics from every node, under their Prometheus names.
+    let ids: BTreeSet<String> = cluster
+        .agents
+        .iter()
+        .map(|a| {
+            std::fs::read_to_string(a.data_dir.join("node-id"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let metric_nodes = |c: &mock_collector::MockCollector| -> BTreeSet<String> {
+        c.metrics()
+            .iter()
+            .filter(|m| m.metric().name == "blx_raft_has_leader")
+            .filter_map(|m| attr(m.resource_attrs(), "service.instance.id"))
+            .collect()
+    };
+    rt.block_on(server.wait_until(|c| metric_nodes(c) == ids, LONG))
+        .expect("blx_raft_has_leader from every node");
+
+    // Log records, with the trace id of the span they were written in.
+    rt.block_on(server.wait_until(
+        |c| {
+            c.logs().iter().any(|l| {
+                attr(l.resource_attrs(), "service.instance.id").is_some()
+                    && l.log_record().trace_id.len() == 16
+            })
+        },
+        LONG,
+    ))
+    .expect("a log record inside a span, from a named node");
+    rt.block_on(server.shutdown()).unwrap();
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn one_vm_run_is_one_trace_over_grpc() {
+    one_trace_across_nodes(Protocol::Grpc, "grpc");
+}
+
+#[test]
+fn one_vm_run_is_one_trace_over_http_protobuf() {
+    one_trace_across_nodes(Protocol::HttpBinary, "http/protobuf");
+}
+
+fn dropped(agent: &blx_tests::Agent, signal: &str) -> f64 {
+    let (code, body) = http(agent.api, None, "GET", "/v1/metrics", b"");
+    assert_eq!(code, 200);
+    let needle = format!("blx_telemetry_dropped_total{{signal=\"{signal}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {needle} in\n{body}"))
+}
+
+/// Writes `n` keys one after another; each must be acknowledged, and none may wait as long
+/// as one export's timeout (1 s here): a write that waited on the exporter would.
+fn write_keys(agent: &blx_tests::Agent, prefix: &str, n: usize) {
+    let mut slowest = Duration::ZERO;
+    for i in 0..n {
+        let started = std::time::Instant::now();
+        let (code, body) = agent.http("PUT", &format!("/v1/kv/{prefix}/{i}"), b"v");
+        assert_eq!(code, 200, "write {i}: {body}");
+        slowest = slowest.max(started.elapsed());
+    }
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a write took {slowest:?} while the collector was {prefix}"
+    );
+}
+
+#[test]
+fn a_collector_that_hangs_or_is_gone_costs_writes_nothing_and_is_counted() {
+    // A receiver that accepts connections and never answers: every export times out.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", hang.local_addr().unwrap());
+    let env = otel_env(&endpoint, "http/protobuf");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cluster = Cluster::bootstrap_with_env(&[], &env);
+    cluster.wait_raft(1, 0, LONG);
+    let a = &cluster.agents[0];
+
+    write_keys(a, "hung", 300);
+    wait_until(
+        LONG,
+        "spans that could not be delivered are counted",
+        || dropped(a, "traces") > 0.0,
+    );
+    let before = dropped(a, "traces");
+
+    // The receiver is gone: connections are refused.
+    drop(hang);
+    write_keys(a, "gone", 300);
+    wait_until(LONG, "the count keeps rising while nobody listens", || {
+        dropped(a, "traces") > before
+    });
+    assert!(dropped(a, "metrics") >= 0.0);
+}
