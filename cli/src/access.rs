@@ -43,7 +43,7 @@ pub(crate) fn local_token(secret: [u8; 32]) -> String {
 /// and snapshots (which hold every key); changes to keys and VMs need `write`; everything
 /// else (tokens, config, nodes, leadership, leave) needs `operator`.
 pub(crate) fn route_scope(method: &Method, path: &str) -> Scope {
-    let operator_only = ["/v1/tokens", "/v1/api-tokens", "/v1/operator/"];
+    let operator_only = ["/v1/tokens", "/v1/api-tokens", "/v1/operator/", "/v1/audit"];
     if operator_only.iter().any(|p| path.starts_with(p)) {
         return Scope::Operator;
     }

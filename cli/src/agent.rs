@@ -302,7 +302,9 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         run_root.clone(),
         id,
         clock.clone(),
-    );
+        &config.data_dir.join("audit"),
+    )
+    .context("cannot open the audit log")?;
     control.set_cluster(cluster.clone());
     operator.identified(&crate::telemetry::NodeTelemetry {
         id: id.to_string(),

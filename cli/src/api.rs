@@ -6,6 +6,7 @@
 //! | `GET /v1/health` | liveness, no auth |
 //! | `GET /v1/ready` | 200 when a Raft leader answers this member, else 503; no auth |
 //! | `GET /v1/metrics` | Prometheus text; no auth unless `--metrics-need-token` |
+//! | `GET /v1/audit?after=SEQ&limit=N` | this node's audit records (operator) |
 //!
 //! Every other route needs a bearer token of the scope [`crate::access::route_scope`] names.
 //! | `GET /v1/agent/self` | this node's id, name and cluster |
@@ -197,7 +198,8 @@ pub(crate) fn router(state: ApiState) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::max(MAX_SNAPSHOT)),
         )
         .route("/v1/api-tokens", post(api_token_create).get(api_token_list))
-        .route("/v1/api-tokens/{id}", delete(api_token_revoke));
+        .route("/v1/api-tokens/{id}", delete(api_token_revoke))
+        .route("/v1/audit", get(audit));
     // Open by default, as etcd's `/metrics` is, so a stock Prometheus can scrape it.
     let (open, authed) = if state.metrics_need_token {
         (Router::new(), authed.route("/v1/metrics", get(metrics)))
@@ -261,6 +263,37 @@ async fn track(
         started.elapsed().as_secs_f64(),
     );
     response
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    /// Only records after this sequence number.
+    #[serde(default)]
+    after: u64,
+    /// At most this many (the newest), 100 by default.
+    limit: Option<usize>,
+}
+
+/// `GET /v1/audit?after=SEQ&limit=N`: this node's audit records (see [`crate::audit`]).
+async fn audit(
+    State(state): State<ApiState>,
+    query: Result<axum::extract::Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Vec<crate::audit::AuditRecord>>, ApiError> {
+    let axum::extract::Query(q) =
+        query.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let audit = state.cluster.audit.clone();
+    tokio::task::spawn_blocking(move || audit.read(q.after, limit))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map(Json)
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the audit log: {e}"),
+            )
+        })
 }
 
 /// `GET /v1/metrics`: every metric in Prometheus text format (see [`crate::metrics`]).

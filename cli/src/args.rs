@@ -46,6 +46,9 @@ pub(crate) enum Command {
     /// Manage API tokens: scoped credentials for the HTTP API and the CLI on other machines.
     #[command(subcommand, name = "api-token")]
     ApiToken(ApiTokenCommand),
+    /// Read the audit log: who changed what, and when.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Show the Raft group: leader, term, indexes, voters and learners.
     Status {
         #[command(flatten)]
@@ -104,6 +107,23 @@ pub(crate) enum TokenCommand {
         api: ApiArgs,
         /// The token id (16 hex digits, from `blx token list`).
         id: String,
+    },
+}
+
+/// `blx audit ...`.
+#[derive(Subcommand, Debug)]
+pub(crate) enum AuditCommand {
+    /// Print this node's latest audit records as JSON lines; with --follow, keep printing new
+    /// ones. Records are written by the node that was leader when the command was proposed.
+    Tail {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// How many of the latest records to print first.
+        #[arg(long, short = 'n', default_value_t = 20)]
+        lines: usize,
+        /// Keep printing records as they are written (until interrupted).
+        #[arg(long, short)]
+        follow: bool,
     },
 }
 

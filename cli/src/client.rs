@@ -230,6 +230,30 @@ pub(crate) async fn token_list(api: &ApiArgs, output: Output) -> anyhow::Result<
     Ok(())
 }
 
+pub(crate) async fn audit_tail(api: &ApiArgs, lines: usize, follow: bool) -> anyhow::Result<()> {
+    let client = Client::new(api)?;
+    let mut after = 0;
+    let mut limit = lines;
+    loop {
+        let records: Vec<blx::audit::AuditRecord> = client
+            .call(
+                reqwest::Method::GET,
+                &format!("/v1/audit?after={after}&limit={limit}"),
+                None,
+            )
+            .await?;
+        for r in &records {
+            println!("{}", serde_json::to_string(r)?);
+            after = after.max(r.seq);
+        }
+        if !follow {
+            return Ok(());
+        }
+        limit = 10_000;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
 pub(crate) async fn token_revoke(api: &ApiArgs, id: &str) -> anyhow::Result<()> {
     let id: blx_membership::token::TokenId = id.parse()?;
     let _: serde_json::Value = Client::new(api)?

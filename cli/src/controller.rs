@@ -67,7 +67,19 @@ pub(crate) async fn run(cluster: Cluster, membership: Membership, mut seed: u64)
 
 /// Proposes `cmd`; true once it is applied.
 async fn propose(cluster: &Cluster, cmd: blx_consensus::workload::WorkloadCommand) -> bool {
-    match cluster.node.write(Command::Workload(cmd)).await {
+    let cmd = Command::Workload(cmd);
+    let outcome = cluster.node.write(cmd.clone()).await;
+    let seen = outcome
+        .as_ref()
+        .map(Clone::clone)
+        .map_err(ToString::to_string);
+    cluster.audit(
+        cluster.self_id,
+        blx_consensus::access::Caller::Node,
+        &cmd,
+        &seen,
+    );
+    match outcome {
         Ok(Ok(_)) => true,
         // Another change got in first; the next pass plans against the new state.
         Ok(Err(e)) => {

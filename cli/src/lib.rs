@@ -20,6 +20,7 @@ pub mod agent;
 pub mod api;
 mod api_tls;
 pub mod api_vms;
+pub mod audit;
 pub mod config;
 mod console;
 mod control;

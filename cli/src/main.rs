@@ -122,6 +122,9 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
             client::api_token_revoke(&api, &id).await
         }
         args::Command::Status { api, output } => client::status(&api, output).await,
+        args::Command::Audit(args::AuditCommand::Tail { api, lines, follow }) => {
+            client::audit_tail(&api, lines, follow).await
+        }
         args::Command::Kv(args::KvCommand::Put {
             api,
             key,

@@ -141,6 +141,8 @@ pub(crate) struct Cluster {
     pub(crate) clock: Arc<dyn crate::world::WallClock>,
     /// This agent's metrics.
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// This node's audit log, written while it leads.
+    pub(crate) audit: Arc<crate::audit::AuditLog>,
 }
 
 impl Cluster {
@@ -151,13 +153,18 @@ impl Cluster {
         run_root: std::path::PathBuf,
         self_id: NodeId,
         clock: Arc<dyn crate::world::WallClock>,
-    ) -> Self {
+        audit_dir: &std::path::Path,
+    ) -> std::io::Result<Self> {
         let metrics = Arc::new(crate::metrics::Metrics::new(
             node.clone(),
             membership.clone(),
             self_id,
         ));
-        Cluster {
+        let audit = Arc::new(crate::audit::AuditLog::open(
+            audit_dir,
+            metrics.audit_failures.clone(),
+        )?);
+        Ok(Cluster {
             node,
             membership,
             transport,
@@ -165,7 +172,20 @@ impl Cluster {
             self_id,
             clock,
             metrics,
-        }
+            audit,
+        })
+    }
+
+    /// Audits a command this node proposed as leader for `node`'s `caller`.
+    pub(crate) fn audit(
+        &self,
+        node: NodeId,
+        caller: Caller,
+        cmd: &Command,
+        outcome: &Result<Response, String>,
+    ) {
+        self.audit
+            .record(self.clock.now_ms(), node, caller, cmd, outcome);
     }
 
     fn leader_addr(&self, leader: u64) -> Option<SocketAddr> {
@@ -237,7 +257,17 @@ impl Cluster {
     }
 
     async fn write_as(&self, caller: Caller, cmd: Command) -> Result<Response, ClusterError> {
-        match self.node.write(cmd.clone()).await {
+        let outcome = self.node.write(cmd.clone()).await;
+        // Audited where the leader decided. A follower refuses a command that fails its own
+        // validation without asking anyone; that changes nothing and is not audited.
+        if !matches!(outcome, Err(ConsensusError::NotLeader { .. })) && self.node.is_leader() {
+            let seen = outcome
+                .as_ref()
+                .map(Clone::clone)
+                .map_err(ToString::to_string);
+            self.audit(self.self_id, caller, &cmd, &seen);
+        }
+        match outcome {
             Ok(r) => Ok(r),
             Err(ConsensusError::NotLeader { leader }) => {
                 let bytes = self
@@ -521,9 +551,14 @@ impl Cluster {
                                     command = command_name(&cmd),
                                 );
                                 crate::telemetry::set_parent(&span, traceparent.as_deref());
-                                tracing::Instrument::instrument(self.node.write(cmd), span)
-                                    .await
-                                    .map_err(|e| WriteRefusal::Failed(e.to_string()))
+                                let outcome = tracing::Instrument::instrument(
+                                    self.node.write(cmd.clone()),
+                                    span,
+                                )
+                                .await
+                                .map_err(|e| e.to_string());
+                                self.audit(from, caller, &cmd, &outcome);
+                                outcome.map_err(WriteRefusal::Failed)
                             }
                             Err(d) => {
                                 tracing::warn!(%from, %caller, refusal = %d, "forwarded write refused");
@@ -576,7 +611,7 @@ struct ForwardedWrite {
 }
 
 /// A short name for a command, for spans.
-fn command_name(cmd: &Command) -> &'static str {
+pub(crate) fn command_name(cmd: &Command) -> &'static str {
     use blx_consensus::workload::WorkloadCommand as W;
     match cmd {
         Command::Workload(w) => match w {

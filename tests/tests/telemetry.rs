@@ -173,6 +173,20 @@ fn one_trace_across_nodes(protocol: Protocol, name: &str) {
         LONG,
     ))
     .expect("a log record inside a span, from a named node");
+
+    // The audit record of the VM's creation, as a log record from the leader.
+    let audit_of_create = |c: &mock_collector::MockCollector| {
+        c.logs().iter().any(|l| {
+            let r = l.log_record();
+            let body = r.body.as_ref().and_then(|b| b.value.as_ref());
+            matches!(body, Some(any_value::Value::StringValue(s)) if s == "audit")
+                && attr(&r.attributes, "command").as_deref() == Some("vm_create")
+                && attr(l.resource_attrs(), "service.instance.id").as_deref()
+                    == Some(leader.as_str())
+        })
+    };
+    rt.block_on(server.wait_until(audit_of_create, LONG))
+        .expect("the audit record of the VM's creation, from the leader");
     rt.block_on(server.shutdown()).unwrap();
 }
 
