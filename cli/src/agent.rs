@@ -188,8 +188,11 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         }
         None => match &token {
             Some(token) => {
-                let (creds, members) =
-                    join_cluster(&config, &endpoint, token, entropy.bytes(), &cids, &clock).await?;
+                let (creds, members) = tracing::Instrument::instrument(
+                    join_cluster(&config, &endpoint, token, entropy.bytes(), &cids, &clock),
+                    tracing::info_span!("agent.join"),
+                )
+                .await?;
                 seeds.extend(members);
                 dir.save_credentials(&creds)?;
                 creds

@@ -340,6 +340,7 @@ pub(crate) async fn vm_create(
         WorkloadCommand::VmCreate {
             spec,
             now_ms: state.cluster.clock.now_ms(),
+            trace: crate::telemetry::current_traceparent(),
         },
     )
     .await?;

@@ -127,8 +127,11 @@ impl AgentControl {
         let failed = |e: String| ControlResponse::Failed(e);
         match request {
             ControlRequest::Join(req) => {
-                self.admit(cluster, &replicated, &ca, &tokens, req, now)
-                    .await
+                tracing::Instrument::instrument(
+                    self.admit(cluster, &replicated, &ca, &tokens, req, now),
+                    tracing::info_span!("agent.admit", otel.kind = "server"),
+                )
+                .await
             }
             ControlRequest::TokenCreate { ttl_secs } => {
                 if ttl_secs == 0 || ttl_secs > crate::duration::MAX_TTL.as_secs() {

@@ -53,8 +53,15 @@ pub(crate) async fn run(cluster: Cluster, membership: Membership, mut seed: u64)
             .metrics
             .scheduling_pass
             .observe(started.elapsed().as_secs_f64());
-        if let Some(cmd) = plan
-            && propose(&cluster, cmd).await
+        let Some(cmd) = plan else {
+            continue;
+        };
+        let span = tracing::info_span!(
+            "scheduler.pass",
+            placements = counts.as_ref().map(|c| c.placements),
+            preemptions = counts.as_ref().map(|c| c.preemptions),
+        );
+        if tracing::Instrument::instrument(propose(&cluster, cmd), span).await
             && let Some(c) = counts
         {
             let m = &cluster.metrics;

@@ -207,8 +207,12 @@ async fn catch_up(cluster: &Cluster) {
 /// A VM placed here: runnable, or not resolvable on this node (reported failed, not started).
 #[derive(Clone, Debug, PartialEq)]
 enum Wanted {
-    Run(Desired),
-    Broken { incarnation: u64, reason: String },
+    /// What to run, and the trace context of the request that created it.
+    Run(Desired, Option<String>),
+    Broken {
+        incarnation: u64,
+        reason: String,
+    },
 }
 
 /// Turns a VM record into what the driver runs, resolving the image on this node.
@@ -248,13 +252,16 @@ fn resolve(vm: &VmRecord, config: &WorkerConfig) -> Wanted {
         }
         BootSource::Command { argv } => boot.command = argv.clone(),
     }
-    Wanted::Run(Desired {
-        name: spec.name.clone(),
-        incarnation: vm.incarnation,
-        spec: boot,
-        state: vm.desired,
-        restart: spec.restart,
-    })
+    Wanted::Run(
+        Desired {
+            name: spec.name.clone(),
+            incarnation: vm.incarnation,
+            spec: boot,
+            state: vm.desired,
+            restart: spec.restart,
+        },
+        vm.trace.clone(),
+    )
 }
 
 /// The worker and what it last saw and said.
@@ -320,7 +327,7 @@ impl Reconciler {
                     .iter()
                     .flatten()
                     .filter_map(|(name, w)| match w {
-                        Wanted::Run(d) => Some((name.clone(), d.clone())),
+                        Wanted::Run(d, _) => Some((name.clone(), d.clone())),
                         Wanted::Broken { .. } => None,
                     })
                     .collect();
@@ -336,7 +343,7 @@ impl Reconciler {
         let observed = self.worker.tick(&self.runnable, now_ms);
         for (name, w) in want {
             let report = match w {
-                Wanted::Run(d) => to_report(d, observed.get(name)),
+                Wanted::Run(d, _) => to_report(d, observed.get(name)),
                 Wanted::Broken {
                     incarnation,
                     reason,
@@ -350,6 +357,11 @@ impl Reconciler {
                 },
             };
             if self.reported.get(name) != Some(&report) {
+                if self.reported.get(name).map(|r| (r.incarnation, r.phase))
+                    != Some((report.incarnation, report.phase))
+                {
+                    lifecycle_step(w, &report);
+                }
                 if self.reports.send(report.clone()).is_err() {
                     return false;
                 }
@@ -359,6 +371,25 @@ impl Reconciler {
         self.reported.retain(|name, _| want.contains_key(name));
         true
     }
+}
+
+/// A span for one step of a VM's life on this node (placed, starting, running, stopped,
+/// failed), in the trace of the request that created the VM.
+fn lifecycle_step(wanted: &Wanted, report: &VmReport) {
+    let span = tracing::info_span!(
+        "vm.lifecycle",
+        otel.name = format!("vm {}", report.phase),
+        vm = %report.name,
+        incarnation = report.incarnation,
+        phase = %report.phase,
+        boot_ms = report.boot_ms,
+    );
+    if let Wanted::Run(_, trace) = wanted {
+        crate::telemetry::set_parent(&span, trace.as_deref());
+    }
+    span.in_scope(|| {
+        tracing::info!(vm = %report.name, phase = %report.phase, reason = report.reason.as_deref().unwrap_or(""), "VM step");
+    });
 }
 
 /// What to tell the leader about one desired VM.

@@ -13,7 +13,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Raft, ServerState};
 use serde::Serialize;
 
-use crate::autopilot::{NodeView, RaftView, plan};
+use crate::autopilot::{NodeView, Plan, RaftView, plan};
 use crate::machine::MachineCell;
 use crate::machine::{Node, Response, StoreError, TypeConfig};
 use crate::mem::{MemLogStore, MemStateMachine};
@@ -537,45 +537,56 @@ impl ConsensusNode {
                 continue;
             }
             tracing::info!(?p, "autopilot");
-            if !self.membership_settled(Duration::from_secs(5)).await {
+            let span = tracing::info_span!(
+                "autopilot.step",
+                add_learners = p.add_learners.len(),
+                voters = p.voters.as_ref().map(|v| v.len()),
+                remove_learners = p.remove_learners.len(),
+            );
+            tracing::Instrument::instrument(self.carry_out(p, &views), span).await;
+        }
+    }
+
+    /// Carries out one autopilot step, once the last membership change is on disk.
+    async fn carry_out(&self, p: Plan, views: &BTreeMap<u64, (NodeView, SocketAddr)>) {
+        if !self.membership_settled(Duration::from_secs(5)).await {
+            return;
+        }
+        for id in &p.add_learners {
+            let Some((_, addr)) = views.get(id) else {
                 continue;
+            };
+            if let Err(e) = self
+                .raft
+                .add_learner(
+                    *id,
+                    Node {
+                        addr: addr.to_string(),
+                    },
+                    false,
+                )
+                .await
+            {
+                tracing::warn!(node = id, error = %e, "add learner");
             }
-            for id in &p.add_learners {
-                let Some((_, addr)) = views.get(id) else {
-                    continue;
-                };
-                if let Err(e) = self
-                    .raft
-                    .add_learner(
-                        *id,
-                        Node {
-                            addr: addr.to_string(),
-                        },
-                        false,
-                    )
-                    .await
-                {
-                    tracing::warn!(node = id, error = %e, "add learner");
-                }
+        }
+        if let Some(voters) = p.voters {
+            if let Err(e) = self
+                .raft
+                .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+                .await
+            {
+                tracing::warn!(error = %e, "change voters");
             }
-            if let Some(voters) = p.voters {
-                if let Err(e) = self
-                    .raft
-                    .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
-                    .await
-                {
-                    tracing::warn!(error = %e, "change voters");
-                }
-            }
-            if !p.remove_learners.is_empty() {
-                let gone: BTreeSet<u64> = p.remove_learners.into_iter().collect();
-                if let Err(e) = self
-                    .raft
-                    .change_membership(ChangeMembers::RemoveNodes(gone), false)
-                    .await
-                {
-                    tracing::warn!(error = %e, "remove learners");
-                }
+        }
+        if !p.remove_learners.is_empty() {
+            let gone: BTreeSet<u64> = p.remove_learners.into_iter().collect();
+            if let Err(e) = self
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(gone), false)
+                .await
+            {
+                tracing::warn!(error = %e, "remove learners");
             }
         }
     }

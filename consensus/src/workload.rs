@@ -24,6 +24,9 @@ pub const MIN_MEMORY_MIB: u64 = 16;
 pub const MAX_VCPUS: u32 = 64;
 /// Highest priority.
 pub const MAX_PRIORITY: u16 = 1000;
+/// Longest W3C trace context kept with a VM (a `traceparent` is 55 characters).
+pub const MAX_TRACE_CONTEXT: usize = 128;
+
 /// Longest reason text kept in state.
 pub const MAX_REASON_LEN: usize = 512;
 
@@ -283,6 +286,8 @@ pub struct VmRecord {
     pub status: VmStatus,
     /// Log index that created it.
     pub create_index: u64,
+    /// The W3C trace context of the request that created it.
+    pub trace: Option<String>,
 }
 
 /// Whether a node is reachable, as the leader's membership sees it.
@@ -403,6 +408,9 @@ pub enum WorkloadCommand {
         spec: VmSpec,
         /// Leader's clock.
         now_ms: u64,
+        /// The W3C trace context of the request that created it, so the node that boots it
+        /// continues that trace.
+        trace: Option<String>,
     },
     /// Start, stop, pause or resume.
     VmSetDesired {
@@ -488,8 +496,13 @@ fn reason(s: &str) -> String {
 impl ClusterState {
     pub(crate) fn validate_workload(&self, cmd: &WorkloadCommand) -> Result<(), CommandError> {
         match cmd {
-            WorkloadCommand::VmCreate { spec, .. } => {
+            WorkloadCommand::VmCreate { spec, trace, .. } => {
                 spec.validate()?;
+                if trace.as_ref().is_some_and(|t| t.len() > MAX_TRACE_CONTEXT) {
+                    return Err(CommandError::InvalidVm(
+                        "the trace context is too long".into(),
+                    ));
+                }
                 if self.vms.contains_key(&spec.name) {
                     return Err(CommandError::VmExists(spec.name.clone()));
                 }
@@ -580,7 +593,11 @@ impl ClusterState {
     /// Applies a validated workload command.
     pub(crate) fn apply_workload(&mut self, index: u64, cmd: &WorkloadCommand) -> WorkloadApplied {
         match cmd {
-            WorkloadCommand::VmCreate { spec, now_ms } => {
+            WorkloadCommand::VmCreate {
+                spec,
+                now_ms,
+                trace,
+            } => {
                 self.vms.insert(
                     spec.name.clone(),
                     VmRecord {
@@ -596,6 +613,7 @@ impl ClusterState {
                             since_ms: *now_ms,
                         },
                         create_index: index,
+                        trace: trace.clone(),
                     },
                 );
                 WorkloadApplied::Vm { incarnation: 1 }
@@ -1010,6 +1028,7 @@ mod tests {
             WorkloadCommand::VmCreate {
                 spec: spec("web", 512, 0),
                 now_ms: 0,
+                trace: None,
             },
         )
         .unwrap();
@@ -1078,6 +1097,7 @@ mod tests {
             WorkloadCommand::VmCreate {
                 spec: spec("big", 4096, 0),
                 now_ms: 0,
+                trace: None,
             },
         )
         .unwrap();
@@ -1103,7 +1123,8 @@ mod tests {
                     &mut i,
                     WorkloadCommand::VmCreate {
                         spec: bad,
-                        now_ms: 2
+                        now_ms: 2,
+                        trace: None,
                     }
                 )
                 .is_err()
@@ -1131,6 +1152,7 @@ mod tests {
             WorkloadCommand::VmCreate {
                 spec: spec("low", 768, 100),
                 now_ms: 0,
+                trace: None,
             },
         )
         .unwrap();
@@ -1141,6 +1163,7 @@ mod tests {
             WorkloadCommand::VmCreate {
                 spec: spec("high", 768, 900),
                 now_ms: 2,
+                trace: None,
             },
         )
         .unwrap();
@@ -1177,6 +1200,7 @@ mod tests {
                 WorkloadCommand::VmCreate {
                     spec: spec(n, 256, 0),
                     now_ms: 0,
+                    trace: None,
                 },
             )
             .unwrap();

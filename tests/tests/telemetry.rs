@@ -141,6 +141,19 @@ fn one_trace_across_nodes(protocol: Protocol, name: &str) {
         );
     }));
 
+    // The node that runs the VM continues the same trace with each step of its life.
+    let vm = cluster.agents[follower].vm("traced").expect("the VM");
+    let host = vm["node"].as_str().expect("placed").to_string();
+    let booted = |c: &mock_collector::MockCollector| {
+        c.spans().iter().any(|s| {
+            s.span().name == "vm running"
+                && s.span().trace_id == trace
+                && attr(s.resource_attrs(), "service.instance.id").as_deref() == Some(host.as_str())
+        })
+    };
+    rt.block_on(server.wait_until(booted, LONG))
+        .expect("the host's `vm running` span in the request's trace");
+
     // Metrics from every node, under their Prometheus names.
     let ids: BTreeSet<String> = cluster
         .agents
