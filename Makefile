@@ -26,9 +26,9 @@ test:
 
 bench:
 	scripts/setup.sh bench
-	cargo build --release -p blx -p blx-simulation
+	cargo build --release -p blx -p blx-simulation -p blx-tests --bins
 	scripts/bench-membership.sh $(CARGO_TARGET_DIR)/release/blx
-	scripts/bench-raft.sh $(CARGO_TARGET_DIR)/release/blx
+	scripts/bench-raft.sh $(CARGO_TARGET_DIR)/release/blx 10 $(CARGO_TARGET_DIR)/release/otlp-sink
 	cargo bench -p blx-scheduler --bench placement
 	scripts/bench-vm-boot.sh $(CARGO_TARGET_DIR)/release/blx
 	scripts/bench-failover.sh $(CARGO_TARGET_DIR)/release/blx

@@ -2,14 +2,17 @@
 # Raft write benchmark: blx's KV API against etcd 3.4 (Debian `etcd-server`), 3 members each on
 # 127.0.0.1, fsync on in both, the same wrk load against each leader in the same invocation.
 #
-#   scripts/bench-raft.sh BLX_BIN [SECONDS]        default 10 s per load
+#   scripts/bench-raft.sh BLX_BIN [SECONDS] [OTLP_SINK]     default 10 s per load
 #
 # For 1 and 64 keep-alive connections, prints writes/s, p50 and p99 latency of PUTs of a
 # 64-byte value (blx: PUT /v1/kv/bench; etcd: POST /v3/kv/put through its JSON gateway).
 # Twice: with each member's default threads (one per core, for both), then with one thread per
 # member for both (blx --threads 1, etcd GOMAXPROCS=1), since the six members share the cores.
+# With OTLP_SINK (the otlp-sink binary of the blx-tests crate), a second table: blx at 64
+# connections with OTLP export off and on (every span, metric and log record sent over gRPC to
+# the sink on 127.0.0.1:4317), alternating, twice each.
 set -euo pipefail
-blx=${1:?usage: $0 BLX_BIN [SECONDS]}; D=${2:-10}
+blx=${1:?usage: $0 BLX_BIN [SECONDS] [OTLP_SINK]}; D=${2:-10}; sink=${3:-}
 for t in etcd etcdctl wrk python3; do command -v $t >/dev/null || { echo "missing $t: scripts/setup.sh bench" >&2; exit 2; }; done
 work=$(mktemp -d)
 cleanup() { exec 2>/dev/null; pkill -9 -f -- "$work" || true; rm -rf "$work"; }
@@ -91,4 +94,38 @@ for threads in default 1; do
   done
   pkill -9 -f -- "$d/" || true
   while pgrep -f -- "$d/" >/dev/null; do sleep 0.1; done
+done
+
+[ -n "$sink" ] || exit 0
+dropped() { # the leader's dropped-telemetry counters, summed
+  curl -s http://127.0.0.41:7947/v1/metrics | awk '/^blx_telemetry_dropped_total/ {s+=$2} END {print s+0}'
+}
+echo
+echo "OTLP export off and on, blx at 64 connections, default threads, wrk ${D}s per row"
+echo
+echo "| round | export | writes/s | p50 (ms) | p99 (ms) | errors | received by the sink | dropped |"
+echo "|---|---|---|---|---|---|---|---|"
+for round in 1 2; do
+  for mode in off on; do
+    d="$work/otlp-$mode-$round"; mkdir -p "$d"
+    if [ "$mode" = on ]; then
+      mkfifo "$d/sink.in"
+      "$sink" grpc 4317 <"$d/sink.in" >"$d/sink.out" 2>&1 & sinkpid=$!
+      exec 9>"$d/sink.in"
+      (export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 OTEL_EXPORTER_OTLP_PROTOCOL=grpc; blx_cluster "$d")
+    else
+      blx_cluster "$d"
+    fi
+    blx_lua "$d"
+    read -r r p50 p99 e < <(run_wrk 64 "http://127.0.0.41:7947/v1/kv/bench" "$work/blx.lua")
+    lost=$(dropped)
+    pkill -9 -f -- "$d/" || true
+    while pgrep -f -- "$d/blx" >/dev/null; do sleep 0.1; done
+    got="-"
+    if [ "$mode" = on ]; then
+      exec 9>&-; wait "$sinkpid" || true
+      got=$(cat "$d/sink.out")
+    fi
+    echo "| $round | $mode | $r | $p50 | $p99 | $e | $got | $lost |"
+  done
 done

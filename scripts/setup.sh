@@ -5,7 +5,7 @@ set -euo pipefail
 case "${1:-run}" in
   run)   pkgs=(procps iproute2 g++ pkg-config clang libclang-dev qemu-system-x86 busybox-static lz4) ;;
   test)  pkgs=(procps iproute2 nftables g++ pkg-config clang libclang-dev qemu-system-x86 busybox-static lz4) ;;
-  bench) pkgs=(procps iproute2 nftables g++ pkg-config serf bc time clang libclang-dev etcd-server etcd-client wrk
+  bench) pkgs=(procps iproute2 nftables g++ pkg-config serf bc time clang libclang-dev etcd-server etcd-client wrk curl
                qemu-system-x86 busybox-static lz4 python3) ;;
   *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
 esac
