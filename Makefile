@@ -26,9 +26,11 @@ test:
 
 bench:
 	scripts/setup.sh bench
-	cargo build --release -p blx -p blx-simulation -p blx-tests --bins
+	cargo build --release -p blx -p blx-simulation
+	# The OTLP receiver for the export on/off rows; a debug build, as `make test` makes it.
+	cargo build -p blx-tests --bin otlp-sink
 	scripts/bench-membership.sh $(CARGO_TARGET_DIR)/release/blx
-	scripts/bench-raft.sh $(CARGO_TARGET_DIR)/release/blx 10 $(CARGO_TARGET_DIR)/release/otlp-sink
+	scripts/bench-raft.sh $(CARGO_TARGET_DIR)/release/blx 10 $(CARGO_TARGET_DIR)/debug/otlp-sink
 	cargo bench -p blx-scheduler --bench placement
 	scripts/bench-vm-boot.sh $(CARGO_TARGET_DIR)/release/blx
 	scripts/bench-failover.sh $(CARGO_TARGET_DIR)/release/blx

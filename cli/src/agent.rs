@@ -407,6 +407,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         images: config.image_dir.clone(),
         readiness: Default::default(),
         metrics_need_token: config.metrics_need_token,
+        openapi: Default::default(),
     });
     let api = net
         .serve_api(config.api, router.clone(), serving)

@@ -7,6 +7,7 @@
 //! | `GET /v1/ready` | 200 when a Raft leader answers this member, else 503; no auth |
 //! | `GET /v1/metrics` | Prometheus text; no auth unless `--metrics-need-token` |
 //! | `GET /v1/audit?after=SEQ&limit=N` | this node's audit records (operator) |
+//! | `GET /v1/openapi.json` | this table as OpenAPI 3.1, from the handlers' attributes; no auth |
 //!
 //! Every other route needs a bearer token of the scope [`crate::access::route_scope`] names.
 //! | `GET /v1/agent/self` | this node's id, name and cluster |
@@ -35,7 +36,6 @@ use std::time::Duration;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use blx_membership::token::TokenId;
 use blx_membership::{Member, Membership, NodeId};
@@ -63,10 +63,12 @@ pub(crate) struct ApiState {
     pub(crate) readiness: Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, Readiness)>>>,
     /// `/v1/metrics` asks for a read token too.
     pub(crate) metrics_need_token: bool,
+    /// The OpenAPI description, made with the router.
+    pub(crate) openapi: Arc<std::sync::OnceLock<serde_json::Value>>,
 }
 
 /// What `GET /v1/ready` answers.
-#[derive(Serialize, Deserialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, Clone, Debug, utoipa::ToSchema)]
 #[allow(missing_docs)] // JSON shapes: each field is the JSON field of that name.
 pub struct Readiness {
     pub ready: bool,
@@ -84,11 +86,12 @@ const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 const READY_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A member as the API and `blx members --output json` show it.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, utoipa::ToSchema)]
 #[allow(missing_docs)] // JSON shapes: each field is the JSON field of that name.
 pub struct MemberView {
     pub id: String,
     pub name: String,
+    #[schema(value_type = String)]
     pub addr: SocketAddr,
     pub state: String,
     pub incarnation: u16,
@@ -96,6 +99,7 @@ pub struct MemberView {
     pub labels: std::collections::BTreeMap<String, String>,
     pub zone: Option<String>,
     pub roles: Vec<String>,
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
     pub endpoints: std::collections::BTreeMap<String, SocketAddr>,
 }
 
@@ -143,76 +147,24 @@ impl IntoResponse for ApiError {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateToken {
     ttl_secs: u64,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 #[allow(missing_docs)] // JSON shapes: each field is the JSON field of that name.
 pub struct CreatedToken {
     pub token: String,
 }
 
-/// The API's routes over `state`.
+/// The API's routes over `state`, and their OpenAPI description, built from the same
+/// `#[utoipa::path]` attributes so that one cannot name a route the other lacks.
 pub(crate) fn router(state: ApiState) -> Router {
-    let authed = Router::new()
-        .route("/v1/agent/self", get(agent_self))
-        .route("/v1/members", get(members))
-        .route("/v1/agent/leave", post(leave))
-        .route("/v1/tokens", post(token_create).get(token_list))
-        .route("/v1/tokens/{id}", delete(token_revoke))
-        .route("/v1/status", get(status))
-        .route("/v1/kv/{*key}", get(kv_get).put(kv_put).delete(kv_delete))
-        .route("/v1/config", get(config_get).put(config_set))
-        .route("/v1/config/history", get(config_history))
-        .route("/v1/config/rollback", post(config_rollback))
-        .layer(axum::extract::DefaultBodyLimit::max(
-            blx_consensus::state::MAX_VALUE_LEN + 1,
-        ))
-        .route("/v1/operator/transfer-leader", post(transfer_leader))
-        .route(
-            "/v1/vms",
-            post(crate::api_vms::vm_create).get(crate::api_vms::vm_list),
-        )
-        .route(
-            "/v1/vms/{name}",
-            get(crate::api_vms::vm_get).delete(crate::api_vms::vm_delete),
-        )
-        .route("/v1/vms/{name}/logs", get(crate::api_vms::vm_logs))
-        .route("/v1/vms/{name}/{action}", post(crate::api_vms::vm_action))
-        .route("/v1/nodes", get(crate::api_vms::node_list))
-        .route(
-            "/v1/nodes/{node}/labels",
-            axum::routing::put(crate::api_vms::node_labels),
-        )
-        .route(
-            "/v1/nodes/{node}/{action}",
-            post(crate::api_vms::node_action),
-        )
-        .route(
-            "/v1/operator/snapshot",
-            get(snapshot_save)
-                .put(snapshot_restore)
-                .layer(axum::extract::DefaultBodyLimit::max(MAX_SNAPSHOT)),
-        )
-        .route("/v1/api-tokens", post(api_token_create).get(api_token_list))
-        .route("/v1/api-tokens/{id}", delete(api_token_revoke))
-        .route("/v1/audit", get(audit));
-    // Open by default, as etcd's `/metrics` is, so a stock Prometheus can scrape it.
-    let (open, authed) = if state.metrics_need_token {
-        (Router::new(), authed.route("/v1/metrics", get(metrics)))
-    } else {
-        (Router::new().route("/v1/metrics", get(metrics)), authed)
-    };
-    let authed = authed.route_layer(axum::middleware::from_fn_with_state(
-        state.clone(),
-        crate::access::authenticate,
-    ));
-    open.route("/v1/health", get(|| async { "ok" }))
-        .route("/v1/ready", get(ready))
-        .merge(authed)
+    let (router, doc) = routes(&state).split_for_parts();
+    let _ = state.openapi.set(describe(doc, state.metrics_need_token));
+    router
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError(
@@ -222,6 +174,117 @@ pub(crate) fn router(state: ApiState) -> Router {
         })
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+/// Every route, with its auth and body limits.
+fn routes(state: &ApiState) -> utoipa_axum::router::OpenApiRouter<ApiState> {
+    use crate::api_vms as vms;
+    use utoipa_axum::{router::OpenApiRouter, routes};
+    // Small bodies: keys, values, config, tokens.
+    let small = OpenApiRouter::new()
+        .routes(routes!(agent_self))
+        .routes(routes!(members))
+        .routes(routes!(leave))
+        .routes(routes!(token_create, token_list))
+        .routes(routes!(token_revoke))
+        .routes(routes!(status))
+        .routes(routes!(kv_get, kv_put, kv_delete))
+        .routes(routes!(config_get, config_set))
+        .routes(routes!(config_history))
+        .routes(routes!(config_rollback))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            blx_consensus::state::MAX_VALUE_LEN + 1,
+        ));
+    let snapshot = OpenApiRouter::new()
+        .routes(routes!(snapshot_save, snapshot_restore))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_SNAPSHOT));
+    let mut authed = small
+        .routes(routes!(transfer_leader))
+        .routes(routes!(vms::vm_create, vms::vm_list))
+        .routes(routes!(vms::vm_get, vms::vm_delete))
+        .routes(routes!(vms::vm_logs))
+        .routes(routes!(vms::vm_action))
+        .routes(routes!(vms::node_list))
+        .routes(routes!(vms::node_labels))
+        .routes(routes!(vms::node_action))
+        .routes(routes!(api_token_create, api_token_list))
+        .routes(routes!(api_token_revoke))
+        .routes(routes!(audit))
+        .merge(snapshot);
+    // Open by default, as etcd's `/metrics` is, so a stock Prometheus can scrape it.
+    let mut open = OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(ready))
+        .routes(routes!(openapi_json));
+    if state.metrics_need_token {
+        authed = authed.routes(routes!(metrics));
+    } else {
+        open = open.routes(routes!(metrics));
+    }
+    let authed = authed.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        crate::access::authenticate,
+    ));
+    open.merge(authed)
+}
+
+/// Routes that answer without a token.
+const OPEN_ROUTES: [&str; 3] = ["/v1/health", "/v1/ready", "/v1/openapi.json"];
+
+/// The finished description: the API's name and version, bearer auth on every route that
+/// needs a token, the one error shape as every operation's default answer, and the KV
+/// route's wildcard written as the plain parameter OpenAPI knows.
+fn describe(doc: utoipa::openapi::OpenApi, metrics_need_token: bool) -> serde_json::Value {
+    let mut doc = serde_json::to_value(doc).unwrap_or_default();
+    doc["info"] = serde_json::json!({
+        "title": "blx",
+        "version": env!("CARGO_PKG_VERSION"),
+        "description": "The blx agent's HTTP API. Every route but health, readiness, this \
+            description and (unless the agent asks for a token) metrics needs a bearer token.",
+    });
+    let components = &mut doc["components"];
+    components["securitySchemes"]["bearer"] =
+        serde_json::json!({"type": "http", "scheme": "bearer"});
+    components["schemas"]["Error"] = serde_json::json!({
+        "type": "object",
+        "required": ["error", "code"],
+        "properties": {
+            "error": {"type": "string", "description": "what went wrong, in words"},
+            "code": {"type": "string", "description": "the status's reason phrase in snake case"},
+        },
+    });
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        if let Some(kv) = paths.remove("/v1/kv/{*key}") {
+            paths.insert("/v1/kv/{key}".into(), kv);
+        }
+        for (path, item) in paths.iter_mut() {
+            let open = OPEN_ROUTES.contains(&path.as_str())
+                || (path == "/v1/metrics" && !metrics_need_token);
+            let Some(item) = item.as_object_mut() else {
+                continue;
+            };
+            for op in item.values_mut() {
+                op["responses"]["default"] = serde_json::json!({
+                    "description": "an error",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                });
+                if !open {
+                    op["security"] = serde_json::json!([{"bearer": []}]);
+                }
+            }
+        }
+    }
+    doc
+}
+
+#[utoipa::path(get, path = "/v1/health", summary = "The process is up (no token)", responses((status = 200, description = "ok", body = String, content_type = "text/plain")))]
+async fn health() -> &'static str {
+    "ok"
+}
+
+#[utoipa::path(get, path = "/v1/openapi.json", summary = "This description of the API (no token)", responses((status = 200, description = "OpenAPI 3.1", body = serde_json::Value)))]
+async fn openapi_json(State(state): State<ApiState>) -> Json<serde_json::Value> {
+    Json(state.openapi.get().cloned().unwrap_or_default())
 }
 
 /// Counts and times every request by its route's pattern (never the raw path, so the label
@@ -276,6 +339,7 @@ struct AuditQuery {
 }
 
 /// `GET /v1/audit?after=SEQ&limit=N`: this node's audit records (see [`crate::audit`]).
+#[utoipa::path(get, path = "/v1/audit", summary = "This node's audit records", params(("after" = Option<u64>, Query, description = "only records after this sequence number"), ("limit" = Option<u64>, Query, description = "at most this many of the newest, 100 by default")), responses((status = 200, body = Vec<crate::audit::AuditRecord>)))]
 async fn audit(
     State(state): State<ApiState>,
     query: Result<axum::extract::Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
@@ -297,6 +361,7 @@ async fn audit(
 }
 
 /// `GET /v1/metrics`: every metric in Prometheus text format (see [`crate::metrics`]).
+#[utoipa::path(get, path = "/v1/metrics", summary = "Every metric, in the Prometheus text format 0.0.4", responses((status = 200, description = "the metrics", body = String, content_type = "text/plain; version=0.0.4")))]
 async fn metrics(State(state): State<ApiState>) -> Response {
     (
         [(
@@ -313,6 +378,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 /// [`READY_WITHIN`]); 503 with the reason otherwise. It needs no token, for load balancers
 /// and systemd, so one check runs at a time and its answer is reused for [`READY_REUSE`]: no
 /// caller can turn the route into load on the leader.
+#[utoipa::path(get, path = "/v1/ready", summary = "A Raft leader has just answered this member (no token)", responses((status = 200, description = "ready", body = Readiness), (status = 503, description = "not ready, and why", body = Readiness)))]
 async fn ready(State(state): State<ApiState>) -> (StatusCode, Json<Readiness>) {
     let mut last = state.readiness.lock().await;
     let now = tokio::time::Instant::now();
@@ -350,6 +416,7 @@ async fn ready(State(state): State<ApiState>) -> (StatusCode, Json<Readiness>) {
     (code, Json(answer))
 }
 
+#[utoipa::path(get, path = "/v1/agent/self", summary = "This node's id, name and cluster", responses((status = 200, body = serde_json::Value)))]
 async fn agent_self(State(state): State<ApiState>) -> Json<serde_json::Value> {
     let members = state.membership.members();
     let me = members.get(&state.self_id).map(MemberView::of);
@@ -358,6 +425,7 @@ async fn agent_self(State(state): State<ApiState>) -> Json<serde_json::Value> {
     )
 }
 
+#[utoipa::path(get, path = "/v1/members", summary = "The member table, as this node sees it", responses((status = 200, body = Vec<MemberView>)))]
 async fn members(State(state): State<ApiState>) -> Json<Vec<MemberView>> {
     Json(
         state
@@ -369,6 +437,7 @@ async fn members(State(state): State<ApiState>) -> Json<Vec<MemberView>> {
     )
 }
 
+#[utoipa::path(post, path = "/v1/agent/leave", summary = "Leave the cluster gracefully and stop", responses((status = 200, body = serde_json::Value)))]
 async fn leave(State(state): State<ApiState>) -> Json<serde_json::Value> {
     // Answer first, then stop: the agent's shutdown path does the leaving.
     let shutdown = state.shutdown.clone();
@@ -390,6 +459,7 @@ fn check_ttl(ttl_secs: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
+#[utoipa::path(post, path = "/v1/tokens", summary = "Create a join token", request_body = CreateToken, responses((status = 200, body = CreatedToken)))]
 async fn token_create(
     State(state): State<ApiState>,
     body: Result<Json<CreateToken>, axum::extract::rejection::JsonRejection>,
@@ -404,6 +474,7 @@ async fn token_create(
     Ok(Json(CreatedToken { token }))
 }
 
+#[utoipa::path(get, path = "/v1/tokens", summary = "List join tokens (ids and status)", responses((status = 200, body = serde_json::Value)))]
 async fn token_list(
     State(state): State<ApiState>,
 ) -> Result<Json<Vec<blx_membership::token::TokenInfo>>, ApiError> {
@@ -415,6 +486,7 @@ async fn token_list(
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e))
 }
 
+#[utoipa::path(delete, path = "/v1/tokens/{id}", summary = "Revoke a join token", params(("id" = String, Path, description = "the token id, 16 hex digits")), responses((status = 200, body = serde_json::Value)))]
 async fn token_revoke(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -450,6 +522,7 @@ pub struct CreatedApiToken {
     pub expires_unix: u64,
 }
 
+#[utoipa::path(post, path = "/v1/api-tokens", summary = "Create an API token (its secret is shown only here)", request_body = serde_json::Value, responses((status = 200, body = serde_json::Value)))]
 async fn api_token_create(
     State(state): State<ApiState>,
     body: Result<Json<CreateApiToken>, axum::extract::rejection::JsonRejection>,
@@ -485,6 +558,7 @@ async fn api_token_create(
     }))
 }
 
+#[utoipa::path(get, path = "/v1/api-tokens", summary = "List API tokens", responses((status = 200, body = serde_json::Value)))]
 async fn api_token_list(
     State(state): State<ApiState>,
 ) -> Result<Json<Vec<blx_consensus::access::ApiTokenInfo>>, ApiError> {
@@ -499,6 +573,7 @@ async fn api_token_list(
     ))
 }
 
+#[utoipa::path(delete, path = "/v1/api-tokens/{id}", summary = "Revoke an API token", params(("id" = String, Path, description = "the token id")), responses((status = 200, body = serde_json::Value)))]
 async fn api_token_revoke(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -562,6 +637,7 @@ fn unexpected(applied: blx_consensus::state::Applied) -> ApiError {
     )
 }
 
+#[utoipa::path(get, path = "/v1/status", summary = "Leader, term, indexes, voters and learners", responses((status = 200, body = serde_json::Value)))]
 async fn status(State(state): State<ApiState>) -> Json<blx_consensus::node::Status> {
     Json(state.cluster.node.status())
 }
@@ -603,6 +679,7 @@ struct KvItem {
     modify_index: u64,
 }
 
+#[utoipa::path(get, path = "/v1/kv/{*key}", summary = "A value (raw body), or with ?recurse the keys under a prefix (JSON)", params(("key" = String, Path, description = "the key; may contain /"), ("cas" = Option<u64>, Query, description = "compare-and-set: only if the key's modify index (0: absent) is this"), ("stale" = Option<bool>, Query, description = "read this node's applied state without asking the leader"), ("recurse" = Option<bool>, Query, description = "list every key under this prefix, as JSON")), responses((status = 200, description = "the value", body = Vec<u8>, content_type = "application/octet-stream")))]
 async fn kv_get(
     State(state): State<ApiState>,
     Path(key): Path<String>,
@@ -632,6 +709,7 @@ async fn kv_get(
     }
 }
 
+#[utoipa::path(put, path = "/v1/kv/{*key}", summary = "Set a value (the raw body)", request_body(content = Vec<u8>, content_type = "application/octet-stream"), params(("key" = String, Path, description = "the key; may contain /"), ("cas" = Option<u64>, Query, description = "compare-and-set: only if the key's modify index (0: absent) is this"), ("stale" = Option<bool>, Query, description = "read this node's applied state without asking the leader"), ("recurse" = Option<bool>, Query, description = "list every key under this prefix, as JSON")), responses((status = 200, body = serde_json::Value)))]
 async fn kv_put(
     State(state): State<ApiState>,
     Path(key): Path<String>,
@@ -652,6 +730,7 @@ async fn kv_put(
     }
 }
 
+#[utoipa::path(delete, path = "/v1/kv/{*key}", summary = "Delete a key", params(("key" = String, Path, description = "the key; may contain /"), ("cas" = Option<u64>, Query, description = "compare-and-set: only if the key's modify index (0: absent) is this"), ("stale" = Option<bool>, Query, description = "read this node's applied state without asking the leader"), ("recurse" = Option<bool>, Query, description = "list every key under this prefix, as JSON")), responses((status = 200, body = serde_json::Value)))]
 async fn kv_delete(
     State(state): State<ApiState>,
     Path(key): Path<String>,
@@ -671,6 +750,7 @@ async fn kv_delete(
     }
 }
 
+#[utoipa::path(get, path = "/v1/config", summary = "The cluster configuration", responses((status = 200, body = serde_json::Value)))]
 async fn config_get(State(state): State<ApiState>) -> Result<Json<serde_json::Value>, ApiError> {
     let s = state.cluster.read(false).await.map_err(cluster_error)?;
     Ok(Json(
@@ -678,6 +758,7 @@ async fn config_get(State(state): State<ApiState>) -> Result<Json<serde_json::Va
     ))
 }
 
+#[utoipa::path(get, path = "/v1/config/history", summary = "Earlier versions of the configuration", responses((status = 200, body = serde_json::Value)))]
 async fn config_history(
     State(state): State<ApiState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -692,6 +773,7 @@ async fn config_history(
     Ok(Json(serde_json::Value::Array(versions)))
 }
 
+#[utoipa::path(put, path = "/v1/config", summary = "Replace the cluster configuration (unknown fields refused)", request_body = serde_json::Value, responses((status = 200, body = serde_json::Value)))]
 async fn config_set(
     State(state): State<ApiState>,
     body: Result<
@@ -724,6 +806,7 @@ fn config_version(
     }
 }
 
+#[utoipa::path(post, path = "/v1/config/rollback", summary = "Restore the previous configuration", responses((status = 200, body = serde_json::Value)))]
 async fn config_rollback(
     State(state): State<ApiState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -739,6 +822,7 @@ struct TransferLeader {
     to: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/operator/transfer-leader", summary = r#"Hand leadership to a voter ({"to": "ID"}, or any)"#, request_body = serde_json::Value, responses((status = 200, body = serde_json::Value)))]
 async fn transfer_leader(
     State(state): State<ApiState>,
     body: Option<Json<TransferLeader>>,
@@ -762,6 +846,7 @@ async fn transfer_leader(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/operator/snapshot", summary = "Save the replicated state", responses((status = 200, body = Vec<u8>, content_type = "application/octet-stream")))]
 async fn snapshot_save(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let s = state.cluster.read(false).await.map_err(cluster_error)?;
     Ok((
@@ -771,6 +856,7 @@ async fn snapshot_save(State(state): State<ApiState>) -> Result<Response, ApiErr
         .into_response())
 }
 
+#[utoipa::path(put, path = "/v1/operator/snapshot", summary = "Restore a saved state", request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 200, body = serde_json::Value)))]
 async fn snapshot_restore(
     State(state): State<ApiState>,
     body: axum::body::Bytes,

@@ -328,6 +328,7 @@ async fn workload(state: &ApiState, cmd: WorkloadCommand) -> Result<WorkloadAppl
     }
 }
 
+#[utoipa::path(post, path = "/v1/vms", summary = "Create a VM (it is placed by the scheduler)", request_body = serde_json::Value, responses((status = 201, body = serde_json::Value)))]
 pub(crate) async fn vm_create(
     State(state): State<ApiState>,
     body: Result<Json<CreateVm>, axum::extract::rejection::JsonRejection>,
@@ -350,6 +351,7 @@ pub(crate) async fn vm_create(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/vms", summary = "List VMs", params(("stale" = Option<bool>, Query, description = "read this node's applied state without asking the leader")), responses((status = 200, body = serde_json::Value)))]
 pub(crate) async fn vm_list(
     State(state): State<ApiState>,
     q: Query,
@@ -375,6 +377,7 @@ fn settled(phase: VmPhase) -> bool {
     )
 }
 
+#[utoipa::path(get, path = "/v1/vms/{name}", summary = "One VM", params(("name" = String, Path, description = "the VM"), ("stale" = Option<bool>, Query, description = "read this node's applied state without asking the leader")), responses((status = 200, body = serde_json::Value)))]
 pub(crate) async fn vm_get(
     State(state): State<ApiState>,
     Path(name): Path<String>,
@@ -439,6 +442,7 @@ pub(crate) async fn vm_get(
     }
 }
 
+#[utoipa::path(delete, path = "/v1/vms/{name}", summary = "Delete a VM; its node stops it", params(("name" = String, Path, description = "the VM")), responses((status = 200, body = serde_json::Value)))]
 pub(crate) async fn vm_delete(
     State(state): State<ApiState>,
     Path(name): Path<String>,
@@ -447,6 +451,7 @@ pub(crate) async fn vm_delete(
     Ok(Json(serde_json::json!({ "deleted": name })))
 }
 
+#[utoipa::path(post, path = "/v1/vms/{name}/{action}", summary = "start, stop, pause or resume a VM", params(("name" = String, Path, description = "the VM"), ("action" = String, Path, description = "start, stop, pause or resume")), responses((status = 200, body = serde_json::Value)))]
 pub(crate) async fn vm_action(
     State(state): State<ApiState>,
     Path((name, action)): Path<(String, String)>,
@@ -476,6 +481,7 @@ pub(crate) async fn vm_action(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/vms/{name}/logs", summary = "The tail of a VM's console, from the node that runs it", params(("name" = String, Path, description = "the VM"), ("stale" = Option<bool>, Query, description = "read this node's applied state without asking the leader")), responses((status = 200, body = String, content_type = "text/plain")))]
 pub(crate) async fn vm_logs(
     State(state): State<ApiState>,
     Path(name): Path<String>,
@@ -505,6 +511,7 @@ pub(crate) async fn vm_logs(
     Ok(([("content-type", "text/plain; charset=utf-8")], bytes).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/nodes", summary = "List nodes", params(("stale" = Option<bool>, Query, description = "read this node's applied state without asking the leader")), responses((status = 200, body = serde_json::Value)))]
 pub(crate) async fn node_list(
     State(state): State<ApiState>,
     q: Query,
@@ -543,6 +550,7 @@ fn find_node(s: &ClusterState, node: &str) -> Result<String, ApiError> {
     }
 }
 
+#[utoipa::path(post, path = "/v1/nodes/{node}/{action}", summary = "cordon, uncordon, drain or remove a node", params(("node" = String, Path, description = "the node id or name"), ("action" = String, Path, description = "cordon, uncordon, drain or remove")), responses((status = 200, body = serde_json::Value)))]
 pub(crate) async fn node_action(
     State(state): State<ApiState>,
     Path((node, action)): Path<(String, String)>,
@@ -613,6 +621,7 @@ pub(crate) struct LabelChange {
     remove: Vec<String>,
 }
 
+#[utoipa::path(put, path = "/v1/nodes/{node}/labels", summary = "Change a node's labels", request_body = serde_json::Value, params(("node" = String, Path, description = "the node id or name")), responses((status = 200, body = serde_json::Value)))]
 pub(crate) async fn node_labels(
     State(state): State<ApiState>,
     Path(node): Path<String>,

@@ -24,7 +24,7 @@ const FILE: &str = "audit.log";
 const OLDER: &str = "audit.log.1";
 
 /// One audit record, as written and as `GET /v1/audit` answers it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 #[allow(missing_docs)] // JSON shapes: each field is the JSON field of that name.
 pub struct AuditRecord {
     /// Numbers this node's records in order, across rotations and restarts.

@@ -549,7 +549,15 @@ pub(crate) async fn transfer_leader(api: &ApiArgs, to: Option<String>) -> anyhow
     Ok(())
 }
 
+/// On a terminal, says what a long command is waiting for.
+fn progress(what: &str) {
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!("blx: {what}...");
+    }
+}
+
 pub(crate) async fn snapshot_save(api: &ApiArgs, file: &std::path::Path) -> anyhow::Result<()> {
+    progress(&format!("saving the cluster's state from {}", api.api));
     let bytes = Client::new(api)?
         .call_raw(reqwest::Method::GET, "/v1/operator/snapshot", None, false)
         .await?;
@@ -562,6 +570,11 @@ pub(crate) async fn snapshot_save(api: &ApiArgs, file: &std::path::Path) -> anyh
 
 pub(crate) async fn snapshot_restore(api: &ApiArgs, file: &std::path::Path) -> anyhow::Result<()> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    progress(&format!(
+        "restoring {} bytes through {} (the leader replicates them to every member)",
+        bytes.len(),
+        api.api
+    ));
     let out = Client::new(api)?
         .call_raw(
             reqwest::Method::PUT,

@@ -57,9 +57,14 @@ pub(crate) async fn vm_create(a: &VmCreateArgs, wait: bool) -> anyhow::Result<()
     let created: VmView = client
         .call(Method::POST, "/v1/vms", Some(serde_json::to_value(&body)?))
         .await?;
-    let view = if wait {
+    if !wait {
+        return print_vm(&created, a.output);
+    }
+    let view = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        watch_vm(&client, &a.name, a.wait).await?
+    } else {
         let waiter = Client::with_timeout(&a.api, a.wait + Duration::from_secs(5))?;
-        let v: VmView = waiter
+        waiter
             .call(
                 Method::GET,
                 &format!(
@@ -69,24 +74,61 @@ pub(crate) async fn vm_create(a: &VmCreateArgs, wait: bool) -> anyhow::Result<()
                 ),
                 None,
             )
-            .await?;
-        if v.phase != "running" {
-            print_vm(&v, a.output)?;
-            anyhow::bail!(
-                "VM {} is {}{}",
-                v.name,
-                v.phase,
-                v.reason
-                    .as_deref()
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default()
-            );
-        }
-        v
-    } else {
-        created
+            .await?
     };
+    if view.phase != "running" {
+        print_vm(&view, a.output)?;
+        anyhow::bail!(
+            "VM {} is {}{}",
+            view.name,
+            view.phase,
+            view.reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+    }
     print_vm(&view, a.output)
+}
+
+/// One line of what a VM is doing, for progress on a terminal.
+fn progress_line(v: &VmView) -> String {
+    let on = v
+        .node_name
+        .as_deref()
+        .or(v.node.as_deref())
+        .map(|n| format!(" on {n}"))
+        .unwrap_or_default();
+    let extra = match (v.phase.as_str(), v.boot_ms, v.reason.as_deref()) {
+        ("running", Some(ms), _) => format!(" (booted in {:.2} s)", ms as f64 / 1000.0),
+        (_, _, Some(r)) => format!(" ({r})"),
+        _ => String::new(),
+    };
+    format!("{}: {}{on}{extra}", v.name, v.phase)
+}
+
+/// Follows a VM until it runs, fails or `within` passes, printing each change of phase on
+/// standard error: the terminal's progress view of `blx vm run`.
+async fn watch_vm(client: &Client, name: &str, within: Duration) -> anyhow::Result<VmView> {
+    let path = format!("/v1/vms/{}", path_segment(name)?);
+    let deadline = tokio::time::Instant::now() + within;
+    let mut last = String::new();
+    loop {
+        let v: VmView = client.call(Method::GET, &path, None).await?;
+        let line = progress_line(&v);
+        if line != last {
+            eprintln!("blx: {line}");
+            last = line;
+        }
+        let settled = matches!(
+            v.phase.as_str(),
+            "running" | "failed" | "exited" | "stopped"
+        );
+        if settled || tokio::time::Instant::now() >= deadline {
+            return Ok(v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn print_vm(v: &VmView, output: Output) -> anyhow::Result<()> {
@@ -269,7 +311,41 @@ pub(crate) async fn node_action(a: &NodeRefArgs, action: &str) -> anyhow::Result
         )
         .await?;
     eprintln!("blx: {action}: {} ({})", n.name, n.id);
+    if action == "drain" && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        watch_drain(&a.api, &n).await?;
+    }
     Ok(())
+}
+
+/// On a terminal, follows a drain until no VM is left on the node (or a minute passes),
+/// printing how many are still there as that changes.
+async fn watch_drain(api: &ApiArgs, n: &NodeView) -> anyhow::Result<()> {
+    let client = Client::new(api)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut last = None;
+    loop {
+        let vms: Vec<VmView> = client.call(Method::GET, "/v1/vms", None).await?;
+        let left = vms
+            .iter()
+            .filter(|v| v.node.as_deref() == Some(n.id.as_str()) && v.phase != "stopped")
+            .count();
+        if last != Some(left) {
+            eprintln!("blx: {}: {left} VM(s) still to move", n.name);
+            last = Some(left);
+        }
+        if left == 0 {
+            eprintln!("blx: {} is drained", n.name);
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!(
+                "blx: {} VM(s) are still on {} (no room elsewhere?); `blx vm list` shows them",
+                left, n.name
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 pub(crate) async fn node_label(

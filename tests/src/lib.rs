@@ -52,6 +52,18 @@ pub struct MemberView {
     pub labels: std::collections::BTreeMap<String, String>,
 }
 
+/// The tail of a `blx vm run` for a process VM that prints its readiness line and sleeps.
+pub const SLEEPER: [&str; 8] = [
+    "--ready-marker",
+    "READY",
+    "--wait",
+    "60s",
+    "--",
+    "sh",
+    "-c",
+    "echo READY; exec sleep 600",
+];
+
 /// One agent process.
 pub struct Agent {
     /// Its name.
@@ -130,19 +142,9 @@ impl Agent {
     /// Runs a process VM named `name` through this agent (`blx vm run --wait`): a shell that
     /// prints its readiness line and sleeps. Panics if it does not come up.
     pub fn run_sleeper(&self, name: &str) {
-        let (ok, _, err) = self.run(&[
-            "vm",
-            "run",
-            name,
-            "--ready-marker",
-            "READY",
-            "--wait",
-            "60s",
-            "--",
-            "sh",
-            "-c",
-            "echo READY; exec sleep 600",
-        ]);
+        let mut args = vec!["vm", "run", name];
+        args.extend_from_slice(&SLEEPER);
+        let (ok, _, err) = self.run(&args);
         assert!(ok, "vm run {name}: {err}");
     }
 
@@ -327,8 +329,10 @@ pub fn http(
     );
     conn.write_all(head.as_bytes()).expect("send");
     conn.write_all(body).expect("send");
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).expect("read");
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).expect("read");
+    // Binary bodies (a snapshot) come back lossily as text; callers look at JSON and status.
+    let reply = String::from_utf8_lossy(&raw).into_owned();
     let status = reply
         .split_whitespace()
         .nth(1)

@@ -139,3 +139,48 @@ fn every_error_has_one_shape_with_a_stable_code() {
         );
     }
 }
+
+#[test]
+fn long_commands_show_progress_on_a_terminal_and_stay_quiet_when_piped() {
+    let cluster = Cluster::bootstrap();
+    cluster.wait_raft(1, 0, LONG);
+    let a = &cluster.agents[0];
+    let vm_run = |name: &str| -> Vec<String> {
+        let mut args: Vec<String> = ["vm", "run", name, "--api", &a.api.to_string(), "--data-dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(a.data_dir.display().to_string());
+        args.extend(blx_tests::SLEEPER.iter().map(|s| s.to_string()));
+        args
+    };
+
+    // Piped: the VM's table on stdout, and no progress lines.
+    let out = Command::new(blx_bin())
+        .args(vm_run("piped"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("piped: "), "progress while piped: {err}");
+
+    // On a terminal (script(1) gives it a pseudo-terminal): each phase as it is reached,
+    // ending with where it runs and how long it took to boot.
+    let quoted: Vec<String> = std::iter::once(blx_bin().display().to_string())
+        .chain(vm_run("onterm"))
+        .map(|s| format!("'{}'", s.replace('\'', r"'\''")))
+        .collect();
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &quoted.join(" "), "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("onterm: running on n1 (booted in "), "{text}");
+}
