@@ -52,9 +52,12 @@ fuzz_target!(|data: &[u8]| {
     let _ = blx_consensus::network::decode_request(data);
     let _ = blx_consensus::machine::MachineData::decode(data);
     let _ = blx_consensus::machine::decode::<(String, u64)>(data);
-    // A forwarded write: who it is for, then the command.
-    if let Ok((caller, cmd)) =
-        blx_consensus::machine::decode::<(blx_consensus::access::Caller, Command)>(data)
+    // A forwarded write: who it is for, the command, and the caller's trace context.
+    if let Ok((caller, cmd, _trace)) = blx_consensus::machine::decode::<(
+        blx_consensus::access::Caller,
+        Command,
+        Option<String>,
+    )>(data)
     {
         let state = with_authority();
         if let (blx_consensus::access::Caller::Token(id), Some(a)) = (caller, &state.authority) {

@@ -185,7 +185,8 @@ fn a_member_cannot_speak_for_another() {
     let forward = |caller: Caller, cmd: &RaftCommand| {
         let request = ControlRequest::Service {
             service: SERVICE_WRITE,
-            payload: encode(&(caller, cmd.clone())),
+            // The forwarded-write envelope: caller, command, trace context.
+            payload: encode(&(caller, cmd.clone(), None::<String>)),
         };
         let answer = rt
             .block_on(exchange(cluster.agents[leader].gossip, tls(), &request))
