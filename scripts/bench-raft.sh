@@ -9,8 +9,9 @@
 # Twice: with each member's default threads (one per core, for both), then with one thread per
 # member for both (blx --threads 1, etcd GOMAXPROCS=1), since the six members share the cores.
 # With OTLP_SINK (the otlp-sink binary of the blx-tests crate), a second table: blx at 64
-# connections with OTLP export off and on (every span, metric and log record sent over gRPC to
-# the sink on 127.0.0.1:4317), alternating, twice each.
+# connections with OTLP export off and on (spans, metrics and log records sent over
+# http/protobuf to the sink on 127.0.0.1:4318, which reads and discards them), alternating,
+# twice each; with every trace kept, and with 1% of traces (OTEL_TRACES_SAMPLER).
 set -euo pipefail
 blx=${1:?usage: $0 BLX_BIN [SECONDS] [OTLP_SINK]}; D=${2:-10}; sink=${3:-}
 for t in etcd etcdctl wrk python3; do command -v $t >/dev/null || { echo "missing $t: scripts/setup.sh bench" >&2; exit 2; }; done
@@ -106,13 +107,15 @@ echo
 echo "| round | export | writes/s | p50 (ms) | p99 (ms) | errors | received by the sink | dropped |"
 echo "|---|---|---|---|---|---|---|---|"
 for round in 1 2; do
-  for mode in off on; do
+  for mode in off on on-1%; do
     d="$work/otlp-$mode-$round"; mkdir -p "$d"
-    if [ "$mode" = on ]; then
+    if [ "$mode" != off ]; then
       mkfifo "$d/sink.in"
-      "$sink" grpc 4317 <"$d/sink.in" >"$d/sink.out" 2>&1 & sinkpid=$!
+      "$sink" 4318 <"$d/sink.in" >"$d/sink.out" 2>&1 & sinkpid=$!
       exec 9>"$d/sink.in"
-      (export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 OTEL_EXPORTER_OTLP_PROTOCOL=grpc; blx_cluster "$d")
+      sampler=always_on; [ "$mode" = on-1% ] && sampler=parentbased_traceidratio
+      (export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
+         OTEL_TRACES_SAMPLER=$sampler OTEL_TRACES_SAMPLER_ARG=0.01; blx_cluster "$d")
     else
       blx_cluster "$d"
     fi
@@ -122,7 +125,7 @@ for round in 1 2; do
     pkill -9 -f -- "$d/" || true
     while pgrep -f -- "$d/blx" >/dev/null; do sleep 0.1; done
     got="-"
-    if [ "$mode" = on ]; then
+    if [ "$mode" != off ]; then
       exec 9>&-; wait "$sinkpid" || true
       got=$(cat "$d/sink.out")
     fi

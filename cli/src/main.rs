@@ -56,8 +56,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BLX_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,blx=info,openraft=error"));
+    let filter = std::env::var("BLX_LOG")
+        .ok()
+        .filter(|f| !f.trim().is_empty())
+        .unwrap_or_else(|| "warn,blx=info,openraft=error".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     // Only the agent exports telemetry; a client command just logs.
     let exports = matches!(
@@ -67,9 +69,9 @@ fn main() -> ExitCode {
     let logging = {
         let _in_runtime = runtime.enter();
         if exports {
-            blx::telemetry::init(filter, ansi)
+            blx::telemetry::init(&filter, ansi)
         } else {
-            blx::telemetry::init_local(filter, ansi)
+            blx::telemetry::init_local(&filter, ansi)
         }
     };
     if let Err(e) = logging {

@@ -246,8 +246,7 @@ impl Cluster {
             .unwrap_or(Caller::Node);
         self.authorize(caller, &cmd).map_err(ClusterError::Denied)?;
         let started = tokio::time::Instant::now();
-        let span = tracing::info_span!("raft.write", command = command_name(&cmd));
-        let outcome = tracing::Instrument::instrument(self.write_as(caller, cmd), span).await;
+        let outcome = self.write_as(caller, cmd).await;
         if outcome.is_ok() {
             self.metrics
                 .proposal

@@ -197,7 +197,11 @@ static PIPELINE: OnceLock<Pipeline> = OnceLock::new();
 /// Sets up logging to standard error (filtered by `filter`) and, where the environment asks
 /// for it, OTLP export of spans and log records. Must run inside the tokio runtime (the gRPC
 /// exporter needs one) and once per process.
-pub fn init(filter: tracing_subscriber::EnvFilter, ansi: bool) -> Result<(), String> {
+pub fn init(filter: &str, ansi: bool) -> Result<(), String> {
+    use tracing_subscriber::Layer as _;
+    // Audit records go to their own file and, as log records, to the collector; not to
+    // standard error, where one line per write would drown everything else.
+    let stderr_filter = parse_filter(&format!("{filter},blx::audit=off"))?;
     let settings = Settings::from_env(|k| std::env::var(k).ok())?;
     let base = base_resource();
     let tracer = match settings.traces {
@@ -208,17 +212,26 @@ pub fn init(filter: tracing_subscriber::EnvFilter, ansi: bool) -> Result<(), Str
         Export::Off => None,
         export => Some(logger_provider(export, &base)?),
     };
-    let traces = tracer
-        .as_ref()
-        .map(|tp| tracing_opentelemetry::layer().with_tracer(tp.tracer("blx")));
-    let logs = logger
-        .as_ref()
-        .map(opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new);
+    let traces = match &tracer {
+        Some(tp) => Some(
+            tracing_opentelemetry::layer()
+                .with_tracer(tp.tracer("blx"))
+                .with_filter(parse_filter(filter)?),
+        ),
+        None => None,
+    };
+    let logs = match &logger {
+        Some(lp) => Some(
+            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(lp)
+                .with_filter(parse_filter(&format!("{filter},blx::audit=info"))?),
+        ),
+        None => None,
+    };
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+        .with_ansi(ansi)
+        .with_filter(stderr_filter);
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(traces)
         .with(logs)
@@ -237,13 +250,19 @@ pub fn init(filter: tracing_subscriber::EnvFilter, ansi: bool) -> Result<(), Str
 }
 
 /// Sets up logging to standard error only, for client commands: they export nothing.
-pub fn init_local(filter: tracing_subscriber::EnvFilter, ansi: bool) -> Result<(), String> {
+pub fn init_local(filter: &str, ansi: bool) -> Result<(), String> {
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(parse_filter(filter)?)
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .try_init()
         .map_err(|e| format!("cannot set up logging: {e}"))
+}
+
+/// A log filter in `BLX_LOG`'s syntax (`warn,blx=info`).
+fn parse_filter(directives: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    tracing_subscriber::EnvFilter::try_new(directives)
+        .map_err(|e| format!("BLX_LOG={directives}: {e}"))
 }
 
 /// The resource every signal starts from: the SDK's (which reads `OTEL_SERVICE_NAME` and

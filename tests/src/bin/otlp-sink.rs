@@ -1,62 +1,66 @@
-//! An OTLP receiver for benchmarks: accepts traces, metrics and logs over gRPC or
-//! HTTP/protobuf on the address given, keeps only counts (it clears what it received every
-//! 200 ms, so a long run does not fill memory), and prints the totals when its standard
-//! input closes.
+//! An OTLP/HTTP receiver for benchmarks that costs the machine as little as a receiver can:
+//! it accepts `POST /v1/traces`, `/v1/metrics` and `/v1/logs` with protobuf bodies, reads
+//! them, answers each with an empty (valid) export response, and keeps only request and byte
+//! counts, which it prints when its standard input closes. It decodes nothing, so a benchmark
+//! measures what exporting costs the agents, not what parsing costs a collector.
 //!
-//!     otlp-sink grpc|http/protobuf PORT
+//!     otlp-sink PORT
 
 use std::io::Read;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use mock_collector::{MockServer, Protocol};
+#[derive(Default)]
+struct Counts {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+}
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let (protocol, port) = match (args.get(1).map(String::as_str), args.get(2)) {
-        (Some("grpc"), Some(p)) => (Protocol::Grpc, p),
-        (Some("http/protobuf"), Some(p)) => (Protocol::HttpBinary, p),
+    let port = match std::env::args().nth(1).map(|p| p.parse::<u16>()) {
+        Some(Ok(p)) => p,
         _ => {
-            eprintln!("usage: otlp-sink grpc|http/protobuf PORT");
+            eprintln!("usage: otlp-sink PORT");
             std::process::exit(2);
         }
     };
-    let Ok(port) = port.parse::<u16>() else {
-        eprintln!("otlp-sink: bad port {port}");
-        std::process::exit(2);
-    };
-    let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let server = match rt.block_on(MockServer::builder().protocol(protocol).port(port).start()) {
-        Ok(s) => s,
+    let counts = Arc::new(Counts::default());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = match rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port))) {
+        Ok(l) => l,
         Err(e) => {
-            eprintln!("otlp-sink: {e}");
+            eprintln!("otlp-sink: cannot listen on 127.0.0.1:{port}: {e}");
             std::process::exit(1);
         }
     };
-    let totals = rt.block_on(async {
-        let (done_tx, mut done) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let _ = std::io::stdin().read_to_end(&mut Vec::new());
-            let _ = done_tx.send(());
-        });
-        let mut totals = (0usize, 0usize, 0usize);
-        let mut closed = false;
-        loop {
-            let (s, m, l) = server
-                .with_collector_mut(|c| {
-                    let counts = (c.spans().len(), c.metrics().len(), c.logs().len());
-                    c.clear();
-                    counts
-                })
-                .await;
-            totals = (totals.0 + s, totals.1 + m, totals.2 + l);
-            if closed {
-                return totals;
-            }
-            tokio::select! {
-                _ = &mut done => closed = true,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
+    let seen = counts.clone();
+    let accept = move |body: axum::body::Bytes| {
+        let seen = seen.clone();
+        async move {
+            seen.requests.fetch_add(1, Ordering::Relaxed);
+            seen.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/x-protobuf")],
+                Vec::<u8>::new(),
+            )
         }
+    };
+    let app = axum::Router::new()
+        .route("/v1/traces", axum::routing::post(accept.clone()))
+        .route("/v1/metrics", axum::routing::post(accept.clone()))
+        .route("/v1/logs", axum::routing::post(accept))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024 * 1024));
+    rt.spawn(async move {
+        let _ = axum::serve(listener, app).await;
     });
-    println!("spans {} metrics {} logs {}", totals.0, totals.1, totals.2);
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    println!(
+        "{} requests, {} MB",
+        counts.requests.load(Ordering::Relaxed),
+        counts.bytes.load(Ordering::Relaxed) / 1_000_000
+    );
 }
