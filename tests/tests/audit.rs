@@ -147,6 +147,13 @@ fn writes_are_audited_on_the_leader_with_who_asked_and_tail_follows() {
     let _ = child.wait();
     assert!(seen, "audit tail --follow printed the new write");
 
+    // Garbage in the query is refused whole, in the one error shape.
+    for q in ["after=abc", "limit=-1", "after=1&bogus=2"] {
+        let (code, body) = leader.http("GET", &format!("/v1/audit?{q}"), b"");
+        assert_eq!(code, 400, "{q}: {body}");
+        assert!(body.contains("\"code\":\"bad_request\""), "{q}: {body}");
+    }
+
     // Reading the audit log is for operators: a write token is not enough.
     let (ok, _, err) = leader.run(&["audit", "tail", "--api-token", token]);
     assert!(!ok && err.contains("operator"), "{err}");
