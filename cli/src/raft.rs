@@ -543,13 +543,19 @@ impl Cluster {
                     }) => match check_forwarded(from, &cmd) {
                         Ok(()) => match self.authorize(caller, &cmd) {
                             Ok(()) => {
-                                let span = tracing::info_span!(
-                                    "raft.forwarded_write",
-                                    otel.kind = "server",
-                                    from = %from,
-                                    command = command_name(&cmd),
-                                );
-                                crate::telemetry::set_parent(&span, traceparent.as_deref());
+                                let tp = traceparent.as_deref();
+                                let span = if crate::telemetry::wants_remote_span(tp) {
+                                    let span = tracing::info_span!(
+                                        "raft.forwarded_write",
+                                        otel.kind = "server",
+                                        from = %from,
+                                        command = command_name(&cmd),
+                                    );
+                                    crate::telemetry::set_parent(&span, tp);
+                                    span
+                                } else {
+                                    tracing::Span::none()
+                                };
                                 let outcome = tracing::Instrument::instrument(
                                     self.node.write(cmd.clone()),
                                     span,

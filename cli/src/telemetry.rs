@@ -216,6 +216,9 @@ pub fn init(filter: &str, ansi: bool) -> Result<(), String> {
         Some(tp) => Some(
             tracing_opentelemetry::layer()
                 .with_tracer(tp.tracer("blx"))
+                // Busy and idle time per span cost two clock reads on every poll of every
+                // instrumented future; the span's own start and end are what operators read.
+                .with_tracked_inactivity(false)
                 .with_filter(parse_filter(filter)?),
         ),
         None => None,
@@ -827,6 +830,22 @@ pub fn current_traceparent() -> Option<String> {
     let mut carrier = std::collections::HashMap::new();
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
     carrier.remove("traceparent")
+}
+
+/// Whether spans are exported and the sampler left `span` out of them: the caller can then
+/// run without it. Spans that are not exported still serve the log lines on standard error.
+pub fn sampled_out(span: &tracing::Span) -> bool {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let exported = PIPELINE.get().is_some_and(|p| p.tracer.is_some());
+    exported && !span.context().span().span_context().is_sampled()
+}
+
+/// Whether a span should be opened for work that a peer asked for with `traceparent`: always
+/// when spans are not exported (they serve the log lines), and otherwise only as part of the
+/// peer's trace, since a peer that sent none had its own request sampled out.
+pub fn wants_remote_span(traceparent: Option<&str>) -> bool {
+    traceparent.is_some() || PIPELINE.get().is_none_or(|p| p.tracer.is_none())
 }
 
 /// Makes `traceparent` (W3C trace context from a request or a message) the parent of

@@ -376,7 +376,13 @@ impl ConsensusNode {
         let stats = self.durability.stats();
         stats.pending.inc();
         let started = tokio::time::Instant::now();
-        let span = tracing::info_span!("raft.propose");
+        // A proposal's span belongs to the trace of whatever asked for it; a write asked for
+        // outside any span (or by a request that tracing sampled out) gets none of its own.
+        let span = if tracing::Span::current().is_none() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!("raft.propose")
+        };
         let outcome = tracing::Instrument::instrument(self.propose(cmd), span).await;
         stats.pending.dec();
         match &outcome {
