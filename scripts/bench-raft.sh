@@ -10,8 +10,9 @@
 # member for both (blx --threads 1, etcd GOMAXPROCS=1), since the six members share the cores.
 # With OTLP_SINK (the otlp-sink binary of the blx-tests crate), a second table: blx at 64
 # connections with OTLP export off and on (spans, metrics and log records sent over
-# http/protobuf to the sink on 127.0.0.1:4318, which reads and discards them), alternating,
-# twice each; with every trace kept, and with 1% of traces (OTEL_TRACES_SAMPLER).
+# http/protobuf to a sink on 127.0.0.1, which reads and discards them), with every trace kept
+# and with 1% of traces (OTEL_TRACES_SAMPLER): three clusters, rows alternating between them,
+# four rounds, then each one's median against export off.
 set -euo pipefail
 blx=${1:?usage: $0 BLX_BIN [SECONDS] [OTLP_SINK]}; D=${2:-10}; sink=${3:-}
 for t in etcd etcdctl wrk python3; do command -v $t >/dev/null || { echo "missing $t: scripts/setup.sh bench" >&2; exit 2; }; done
@@ -36,19 +37,23 @@ PY
 }
 
 # ---- blx ----------------------------------------------------------------------------------------
+no_fifos() { for v in ${!fd_@}; do eval "exec ${!v}>&-"; done; }
+net=40  # members i = 1..3 of a cluster listen on 127.0.0.(net+i)
 start_blx() { # dir i [args]
   local d=$1 i=$2; shift 2
-  "$blx" agent --data-dir "$d/blx$i" --bind "127.0.0.$((40+i)):7946" --api "127.0.0.$((40+i)):7947" --name "b$i" --no-mdns "$@" \
-    >"$d/blx$i.out" 2>"$d/blx$i.log" & disown
+  # Without the sinks' fifos (fd_*): an agent holding one open would keep its sink from ending.
+  ( no_fifos
+    exec "$blx" agent --data-dir "$d/blx$i" --bind "127.0.0.$((net+i)):7946" --api "127.0.0.$((net+i)):7947" --name "b$i" --no-mdns "$@" \
+  ) >"$d/blx$i.out" 2>"$d/blx$i.log" & disown
 }
-voters() { "$blx" status -o json --api 127.0.0.41:7947 --data-dir "$d/blx1" 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(len(s["voters"]) if s["role"]=="leader" and not s["changing"] else 0)' 2>/dev/null || echo 0; }
+voters() { "$blx" status -o json --api "127.0.0.$((net+1)):7947" --data-dir "$d/blx1" 2>/dev/null | python3 -c 'import json,sys; s=json.load(sys.stdin); print(len(s["voters"]) if s["role"]=="leader" and not s["changing"] else 0)' 2>/dev/null || echo 0; }
 blx_cluster() { # dir [agent args]
   local d=$1; shift
   start_blx "$d" 1 "$@"
   until [ -s "$d/blx1.out" ]; do sleep 0.05; done
   local token; token=$(head -n1 "$d/blx1.out")
-  start_blx "$d" 2 --token "$token" --seed 127.0.0.41:7946 "$@"
-  start_blx "$d" 3 --token "$token" --seed 127.0.0.41:7946 "$@"
+  start_blx "$d" 2 --token "$token" --seed "127.0.0.$((net+1)):7946" "$@"
+  start_blx "$d" 3 --token "$token" --seed "127.0.0.$((net+1)):7946" "$@"
   until [ "$(voters)" = 3 ]; do sleep 0.2; done
 }
 blx_lua() { # dir: the load, with the first member's local API token
@@ -98,37 +103,50 @@ for threads in default 1; do
 done
 
 [ -n "$sink" ] || exit 0
+# Three clusters side by side, each idle while another is measured: export off (127.0.0.41-43),
+# on with every trace kept (.51-.53, to a sink on port 4318) and on with 1% of traces (.61-.63,
+# a sink on 4319). The rows alternate between them, so drift in the machine falls on all three.
+modes="off on on-1%"
+declare -A base=([off]=40 [on]=50 [on-1%]=60) port=([on]=4318 [on-1%]=4319) sinkpid=()
+for mode in $modes; do
+  d="$work/otlp-$mode"; mkdir -p "$d"; net=${base[$mode]}
+  if [ "$mode" = off ]; then blx_cluster "$d"; continue; fi
+  mkfifo "$d/sink.in"
+  ( no_fifos; exec "$sink" "${port[$mode]}" ) <"$d/sink.in" >"$d/sink.out" 2>&1 & sinkpid[$net]=$!
+  eval "exec {fd_$net}>\"\$d/sink.in\""
+  sampler=always_on; [ "$mode" = on-1% ] && sampler=parentbased_traceidratio
+  (export OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:${port[$mode]}" OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
+     OTEL_TRACES_SAMPLER=$sampler OTEL_TRACES_SAMPLER_ARG=0.01; blx_cluster "$d")
+done
 dropped() { # the leader's dropped-telemetry counters, summed
-  curl -s http://127.0.0.41:7947/v1/metrics | awk '/^blx_telemetry_dropped_total/ {s+=$2} END {print s+0}'
+  curl -s "http://127.0.0.$((net+1)):7947/v1/metrics" | awk '/^blx_telemetry_dropped_total/ {s+=$2} END {print s+0}'
 }
 echo
 echo "OTLP export off and on, blx at 64 connections, default threads, wrk ${D}s per row"
 echo
-echo "| round | export | writes/s | p50 (ms) | p99 (ms) | errors | received by the sink | dropped |"
-echo "|---|---|---|---|---|---|---|---|"
-for round in 1 2; do
-  for mode in off on on-1%; do
-    d="$work/otlp-$mode-$round"; mkdir -p "$d"
-    if [ "$mode" != off ]; then
-      mkfifo "$d/sink.in"
-      "$sink" 4318 <"$d/sink.in" >"$d/sink.out" 2>&1 & sinkpid=$!
-      exec 9>"$d/sink.in"
-      sampler=always_on; [ "$mode" = on-1% ] && sampler=parentbased_traceidratio
-      (export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
-         OTEL_TRACES_SAMPLER=$sampler OTEL_TRACES_SAMPLER_ARG=0.01; blx_cluster "$d")
-    else
-      blx_cluster "$d"
-    fi
+echo "| round | export | writes/s | p50 (ms) | p99 (ms) | errors | dropped |"
+echo "|---|---|---|---|---|---|---|"
+declare -A all=()
+for round in 1 2 3 4; do
+  for mode in $modes; do
+    d="$work/otlp-$mode"; net=${base[$mode]}
     blx_lua "$d"
-    read -r r p50 p99 e < <(run_wrk 64 "http://127.0.0.41:7947/v1/kv/bench" "$work/blx.lua")
-    lost=$(dropped)
-    pkill -9 -f -- "$d/" || true
-    while pgrep -f -- "$d/blx" >/dev/null; do sleep 0.1; done
-    got="-"
-    if [ "$mode" != off ]; then
-      exec 9>&-; wait "$sinkpid" || true
-      got=$(cat "$d/sink.out")
-    fi
-    echo "| $round | $mode | $r | $p50 | $p99 | $e | $got | $lost |"
+    read -r r p50 p99 e < <(run_wrk 64 "http://127.0.0.$((net+1)):7947/v1/kv/bench" "$work/blx.lua")
+    all[$mode]+="$r "
+    echo "| $round | $mode | $r | $p50 | $p99 | $e | $(dropped) |"
   done
+done
+echo
+echo "| export | median writes/s | against off | received by the sink |"
+echo "|---|---|---|---|"
+off=$(printf '%s\n' ${all[off]} | sort -n | awk '{v[NR]=$1} END {print (v[int((NR+1)/2)]+v[int(NR/2)+1])/2}')
+for mode in $modes; do
+  net=${base[$mode]}; got="-"
+  med=$(printf '%s\n' ${all[$mode]} | sort -n | awk '{v[NR]=$1} END {print (v[int((NR+1)/2)]+v[int(NR/2)+1])/2}')
+  if [ "$mode" != off ]; then
+    pkill -9 -f -- "$work/otlp-$mode/" || true
+    eval "exec {fd_$net}>&-"; wait "${sinkpid[$net]}" || true
+    got=$(cat "$work/otlp-$mode/sink.out")
+  fi
+  echo "| $mode | $med | $(python3 -c "print(f'{($med/$off-1)*100:+.1f}%')") | $got |"
 done
