@@ -4,8 +4,9 @@
 //! caller of every command; a leader change moves the log to the new leader's data dir.
 //!
 //! Records are JSON lines in `<data dir>/audit/audit.log`, rotated to `audit.log.1` (the one
-//! older file kept) when the log passes [`MAX_BYTES`], and are also emitted as log events
-//! with target `blx::audit`, so they leave as OTLP log records when logs are exported.
+//! older file kept) when the log passes [`MAX_BYTES`], and leave as OTLP log records (target
+//! `blx::audit`, body `audit`) when logs are exported. They never go to standard error, where
+//! one line per write would drown everything else.
 //! `GET /v1/audit` and `blx audit tail` read them back.
 
 use std::io::{BufRead, Write};
@@ -101,16 +102,7 @@ impl AuditLog {
             outcome,
         };
         inner.next_seq += 1;
-        tracing::info!(
-            target: "blx::audit",
-            seq = record.seq,
-            node = %record.node,
-            caller = %record.caller,
-            command = %record.command,
-            target_name = record.target.as_deref().unwrap_or(""),
-            outcome = %record.outcome,
-            "audit"
-        );
+        crate::telemetry::audit(&record);
         if let Err(e) = self.append(&mut inner, &record) {
             inner.file = None;
             self.failures.inc();

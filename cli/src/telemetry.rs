@@ -199,9 +199,7 @@ static PIPELINE: OnceLock<Pipeline> = OnceLock::new();
 /// exporter needs one) and once per process.
 pub fn init(filter: &str, ansi: bool) -> Result<(), String> {
     use tracing_subscriber::Layer as _;
-    // Audit records go to their own file and, as log records, to the collector; not to
-    // standard error, where one line per write would drown everything else.
-    let stderr_filter = parse_filter(&format!("{filter},blx::audit=off"))?;
+    let stderr_filter = parse_filter(filter)?;
     let settings = Settings::from_env(|k| std::env::var(k).ok())?;
     let base = base_resource();
     let tracer = match settings.traces {
@@ -226,7 +224,7 @@ pub fn init(filter: &str, ansi: bool) -> Result<(), String> {
     let logs = match &logger {
         Some(lp) => Some(
             opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(lp)
-                .with_filter(parse_filter(&format!("{filter},blx::audit=info"))?),
+                .with_filter(parse_filter(filter)?),
         ),
         None => None,
     };
@@ -830,6 +828,38 @@ pub fn current_traceparent() -> Option<String> {
     let mut carrier = std::collections::HashMap::new();
     opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&cx, &mut carrier));
     carrier.remove("traceparent")
+}
+
+/// Sends `record` to the collector as an OTLP log record (body `audit`, target `blx::audit`,
+/// the record's fields as attributes, and the trace of the current span), when logs are
+/// exported. Straight to the SDK's logger rather than through a `tracing` event: one of these
+/// leaves for every write, and the event would be filtered, visited and copied on its way.
+pub fn audit(record: &crate::audit::AuditRecord) {
+    use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
+    static LOGGER: OnceLock<Option<opentelemetry_sdk::logs::SdkLogger>> = OnceLock::new();
+    let logger = LOGGER.get_or_init(|| {
+        PIPELINE
+            .get()
+            .and_then(|p| p.logger.as_ref())
+            .map(|lp| lp.logger("blx"))
+    });
+    let Some(logger) = logger else {
+        return;
+    };
+    let mut r = logger.create_log_record();
+    r.set_target("blx::audit");
+    r.set_severity_number(opentelemetry::logs::Severity::Info);
+    r.set_severity_text("INFO");
+    r.set_body("audit".into());
+    r.add_attributes([
+        ("seq", opentelemetry::logs::AnyValue::Int(record.seq as i64)),
+        ("node", record.node.clone().into()),
+        ("caller", record.caller.clone().into()),
+        ("command", record.command.clone().into()),
+        ("target_name", record.target.clone().unwrap_or_default().into()),
+        ("outcome", record.outcome.clone().into()),
+    ]);
+    logger.emit(r);
 }
 
 /// Whether spans are exported and the sampler left `span` out of them: the caller can then
