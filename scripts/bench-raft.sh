@@ -127,12 +127,12 @@ echo
 echo "| round | export | writes/s | p50 (ms) | p99 (ms) | errors | dropped |"
 echo "|---|---|---|---|---|---|---|"
 declare -A all=()
-for round in 1 2 3 4; do
+for round in warm-up 1 2 3 4; do  # the warm-up round is printed but not counted
   for mode in $modes; do
     d="$work/otlp-$mode"; net=${base[$mode]}
     blx_lua "$d"
     read -r r p50 p99 e < <(run_wrk 64 "http://127.0.0.$((net+1)):7947/v1/kv/bench" "$work/blx.lua")
-    all[$mode]+="$r "
+    [ "$round" = warm-up ] || all[$mode]+="$r "
     echo "| $round | $mode | $r | $p50 | $p99 | $e | $(dropped) |"
   done
 done
