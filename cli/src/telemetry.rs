@@ -856,7 +856,10 @@ pub fn audit(record: &crate::audit::AuditRecord) {
         ("node", record.node.clone().into()),
         ("caller", record.caller.clone().into()),
         ("command", record.command.clone().into()),
-        ("target_name", record.target.clone().unwrap_or_default().into()),
+        (
+            "target_name",
+            record.target.clone().unwrap_or_default().into(),
+        ),
         ("outcome", record.outcome.clone().into()),
     ]);
     logger.emit(r);
