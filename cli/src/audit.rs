@@ -102,7 +102,21 @@ impl AuditLog {
             outcome,
         };
         inner.next_seq += 1;
-        crate::telemetry::audit(&record);
+        crate::telemetry::emit_log(
+            "blx::audit",
+            "audit",
+            [
+                ("seq", (record.seq as i64).into()),
+                ("node", record.node.clone().into()),
+                ("caller", record.caller.clone().into()),
+                ("command", record.command.clone().into()),
+                (
+                    "target_name",
+                    record.target.clone().unwrap_or_default().into(),
+                ),
+                ("outcome", record.outcome.clone().into()),
+            ],
+        );
         if let Err(e) = self.append(&mut inner, &record) {
             inner.file = None;
             self.failures.inc();

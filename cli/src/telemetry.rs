@@ -830,11 +830,15 @@ pub fn current_traceparent() -> Option<String> {
     carrier.remove("traceparent")
 }
 
-/// Sends `record` to the collector as an OTLP log record (body `audit`, target `blx::audit`,
-/// the record's fields as attributes, and the trace of the current span), when logs are
-/// exported. Straight to the SDK's logger rather than through a `tracing` event: one of these
-/// leaves for every write, and the event would be filtered, visited and copied on its way.
-pub fn audit(record: &crate::audit::AuditRecord) {
+/// Sends one OTLP log record straight to the SDK's logger, when logs are exported: `body`
+/// under `target`, at info, with `attributes` and the trace of the current span. For records
+/// that leave often (an audit record per write), where a `tracing` event would be filtered,
+/// visited and copied on its way to the same logger.
+pub fn emit_log<const N: usize>(
+    target: &'static str,
+    body: &'static str,
+    attributes: [(&'static str, opentelemetry::logs::AnyValue); N],
+) {
     use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
     static LOGGER: OnceLock<Option<opentelemetry_sdk::logs::SdkLogger>> = OnceLock::new();
     let logger = LOGGER.get_or_init(|| {
@@ -847,22 +851,17 @@ pub fn audit(record: &crate::audit::AuditRecord) {
         return;
     };
     let mut r = logger.create_log_record();
-    r.set_target("blx::audit");
+    r.set_target(target);
     r.set_severity_number(opentelemetry::logs::Severity::Info);
     r.set_severity_text("INFO");
-    r.set_body("audit".into());
-    r.add_attributes([
-        ("seq", opentelemetry::logs::AnyValue::Int(record.seq as i64)),
-        ("node", record.node.clone().into()),
-        ("caller", record.caller.clone().into()),
-        ("command", record.command.clone().into()),
-        (
-            "target_name",
-            record.target.clone().unwrap_or_default().into(),
-        ),
-        ("outcome", record.outcome.clone().into()),
-    ]);
+    r.set_body(body.into());
+    r.add_attributes(attributes);
     logger.emit(r);
+}
+
+/// Whether spans leave for a collector.
+fn traces_exported() -> bool {
+    PIPELINE.get().is_some_and(|p| p.tracer.is_some())
 }
 
 /// Whether spans are exported and the sampler left `span` out of them: the caller can then
@@ -870,15 +869,14 @@ pub fn audit(record: &crate::audit::AuditRecord) {
 pub fn sampled_out(span: &tracing::Span) -> bool {
     use opentelemetry::trace::TraceContextExt as _;
     use tracing_opentelemetry::OpenTelemetrySpanExt as _;
-    let exported = PIPELINE.get().is_some_and(|p| p.tracer.is_some());
-    exported && !span.context().span().span_context().is_sampled()
+    traces_exported() && !span.context().span().span_context().is_sampled()
 }
 
 /// Whether a span should be opened for work that a peer asked for with `traceparent`: always
 /// when spans are not exported (they serve the log lines), and otherwise only as part of the
 /// peer's trace, since a peer that sent none had its own request sampled out.
 pub fn wants_remote_span(traceparent: Option<&str>) -> bool {
-    traceparent.is_some() || PIPELINE.get().is_none_or(|p| p.tracer.is_none())
+    traceparent.is_some() || !traces_exported()
 }
 
 /// Makes `traceparent` (W3C trace context from a request or a message) the parent of
