@@ -267,3 +267,90 @@ fn a_collector_that_hangs_or_is_gone_costs_writes_nothing_and_is_counted() {
     });
     assert!(dropped(a, "metrics") >= 0.0);
 }
+
+/// One PUT with `traceparent` set to `value`, the bytes as given; returns the status.
+fn put_with_traceparent(agent: &blx_tests::Agent, key: &str, value: &[u8]) -> u16 {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(agent.api).expect("connect to the API");
+    let mut head = format!(
+        "PUT /v1/kv/{key} HTTP/1.1\r\nHost: blx\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Length: 1\r\ntraceparent: ",
+        agent.local_token()
+    )
+    .into_bytes();
+    head.extend_from_slice(value);
+    head.extend_from_slice(b"\r\n\r\nv");
+    conn.write_all(&head).expect("send");
+    let mut reply = String::new();
+    let _ = conn.read_to_string(&mut reply);
+    reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_garbage_traceparent_is_ignored_and_the_request_starts_its_own_trace() {
+    let rt = runtime();
+    let server = rt
+        .block_on(
+            MockServer::builder()
+                .protocol(Protocol::HttpBinary)
+                .port(0)
+                .start(),
+        )
+        .expect("start the OTLP receiver");
+    let env = otel_env(&format!("http://{}", server.addr()), "http/protobuf");
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cluster = Cluster::bootstrap_with_env(&[], &env);
+    cluster.wait_raft(1, 0, LONG);
+    let a = &cluster.agents[0];
+
+    let long = format!("00-{}-{}-01", "a".repeat(200), "b".repeat(100));
+    let bad: [&[u8]; 5] = [
+        b"garbage",
+        b"00-00000000000000000000000000000000-0000000000000000-01",
+        b"ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        long.as_bytes(),
+        b"00-\xff\xfe-01",
+    ];
+    for (i, value) in bad.iter().enumerate() {
+        assert_eq!(
+            put_with_traceparent(a, &format!("tp/{i}"), value),
+            200,
+            "a write with traceparent {:?}",
+            String::from_utf8_lossy(value)
+        );
+        let (code, body) = a.http("GET", &format!("/v1/kv/tp/{i}"), b"");
+        assert_eq!(
+            (code, body.as_str()),
+            (200, "v"),
+            "the write with bad trace context {i}"
+        );
+    }
+    // Each of those requests is the root of a trace of its own: nothing took the garbage as a
+    // parent.
+    let roots = |c: &mock_collector::MockCollector| {
+        c.spans()
+            .iter()
+            .filter(|s| s.span().name == "PUT /v1/kv/{*key}")
+            .filter(|s| s.span().parent_span_id.is_empty() && s.span().trace_id.len() == 16)
+            .count()
+    };
+    rt.block_on(server.wait_until(|c| roots(c) >= bad.len(), LONG))
+        .expect("one root span per write with a bad traceparent");
+    let (all, with_parent) = rt.block_on(server.with_collector(|c| {
+        let puts: Vec<_> = c
+            .spans()
+            .iter()
+            .filter(|s| s.span().name == "PUT /v1/kv/{*key}")
+            .map(|s| s.span().parent_span_id.is_empty())
+            .collect();
+        (puts.len(), puts.iter().filter(|root| !**root).count())
+    }));
+    assert_eq!(
+        with_parent, 0,
+        "{with_parent} of {all} writes took a bad parent"
+    );
+    rt.block_on(server.shutdown()).unwrap();
+}
