@@ -836,7 +836,7 @@ pub fn current_traceparent() -> Option<String> {
 /// visited and copied on its way to the same logger.
 pub fn emit_log<const N: usize>(
     target: &'static str,
-    body: &'static str,
+    body: impl Into<opentelemetry::logs::AnyValue>,
     attributes: [(&'static str, opentelemetry::logs::AnyValue); N],
 ) {
     use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};

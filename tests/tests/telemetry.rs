@@ -189,8 +189,14 @@ fn one_trace_across_nodes(protocol: Protocol, name: &str) {
         c.logs().iter().any(|l| {
             let r = l.log_record();
             let body = r.body.as_ref().and_then(|b| b.value.as_ref());
-            matches!(body, Some(any_value::Value::StringValue(s)) if s == "audit")
+            // The body is the record's JSON line, as the audit file holds it.
+            let line: Option<serde_json::Value> = match body {
+                Some(any_value::Value::StringValue(s)) => serde_json::from_str(s).ok(),
+                _ => None,
+            };
+            line.is_some_and(|v| v["command"] == "vm_create" && v["outcome"] == "applied")
                 && attr(&r.attributes, "command").as_deref() == Some("vm_create")
+                && attr(&r.attributes, "outcome").as_deref() == Some("applied")
                 && attr(l.resource_attrs(), "service.instance.id").as_deref()
                     == Some(leader.as_str())
         })
@@ -352,5 +358,65 @@ fn a_garbage_traceparent_is_ignored_and_the_request_starts_its_own_trace() {
         with_parent, 0,
         "{with_parent} of {all} writes took a bad parent"
     );
+    rt.block_on(server.shutdown()).unwrap();
+}
+
+/// With `OTEL_TRACES_SAMPLER=always_off` nothing is traced, but the audit trail still leaves:
+/// a sampler chooses traces, not which changes are recorded.
+#[test]
+fn traces_sampled_out_send_no_spans_but_the_audit_records_still_leave() {
+    let rt = runtime();
+    let server = rt
+        .block_on(
+            MockServer::builder()
+                .protocol(Protocol::HttpBinary)
+                .port(0)
+                .start(),
+        )
+        .expect("start the OTLP receiver");
+    let mut env = otel_env(&format!("http://{}", server.addr()), "http/protobuf");
+    env.push(("OTEL_TRACES_SAMPLER".into(), "always_off".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let cluster = Cluster::bootstrap_with_env(&[], &env);
+    cluster.wait_raft(1, 0, LONG);
+    let a = &cluster.agents[0];
+    let (code, _) = a.http("PUT", "/v1/kv/quiet", b"v");
+    assert_eq!(code, 200);
+
+    let audit_of_put = |c: &mock_collector::MockCollector| {
+        c.logs()
+            .iter()
+            .find(|l| {
+                let r = l.log_record();
+                attr(&r.attributes, "command").as_deref() == Some("kv_put")
+                    && matches!(
+                        r.body.as_ref().and_then(|b| b.value.as_ref()),
+                        Some(any_value::Value::StringValue(s)) if s.contains("\"target\":\"quiet\"")
+                    )
+            })
+            .map(|l| l.log_record().trace_id.clone())
+    };
+    let trace_id = rt
+        .block_on(server.wait_until(|c| audit_of_put(c).is_some(), LONG))
+        .map(|_| rt.block_on(server.with_collector(audit_of_put)).unwrap())
+        .expect("the audit record of the write");
+    assert!(
+        trace_id.is_empty(),
+        "a request that was not sampled has no trace, but its audit record names {}",
+        hex(&trace_id)
+    );
+    // Two metric exports later (one a second) the span exporter, which sends every 200 ms,
+    // has had time to send anything it had: it must have had nothing.
+    let exports = |c: &mock_collector::MockCollector| {
+        c.metrics()
+            .iter()
+            .filter(|m| m.metric().name == "blx_raft_has_leader")
+            .count()
+    };
+    let before = rt.block_on(server.with_collector(exports));
+    rt.block_on(server.wait_until(|c| exports(c) >= before + 2, LONG))
+        .expect("two more metric exports");
+    let spans = rt.block_on(server.with_collector(|c| c.spans().len()));
+    assert_eq!(spans, 0, "always_off still sent {spans} spans");
     rt.block_on(server.shutdown()).unwrap();
 }
