@@ -295,9 +295,11 @@ fn put_with_traceparent(agent: &blx_tests::Agent, key: &str, value: &[u8]) -> u1
         .unwrap_or(0)
 }
 
-#[test]
-fn a_garbage_traceparent_is_ignored_and_the_request_starts_its_own_trace() {
-    let rt = runtime();
+/// An OTLP/HTTP receiver and one agent that exports to it, with `extra` variables.
+fn one_agent_exporting(
+    rt: &tokio::runtime::Runtime,
+    extra: &[(&str, &str)],
+) -> (mock_collector::ServerHandle, Cluster) {
     let server = rt
         .block_on(
             MockServer::builder()
@@ -306,10 +308,18 @@ fn a_garbage_traceparent_is_ignored_and_the_request_starts_its_own_trace() {
                 .start(),
         )
         .expect("start the OTLP receiver");
-    let env = otel_env(&format!("http://{}", server.addr()), "http/protobuf");
+    let mut env = otel_env(&format!("http://{}", server.addr()), "http/protobuf");
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let cluster = Cluster::bootstrap_with_env(&[], &env);
     cluster.wait_raft(1, 0, LONG);
+    (server, cluster)
+}
+
+#[test]
+fn a_garbage_traceparent_is_ignored_and_the_request_starts_its_own_trace() {
+    let rt = runtime();
+    let (server, cluster) = one_agent_exporting(&rt, &[]);
     let a = &cluster.agents[0];
 
     let long = format!("00-{}-{}-01", "a".repeat(200), "b".repeat(100));
@@ -366,19 +376,7 @@ fn a_garbage_traceparent_is_ignored_and_the_request_starts_its_own_trace() {
 #[test]
 fn traces_sampled_out_send_no_spans_but_the_audit_records_still_leave() {
     let rt = runtime();
-    let server = rt
-        .block_on(
-            MockServer::builder()
-                .protocol(Protocol::HttpBinary)
-                .port(0)
-                .start(),
-        )
-        .expect("start the OTLP receiver");
-    let mut env = otel_env(&format!("http://{}", server.addr()), "http/protobuf");
-    env.push(("OTEL_TRACES_SAMPLER".into(), "always_off".into()));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let cluster = Cluster::bootstrap_with_env(&[], &env);
-    cluster.wait_raft(1, 0, LONG);
+    let (server, cluster) = one_agent_exporting(&rt, &[("OTEL_TRACES_SAMPLER", "always_off")]);
     let a = &cluster.agents[0];
     let (code, _) = a.http("PUT", "/v1/kv/quiet", b"v");
     assert_eq!(code, 200);
