@@ -273,8 +273,10 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         membership.join(seeds).await?;
     }
 
+    let contact = Arc::new(crate::raft::RaftContact::default());
     let rpc = Arc::new(crate::raft::QuicRpc {
         transport: transport.clone(),
+        contact: contact.clone(),
     });
     let raft_id = crate::raft::raft_id(id);
     let stores = raft.open(raft_id, &config.data_dir)?;
@@ -354,6 +356,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
     tasks.push(tokio::spawn(crate::controller::run(
         cluster.clone(),
         membership.clone(),
+        contact,
         entropy.u64(),
     )));
     let driver_set = drivers(&DriverContext {

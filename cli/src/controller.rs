@@ -15,7 +15,12 @@ use blx_scheduler::Resources;
 use crate::raft::Cluster;
 
 /// Runs until the task is dropped; does work only while this node leads.
-pub(crate) async fn run(cluster: Cluster, membership: Membership, mut seed: u64) {
+pub(crate) async fn run(
+    cluster: Cluster,
+    membership: Membership,
+    contact: std::sync::Arc<crate::raft::RaftContact>,
+    mut seed: u64,
+) {
     let mut applied = cluster.node.subscribe_workload();
     let mut members = membership.watch();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -30,7 +35,7 @@ pub(crate) async fn run(cluster: Cluster, membership: Membership, mut seed: u64)
         if !cluster.node.is_leader() {
             continue;
         }
-        let seen = node_updates(&membership);
+        let seen = node_updates(&membership, |id| contact.fresh(crate::raft::raft_id(id)));
         let changed = cluster.node.with_local_state(|s| node_changes(s, &seen));
         if !changed.is_empty() {
             propose(
@@ -142,8 +147,14 @@ impl PassCounts {
     }
 }
 
-/// Every member as a node record would hold it.
-fn node_updates(membership: &Membership) -> Vec<NodeUpdate> {
+/// Every member as a node record would hold it. A member that gossip says is down but that
+/// `answers_raft` (it answered this leader a moment ago) stays up: see
+/// [`crate::raft::RaftContact`]. Failing it over would stop VMs on a node that runs them and
+/// hears the leader, and place them again elsewhere.
+fn node_updates(
+    membership: &Membership,
+    answers_raft: impl Fn(blx_membership::NodeId) -> bool,
+) -> Vec<NodeUpdate> {
     membership
         .members()
         .values()
@@ -161,6 +172,13 @@ fn node_updates(membership: &Membership) -> Vec<NodeUpdate> {
                 zone: meta.zone.clone(),
                 status: match m.state {
                     MemberState::Alive | MemberState::Suspect => NodeStatus::Up,
+                    MemberState::Down if answers_raft(m.identity.id) => {
+                        tracing::debug!(
+                            node = %m.identity.id,
+                            "gossip says down, but it answered Raft just now: kept up"
+                        );
+                        NodeStatus::Up
+                    }
                     MemberState::Down => NodeStatus::Down,
                     MemberState::Left => NodeStatus::Left,
                 },

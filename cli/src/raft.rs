@@ -51,6 +51,37 @@ pub(crate) fn node_id(raft: u64) -> NodeId {
 /// Carries Raft's bytes on QUIC control streams.
 pub(crate) struct QuicRpc {
     pub(crate) transport: QuicTransport,
+    /// When each peer last answered.
+    pub(crate) contact: Arc<RaftContact>,
+}
+
+/// When each Raft peer last answered this node, by Raft id. On the leader, which sends every
+/// peer a heartbeat each 150 ms, a recent answer is first-hand proof that the peer is up and
+/// hears the leader, so the peer's worker is not fencing its VMs. Gossip can say otherwise
+/// for a moment: a node cut off from the rest declares the others down, and when the cut
+/// heals its gossip carries those verdicts to the majority before the accused refute them.
+#[derive(Default)]
+pub(crate) struct RaftContact(
+    std::sync::Mutex<std::collections::BTreeMap<u64, tokio::time::Instant>>,
+);
+
+impl RaftContact {
+    /// How recent an answer must be to outweigh gossip: a few heartbeats. A peer that is
+    /// really gone stopped answering well before gossip declares it down (seconds), so this
+    /// delays no failover.
+    pub(crate) const FRESH: Duration = Duration::from_millis(600);
+
+    fn answered(&self, peer: u64) {
+        let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        seen.insert(peer, tokio::time::Instant::now());
+    }
+
+    /// Whether `peer` answered within [`Self::FRESH`].
+    pub(crate) fn fresh(&self, peer: u64) -> bool {
+        let seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(&peer)
+            .is_some_and(|at| at.elapsed() <= Self::FRESH)
+    }
 }
 
 impl blx_consensus::network::RpcTransport for QuicRpc {
@@ -72,7 +103,10 @@ impl blx_consensus::network::RpcTransport for QuicRpc {
                 .request_within(addr, Some(node_id(target)), &request, timeout)
                 .await
             {
-                Ok(ControlResponse::Service(bytes)) => Ok(bytes),
+                Ok(ControlResponse::Service(bytes)) => {
+                    self.contact.answered(target);
+                    Ok(bytes)
+                }
                 Ok(ControlResponse::Failed(e)) => Err(e),
                 Ok(other) => Err(format!("unexpected answer {other:?}")),
                 Err(e) => Err(e.to_string()),
