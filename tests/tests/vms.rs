@@ -457,6 +457,7 @@ fn an_agent_restarted_while_cut_off_stops_the_vms_it_adopts() {
     cluster.agents[host].kill();
     assert_eq!(cluster.agents[host].workload_pids().len(), 1);
     let cut = Partition::cut(cluster.ip(u8::try_from(host + 1).unwrap()));
+    let restarted = std::time::Instant::now();
     cluster.agents[host].restart();
     wait_until(LONG, "the restarted agent answers", || {
         cluster.agents[host].status().is_some()
@@ -465,6 +466,15 @@ fn an_agent_restarted_while_cut_off_stops_the_vms_it_adopts() {
     cluster.wait_or_dump(LONG, "the cut-off host stops its adopted copy", || {
         cluster.agents[host].workload_pids().is_empty()
     });
+    // The fence holds from the agent's first moment: its adopted copy ends within the fence
+    // time (1.5 s) of the start, not once a catch-up that cannot happen gives up. The slack is
+    // the simulator's for the same bound (`single_vm_copy`), for a debug build's start.
+    let stopped_after = restarted.elapsed();
+    assert!(
+        stopped_after < Duration::from_millis(1500) + Duration::from_secs(5),
+        "the adopted copy ran {stopped_after:?} after the restart\n{}",
+        cluster.agents[host].log()
+    );
     assert!(
         cluster.agents[host].log().contains("stopping every VM"),
         "the agent does not say why it stopped its VMs"
