@@ -398,7 +398,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
     // machine reads it from the data dir.
     let local_token = crate::access::local_token(entropy.bytes());
     dir.write(crate::access::LOCAL_TOKEN_FILE, local_token.as_bytes())?;
-    let router = crate::api::router(crate::api::ApiState {
+    let router = crate::api::router(crate::api::ApiState::new(crate::api::ApiShared {
         membership: membership.clone(),
         control: control.clone(),
         cluster: cluster.clone(),
@@ -411,7 +411,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         readiness: Default::default(),
         metrics_need_token: config.metrics_need_token,
         openapi: Default::default(),
-    });
+    }));
     let api = net
         .serve_api(config.api, router.clone(), serving)
         .await
