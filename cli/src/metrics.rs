@@ -235,6 +235,35 @@ impl Metrics {
             raft.commit.clone(),
         );
         r.register_with_unit(
+            "raft_proposal_queue_duration",
+            "On the leader, how long a write waited for a slot before it was proposed",
+            Unit::Seconds,
+            raft.queued.clone(),
+        );
+        r.register(
+            "raft_entry_writes",
+            "On the leader, the writes each proposed log entry carried",
+            raft.batch_writes.clone(),
+        );
+        r.register_with_unit(
+            "raft_entry_duration",
+            "On the leader, from proposing an entry to its answer: the leader's append and sync, replication to a quorum, commit and apply",
+            Unit::Seconds,
+            raft.entry.clone(),
+        );
+        r.register_with_unit(
+            "raft_apply_wait_duration",
+            "How long an apply waited for this node's own log to be on disk up to what it applies",
+            Unit::Seconds,
+            raft.apply_wait.clone(),
+        );
+        r.register_with_unit(
+            "raft_apply_duration",
+            "The state machine applying one group of entries",
+            Unit::Seconds,
+            raft.apply.clone(),
+        );
+        r.register_with_unit(
             "raft_fsync_duration",
             "Synced writes and WAL flushes of the Raft log",
             Unit::Seconds,

@@ -117,6 +117,8 @@ pub struct ConsensusNode {
 struct Proposal {
     cmd: Command,
     reply: tokio::sync::oneshot::Sender<Result<Response, ConsensusError>>,
+    /// When it was queued, for [`crate::stats::RaftStats::queued`].
+    queued_at: tokio::time::Instant,
 }
 
 /// Proposals in flight at once: while they are, new writes queue up and go out together.
@@ -131,6 +133,7 @@ async fn propose_in_batches(
     raft: Raft<TypeConfig>,
     permits: Arc<tokio::sync::Semaphore>,
     mut rx: tokio::sync::mpsc::Receiver<Proposal>,
+    stats: Arc<crate::stats::RaftStats>,
 ) {
     while let Some(first) = rx.recv().await {
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -144,16 +147,25 @@ async fn propose_in_batches(
             }
         }
         let raft = raft.clone();
+        let stats = stats.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let proposed = tokio::time::Instant::now();
+            for p in &batch {
+                stats.queued.observe((proposed - p.queued_at).as_secs_f64());
+            }
+            stats.batch_writes.observe(batch.len() as f64);
             if batch.len() == 1 {
                 let p = batch.remove(0);
-                let _ = p.reply.send(client_write(&raft, p.cmd).await);
+                let outcome = client_write(&raft, p.cmd).await;
+                stats.entry.observe(proposed.elapsed().as_secs_f64());
+                let _ = p.reply.send(outcome);
                 return;
             }
             let (cmds, replies): (Vec<Command>, Vec<_>) =
                 batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
             let outcome = client_write(&raft, Command::Batch(cmds)).await;
+            stats.entry.observe(proposed.elapsed().as_secs_f64());
             match outcome {
                 Ok(Ok(crate::state::Applied::Batch(results))) if results.len() == replies.len() => {
                     for (reply, result) in replies.into_iter().zip(results) {
@@ -277,7 +289,12 @@ impl ConsensusNode {
         ));
         let (proposals, rx) = tokio::sync::mpsc::channel(4 * crate::state::MAX_BATCH);
         let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-        tokio::spawn(propose_in_batches(raft.clone(), permits.clone(), rx));
+        tokio::spawn(propose_in_batches(
+            raft.clone(),
+            permits.clone(),
+            rx,
+            durability.stats().clone(),
+        ));
         Ok(ConsensusNode {
             raft,
             machine,
@@ -405,13 +422,23 @@ impl ConsensusNode {
             && self.proposals.capacity() == self.proposals.max_capacity()
         {
             if let Ok(_permit) = self.permits.try_acquire() {
-                return client_write(&self.raft, cmd).await;
+                let stats = self.durability.stats();
+                stats.queued.observe(0.0);
+                stats.batch_writes.observe(1.0);
+                let proposed = tokio::time::Instant::now();
+                let outcome = client_write(&self.raft, cmd).await;
+                stats.entry.observe(proposed.elapsed().as_secs_f64());
+                return outcome;
             }
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let stopped = || ConsensusError::Raft("consensus is stopping".into());
         self.proposals
-            .send(Proposal { cmd, reply })
+            .send(Proposal {
+                cmd,
+                reply,
+                queued_at: tokio::time::Instant::now(),
+            })
             .await
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?

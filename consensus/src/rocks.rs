@@ -416,8 +416,14 @@ impl RaftStateMachine<TypeConfig> for RocksStateMachine {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
+        let stats = self.durability.stats().clone();
+        let started = tokio::time::Instant::now();
         self.durability.before_apply(&entries).await?;
-        Ok(self.cell.apply(entries))
+        let synced = tokio::time::Instant::now();
+        stats.apply_wait.observe((synced - started).as_secs_f64());
+        let applied = self.cell.apply(entries);
+        stats.apply.observe(synced.elapsed().as_secs_f64());
+        Ok(applied)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

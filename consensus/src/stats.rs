@@ -24,6 +24,18 @@ pub struct RaftStats {
     pub snapshot_install: Histogram,
     /// Seconds from a proposal reaching the leader to its answer (commit and apply).
     pub commit: Histogram,
+    /// The stages of `commit`, on the leader: seconds a write waited for a slot before it
+    /// was proposed (0 when one was free).
+    pub queued: Histogram,
+    /// Writes carried by each proposed log entry.
+    pub batch_writes: Histogram,
+    /// Seconds from proposing one entry to its answer: appending and syncing it on the
+    /// leader, replication to a quorum, commit and apply.
+    pub entry: Histogram,
+    /// Seconds an apply waited for this node's own log to be on disk up to what it applies.
+    pub apply_wait: Histogram,
+    /// Seconds the state machine took to apply one group of entries.
+    pub apply: Histogram,
     /// Proposals the leader is working on.
     pub pending: Gauge,
     /// Proposals that ended without being committed (lost leadership, Raft stopping).
@@ -40,6 +52,11 @@ impl Default for RaftStats {
             snapshot_build: latency_buckets(),
             snapshot_install: latency_buckets(),
             commit: latency_buckets(),
+            queued: latency_buckets(),
+            batch_writes: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            entry: latency_buckets(),
+            apply_wait: latency_buckets(),
+            apply: latency_buckets(),
             pending: Gauge::default(),
             failed: Counter::default(),
             committed: AtomicU64::new(0),

@@ -32,6 +32,11 @@ const EXPECTED: &[(&str, &str)] = &[
     ("blx_raft_proposal_duration_seconds", "histogram"),
     ("blx_raft_commit_duration_seconds", "histogram"),
     ("blx_raft_fsync_duration_seconds", "histogram"),
+    ("blx_raft_proposal_queue_duration_seconds", "histogram"),
+    ("blx_raft_entry_writes", "histogram"),
+    ("blx_raft_entry_duration_seconds", "histogram"),
+    ("blx_raft_apply_wait_duration_seconds", "histogram"),
+    ("blx_raft_apply_duration_seconds", "histogram"),
     ("blx_raft_proposals_pending", "gauge"),
     ("blx_raft_proposals_failed_total", "counter"),
     ("blx_raft_snapshot_build_duration_seconds", "histogram"),
@@ -168,6 +173,15 @@ fn metrics_parse_and_hold_every_family_an_operator_watches() {
     assert_eq!(leaders.len(), 1, "exactly one leader");
     let leader = leaders[0];
     assert!(leader.get("blx_raft_commit_duration_seconds_count", &[]) > 0.0);
+    // The stages of a commit: every write queued (or not) once, and went out in an entry.
+    let commits = leader.get("blx_raft_commit_duration_seconds_count", &[]);
+    assert_eq!(
+        leader.get("blx_raft_proposal_queue_duration_seconds_count", &[]),
+        commits
+    );
+    assert_eq!(leader.get("blx_raft_entry_writes_sum", &[]), commits);
+    assert!(leader.get("blx_raft_entry_duration_seconds_count", &[]) > 0.0);
+    assert!(leader.get("blx_raft_apply_duration_seconds_count", &[]) > 0.0);
     assert!(leader.get("blx_scheduler_placements_total", &[]) >= 1.0);
     assert_eq!(leader.get("blx_scheduler_pending_vms", &[]), 0.0);
     assert!(leader.get("blx_scheduler_pass_duration_seconds_count", &[]) > 0.0);
