@@ -61,6 +61,48 @@ blx_lua() { # dir: the load, with the first member's local API token
     "$val" "$(cat "$1/blx1/api.token")" >"$work/blx.lua"
 }
 
+# The leader's write-path stages over one row: its histograms scraped before and after, and
+# for each the mean and the bucket the 99th percentile falls in.
+scrape() { curl -s "http://127.0.0.$((net+1)):7947/v1/metrics" >"$1"; }
+stages() { # before after
+  python3 - "$1" "$2" <<'PY'
+import re,sys
+def parse(path):
+    h={}
+    for line in open(path):
+        m=re.match(r'(blx_(?:raft|api)_\w+?)_(bucket|sum|count)(\{.*\})? (\S+)$',line.strip())
+        if not m: continue
+        name,kind,labels,v=m.groups(); labels=labels or ""
+        key=name+re.sub(r',?le="[^"]*"','',labels).replace("{,","{").replace("{}","")
+        e=h.setdefault(key,{"b":{}})
+        if kind=="bucket": e["b"][float(re.search(r'le="([^"]+)"',labels).group(1).replace("+Inf","inf"))]=float(v)
+        else: e[kind]=float(v)
+    return h
+a,b=parse(sys.argv[1]),parse(sys.argv[2])
+rows=[("queued for a slot","blx_raft_proposal_queue_duration_seconds",1e3,"ms"),
+      ("writes per entry","blx_raft_entry_writes",1,""),
+      ("entry: sync, replicate, commit, apply","blx_raft_entry_duration_seconds",1e3,"ms"),
+      ("leader log sync (fsync)","blx_raft_fsync_duration_seconds",1e3,"ms"),
+      ("apply waits for own log","blx_raft_apply_wait_duration_seconds",1e3,"ms"),
+      ("apply","blx_raft_apply_duration_seconds",1e3,"ms"),
+      ("write, queue to answer","blx_raft_commit_duration_seconds",1e3,"ms"),
+      ("API request, in the agent","blx_api_request_duration_seconds{route=\"/v1/kv/{*key}\",method=\"PUT\"}",1e3,"ms")]
+print("  | leader stage | count | mean | p99 at most |")
+print("  |---|---|---|---|")
+for label,name,k,u in rows:
+    if name not in b: continue
+    a.setdefault(name,{"b":{},"count":0.0,"sum":0.0})
+    n=b[name]["count"]-a[name]["count"]
+    if n<=0: continue
+    mean=(b[name]["sum"]-a[name]["sum"])/n
+    p99="-"
+    for le in sorted(b[name]["b"]):
+        if b[name]["b"][le]-a[name]["b"].get(le,0)>=0.99*n: p99=le; break
+    f=lambda v: f"{v*k:.2f} {u}".strip() if v!="-" and v!=float("inf") else str(v)
+    print(f"  | {label} | {n:.0f} | {f(mean)} | {f(p99)} |")
+PY
+}
+
 # ---- etcd ---------------------------------------------------------------------------------------
 etcd_cluster() { # dir -> the leader's client address in $eleader
   local d=$1 cluster="e1=http://127.0.0.1:12380,e2=http://127.0.0.1:22380,e3=http://127.0.0.1:32380"
@@ -93,13 +135,20 @@ for threads in default 1; do
   fi
   blx_lua "$d"
   for c in 1 64; do
+    scrape "$work/before.prom"
     read -r r p50 p99 e < <(run_wrk "$c" "http://127.0.0.41:7947/v1/kv/bench" "$work/blx.lua")
     echo "| $threads | blx  | $c | $r | $p50 | $p99 | $e |"
+    scrape "$work/after.prom"; [ "$c" = 64 ] && stages "$work/before.prom" "$work/after.prom" >"$work/stages-$threads.md"
     read -r r p50 p99 e < <(run_wrk "$c" "http://$eleader/v3/kv/put" "$work/etcd.lua")
     echo "| $threads | etcd | $c | $r | $p50 | $p99 | $e |"
   done
   pkill -9 -f -- "$d/" || true
   while pgrep -f -- "$d/" >/dev/null; do sleep 0.1; done
+done
+
+for threads in default 1; do
+  echo; echo "blx leader's write path at 64 connections, $threads threads per member (from its histograms):"; echo
+  cat "$work/stages-$threads.md"
 done
 
 [ -n "$sink" ] || exit 0
