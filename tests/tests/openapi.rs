@@ -134,12 +134,15 @@ fn the_description_is_valid_and_matches_the_routes_served() {
     let mut ordered: Vec<&(String, String)> = described.iter().collect();
     ordered.sort_by_key(|(m, p)| (p == "/v1/agent/leave", m.clone(), p.clone()));
     for (method, path) in ordered {
+        // No body on a GET: a handler that never reads one leaves it unread, and closing a
+        // socket with unread bytes resets the connection, sometimes before the answer is read.
+        let body: &[u8] = if method == "get" { b"" } else { b"{}" };
         let (code, body) = http(
             a.api,
             Some(&token),
             &method.to_uppercase(),
             &concrete(path),
-            b"{}",
+            body,
         );
         assert!(
             code != 405 && !body.contains("no such route"),
