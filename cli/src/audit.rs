@@ -6,8 +6,8 @@
 //! Records are JSON lines in `<data dir>/audit/audit.log`, rotated to `audit.log.1` (the one
 //! older file kept) when the log passes [`MAX_BYTES`], and leave as OTLP log records when logs
 //! are exported (target `blx::audit`, the JSON line as the body, and `command` and `outcome`
-//! attributes). They never go to standard error, where
-//! one line per write would drown everything else.
+//! attributes). They never go to standard error, where one line per write would drown
+//! everything else.
 //! `GET /v1/audit` and `blx audit tail` read them back.
 
 use std::io::{BufRead, Write};

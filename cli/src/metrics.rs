@@ -228,46 +228,56 @@ impl Metrics {
             Unit::Seconds,
             self.proposal.clone(),
         );
-        r.register_with_unit(
-            "raft_commit_duration",
-            "From a proposal reaching the leader to its commit and apply",
-            Unit::Seconds,
-            raft.commit.clone(),
-        );
-        r.register_with_unit(
-            "raft_proposal_queue_duration",
-            "On the leader, how long a write waited for a slot before it was proposed",
-            Unit::Seconds,
-            raft.queued.clone(),
-        );
+        // The leader's write path and the log's disk work, all in seconds.
+        let raft_seconds = [
+            (
+                "raft_commit_duration",
+                "From a proposal reaching the leader to its commit and apply",
+                &raft.commit,
+            ),
+            (
+                "raft_proposal_queue_duration",
+                "On the leader, how long a write waited for a slot before it was proposed",
+                &raft.queued,
+            ),
+            (
+                "raft_entry_duration",
+                "On the leader, from proposing an entry to its answer: the leader's append and sync, replication to a quorum, commit and apply",
+                &raft.entry,
+            ),
+            (
+                "raft_apply_wait_duration",
+                "How long an apply waited for this node's own log to be on disk up to what it applies",
+                &raft.apply_wait,
+            ),
+            (
+                "raft_apply_duration",
+                "The state machine applying one group of entries",
+                &raft.apply,
+            ),
+            (
+                "raft_fsync_duration",
+                "Synced writes and WAL flushes of the Raft log",
+                &raft.fsync,
+            ),
+            (
+                "raft_snapshot_build_duration",
+                "Building and saving a snapshot",
+                &raft.snapshot_build,
+            ),
+            (
+                "raft_snapshot_restore_duration",
+                "Installing a snapshot received from the leader",
+                &raft.snapshot_install,
+            ),
+        ];
+        for (name, help, histogram) in raft_seconds {
+            r.register_with_unit(name, help, Unit::Seconds, histogram.clone());
+        }
         r.register(
             "raft_entry_writes",
             "On the leader, the writes each proposed log entry carried",
             raft.batch_writes.clone(),
-        );
-        r.register_with_unit(
-            "raft_entry_duration",
-            "On the leader, from proposing an entry to its answer: the leader's append and sync, replication to a quorum, commit and apply",
-            Unit::Seconds,
-            raft.entry.clone(),
-        );
-        r.register_with_unit(
-            "raft_apply_wait_duration",
-            "How long an apply waited for this node's own log to be on disk up to what it applies",
-            Unit::Seconds,
-            raft.apply_wait.clone(),
-        );
-        r.register_with_unit(
-            "raft_apply_duration",
-            "The state machine applying one group of entries",
-            Unit::Seconds,
-            raft.apply.clone(),
-        );
-        r.register_with_unit(
-            "raft_fsync_duration",
-            "Synced writes and WAL flushes of the Raft log",
-            Unit::Seconds,
-            raft.fsync.clone(),
         );
         r.register(
             "raft_proposals_pending",
@@ -278,18 +288,6 @@ impl Metrics {
             "raft_proposals_failed",
             "Proposals that ended without being committed",
             raft.failed.clone(),
-        );
-        r.register_with_unit(
-            "raft_snapshot_build_duration",
-            "Building and saving a snapshot",
-            Unit::Seconds,
-            raft.snapshot_build.clone(),
-        );
-        r.register_with_unit(
-            "raft_snapshot_restore_duration",
-            "Installing a snapshot received from the leader",
-            Unit::Seconds,
-            raft.snapshot_install.clone(),
         );
         r.register(
             "autopilot_healthy",

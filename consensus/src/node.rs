@@ -150,22 +150,17 @@ async fn propose_in_batches(
         let stats = stats.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let proposed = tokio::time::Instant::now();
-            for p in &batch {
-                stats.queued.observe((proposed - p.queued_at).as_secs_f64());
-            }
-            stats.batch_writes.observe(batch.len() as f64);
+            let queued: Vec<_> = batch.iter().map(|p| p.queued_at).collect();
             if batch.len() == 1 {
                 let p = batch.remove(0);
-                let outcome = client_write(&raft, p.cmd).await;
-                stats.entry.observe(proposed.elapsed().as_secs_f64());
-                let _ = p.reply.send(outcome);
+                let _ = p
+                    .reply
+                    .send(propose_entry(&raft, &stats, p.cmd, &queued).await);
                 return;
             }
             let (cmds, replies): (Vec<Command>, Vec<_>) =
                 batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
-            let outcome = client_write(&raft, Command::Batch(cmds)).await;
-            stats.entry.observe(proposed.elapsed().as_secs_f64());
+            let outcome = propose_entry(&raft, &stats, Command::Batch(cmds), &queued).await;
             match outcome {
                 Ok(Ok(crate::state::Applied::Batch(results))) if results.len() == replies.len() => {
                     for (reply, result) in replies.into_iter().zip(results) {
@@ -191,6 +186,24 @@ async fn propose_in_batches(
             }
         });
     }
+}
+
+/// Proposes one log entry carrying the writes queued at `queued`, and records its stages:
+/// each write's wait for a slot, the writes it carries, and its time to the answer.
+async fn propose_entry(
+    raft: &Raft<TypeConfig>,
+    stats: &crate::stats::RaftStats,
+    cmd: Command,
+    queued: &[tokio::time::Instant],
+) -> Result<Response, ConsensusError> {
+    let proposed = tokio::time::Instant::now();
+    for at in queued {
+        stats.queued.observe((proposed - *at).as_secs_f64());
+    }
+    stats.batch_writes.observe(queued.len() as f64);
+    let outcome = client_write(raft, cmd).await;
+    stats.entry.observe(proposed.elapsed().as_secs_f64());
+    outcome
 }
 
 /// When the leader's disk catches up with a commit index it had to hold back from followers,
@@ -422,13 +435,8 @@ impl ConsensusNode {
             && self.proposals.capacity() == self.proposals.max_capacity()
         {
             if let Ok(_permit) = self.permits.try_acquire() {
-                let stats = self.durability.stats();
-                stats.queued.observe(0.0);
-                stats.batch_writes.observe(1.0);
-                let proposed = tokio::time::Instant::now();
-                let outcome = client_write(&self.raft, cmd).await;
-                stats.entry.observe(proposed.elapsed().as_secs_f64());
-                return outcome;
+                let now = [tokio::time::Instant::now()];
+                return propose_entry(&self.raft, self.durability.stats(), cmd, &now).await;
             }
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
