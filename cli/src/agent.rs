@@ -308,6 +308,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         id,
         clock.clone(),
         &config.data_dir.join("audit"),
+        contact.clone(),
     )
     .context("cannot open the audit log")?;
     control.set_cluster(cluster.clone());
@@ -358,6 +359,11 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         membership.clone(),
         contact,
         entropy.u64(),
+    )));
+    tasks.push(tokio::spawn(crate::follow::run(
+        cluster.clone(),
+        membership.clone(),
+        transport.clone(),
     )));
     let driver_set = drivers(&DriverContext {
         run_root: run_root.clone(),
@@ -590,7 +596,7 @@ async fn follow_revocations(
     transport: QuicTransport,
     me: blx_membership::NodeId,
 ) {
-    let mut metrics = node.raft.metrics();
+    let mut applied = node.subscribe();
     let mut told = false;
     loop {
         let revoked = node.with_local_state(ClusterState::revoked_nodes);
@@ -603,7 +609,7 @@ async fn follow_revocations(
         transport.revoke(revoked);
         // At most a few checks a second, however fast entries are applied.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        if metrics.changed().await.is_err() {
+        if applied.changed().await.is_err() {
             return;
         }
     }

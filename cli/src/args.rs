@@ -240,6 +240,9 @@ pub(crate) enum ConfigCommand {
         /// Seconds a down node keeps its VMs before they are placed elsewhere.
         #[arg(long)]
         vm_grace_secs: Option<u64>,
+        /// Standby learners kept beside the voters; every other node is a client.
+        #[arg(long)]
+        standby_servers: Option<u8>,
         /// Placement strategy.
         #[arg(long, value_enum)]
         scheduler: Option<StrategyArg>,

@@ -26,6 +26,7 @@ mod console;
 mod control;
 mod controller;
 pub mod duration;
+mod follow;
 mod metrics;
 mod raft;
 mod renewal;

@@ -150,6 +150,7 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
             voter_grace_secs,
             stabilization_secs,
             vm_grace_secs,
+            standby_servers,
             scheduler,
         }) => {
             let mut fields: Vec<(&str, serde_json::Value)> = Vec::new();
@@ -164,6 +165,9 @@ async fn run(cli: args::Cli) -> anyhow::Result<()> {
             }
             if let Some(v) = vm_grace_secs {
                 fields.push(("vm_grace_secs", v.into()));
+            }
+            if let Some(v) = standby_servers {
+                fields.push(("standby_servers", v.into()));
             }
             if let Some(v) = scheduler {
                 fields.push((

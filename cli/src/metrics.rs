@@ -435,6 +435,9 @@ impl Metrics {
                 .borrow()
                 .millis_since_quorum_ack
                 .map(|ms| ms as f64 / 1000.0)
+        } else if let Some(f) = self.node.following() {
+            // A client hears the leader through the server it follows.
+            Some(f.answered.elapsed().as_secs_f64())
         } else {
             raft.last_leader_contact()
                 .map(|at| at.elapsed().as_secs_f64())

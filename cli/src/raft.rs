@@ -29,6 +29,9 @@ pub(crate) const SERVICE_INDEX: u8 = 5;
 /// The tail of a VM's console log, from the node that hosts it.
 pub(crate) const SERVICE_LOGS: u8 = 6;
 
+/// A client's watch on a server (see [`crate::follow`]).
+pub(crate) const SERVICE_WATCH: u8 = 7;
+
 /// Most console log bytes sent in one answer.
 pub(crate) const MAX_LOG_TAIL: u64 = 1024 * 1024;
 
@@ -71,7 +74,7 @@ impl RaftContact {
     /// delays no failover.
     pub(crate) const FRESH: Duration = Duration::from_millis(600);
 
-    fn answered(&self, peer: u64) {
+    pub(crate) fn answered(&self, peer: u64) {
         let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
         seen.insert(peer, tokio::time::Instant::now());
     }
@@ -177,6 +180,8 @@ pub(crate) struct Cluster {
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
     /// This node's audit log, written while it leads.
     pub(crate) audit: Arc<crate::audit::AuditLog>,
+    /// When each peer last answered this node's Raft, or asked it for a read index.
+    pub(crate) contact: Arc<RaftContact>,
 }
 
 impl Cluster {
@@ -188,6 +193,7 @@ impl Cluster {
         self_id: NodeId,
         clock: Arc<dyn crate::world::WallClock>,
         audit_dir: &std::path::Path,
+        contact: Arc<RaftContact>,
     ) -> std::io::Result<Self> {
         let metrics = Arc::new(crate::metrics::Metrics::new(
             node.clone(),
@@ -207,6 +213,7 @@ impl Cluster {
             clock,
             metrics,
             audit,
+            contact,
         })
     }
 
@@ -250,13 +257,12 @@ impl Cluster {
         let request = ControlRequest::Service { service, payload };
         // A leader that dies mid-request never answers: stop waiting as soon as this node
         // learns of another leader (or of none), rather than at the timeout.
-        let mut metrics = self.node.raft.metrics();
         let request =
             self.transport
                 .request_within(addr, Some(node_id(leader)), &request, FORWARD_TIMEOUT);
         let answer = tokio::select! {
             answer = request => answer,
-            _ = metrics.wait_for(|m| m.current_leader != Some(leader)) => {
+            () = self.node.wait_leader(|l| l != Some(leader)) => {
                 return Err(ClusterError::LeaderChanged);
             }
         };
@@ -445,16 +451,14 @@ impl Cluster {
         Fut: std::future::Future<Output = Result<T, ClusterError>>,
     {
         let deadline = Instant::now() + LEADER_WAIT;
-        let mut metrics = self.node.raft.metrics();
         loop {
-            let known = metrics.borrow_and_update().current_leader;
+            let known = self.node.status().leader;
             match attempt().await {
                 Err(e) if e.leaderless() && Instant::now() < deadline => {
                     let pause = deadline.min(Instant::now() + Duration::from_millis(100));
                     let _ = tokio::time::timeout_at(
                         pause,
-                        metrics
-                            .wait_for(|m| m.current_leader.is_some() && m.current_leader != known),
+                        self.node.wait_leader(|l| l.is_some() && l != known),
                     )
                     .await;
                 }
@@ -547,14 +551,13 @@ impl Cluster {
                 Err(e) => return Err(ClusterError::Consensus(e.to_string())),
             }
         }
-        let mut metrics = self.node.raft.metrics();
         let done = tokio::time::timeout(
             FORWARD_TIMEOUT,
-            metrics.wait_for(|m| m.current_leader == Some(target)),
+            self.node.wait_leader(|l| l == Some(target)),
         )
         .await;
         match done {
-            Ok(Ok(_)) => Ok(target),
+            Ok(()) => Ok(target),
             _ => Err(ClusterError::Consensus(format!(
                 "{target:016x} did not take over within {}s",
                 FORWARD_TIMEOUT.as_secs()
@@ -621,10 +624,28 @@ impl Cluster {
             )),
             SERVICE_INDEX => {
                 ControlResponse::Service(encode(&match self.node.confirm_leader().await {
-                    Ok(()) => Ok(self.node.status().applied_index),
+                    Ok(()) => {
+                        // A client's lease renewal: first-hand word that it hears the leader,
+                        // as a server's Raft answers are (see [`RaftContact`]).
+                        self.contact.answered(raft_id(from));
+                        Ok(self.node.status().applied_index)
+                    }
                     Err(e) => Err(e.to_string()),
                 }))
             }
+            SERVICE_WATCH => match decode::<blx_consensus::node::WatchRequest>(payload) {
+                Ok(w) => ControlResponse::Service(encode(
+                    &self
+                        .node
+                        .serve_watch(
+                            raft_id(from),
+                            w.from,
+                            Duration::from_millis(u64::from(w.wait_ms)),
+                        )
+                        .await,
+                )),
+                Err(e) => ControlResponse::Failed(format!("bad watch request: {e}")),
+            },
             SERVICE_LOGS => {
                 ControlResponse::Service(encode(&match decode::<(String, u64)>(payload) {
                     Ok((vm, max)) if blx_consensus::workload::valid_vm_name(&vm) => {

@@ -2,8 +2,14 @@
 //! change next. Pure: [`plan`] reads its inputs (time included) and returns a [`Plan`]; a small
 //! task on the leader executes it with `add_learner` and `change_membership`.
 //!
+//! The Raft group holds the servers: the voters and a few standby learners. Every other node
+//! is a client, which follows the state through a watch on a server and never hears from the
+//! leader, so the leader's work grows with the servers, not with the cluster.
+//!
 //! Rules, in order:
-//! 1. A node that is up and not in the Raft group becomes a learner.
+//! 1. While there are fewer live learners than `standby_servers` plus the voters still
+//!    missing, nodes that are up and outside the group become learners: from the zones with
+//!    the fewest servers first, then by id.
 //! 2. A voter that has been down past `voter_grace_secs`, or has left, is removed; never more
 //!    than (voters - 1) / 2 at once, and never the leader (it hands over first).
 //! 3. A learner that has been healthy (up, caught up within `max_learner_lag`) for
@@ -14,6 +20,9 @@
 //!    changes the voter set, one voter per step goes back to being a learner: never the
 //!    leader, from the zone with the most voters so the spread over zones is kept, the least
 //!    healthy first.
+//! 6. While there are more live learners than rule 1 wants and nothing else changes, one per
+//!    step leaves the group and becomes a client: from the zone with the most servers, the
+//!    least healthy first.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -85,15 +94,6 @@ pub fn plan(nodes: &BTreeMap<RaftId, NodeView>, raft: &RaftView, config: &Cluste
     };
     let mut out = Plan::default();
 
-    // 1. Newcomers.
-    out.add_learners = nodes
-        .iter()
-        .filter(|(id, n)| {
-            n.up && !n.left && !raft.voters.contains(id) && !raft.learners.contains(id)
-        })
-        .map(|(id, _)| *id)
-        .collect();
-
     // 2. Dead voters, bounded so a quorum of the old set always survives the change.
     let max_removals = raft.voters.len().saturating_sub(1) / 2;
     let mut voters = raft.voters.clone();
@@ -108,8 +108,44 @@ pub fn plan(nodes: &BTreeMap<RaftId, NodeView>, raft: &RaftView, config: &Cluste
         voters.remove(id);
     }
 
-    // 3. Promotions toward the desired count, new zones first, then by id.
+    // 1. Newcomers, as many as rule 3 may promote and the standbys need.
     let desired = usize::from(config.desired_voters);
+    let standbys = usize::from(config.standby_servers);
+    let live_voters = raft.voters.iter().filter(|id| !gone(id)).count();
+    let want_learners = standbys + desired.saturating_sub(live_voters);
+    let live_learners: Vec<RaftId> = raft
+        .learners
+        .iter()
+        .filter(|id| !gone(id))
+        .copied()
+        .collect();
+    let zone_of = |id: &RaftId| nodes.get(id).and_then(|n| n.zone.clone());
+    let mut servers_in: BTreeMap<Option<String>, usize> = BTreeMap::new();
+    for id in raft.voters.iter().chain(&live_learners) {
+        *servers_in.entry(zone_of(id)).or_default() += 1;
+    }
+    let mut newcomers: Vec<RaftId> = nodes
+        .iter()
+        .filter(|(id, n)| {
+            n.up && !n.left && !raft.voters.contains(id) && !raft.learners.contains(id)
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    for _ in 0..want_learners.saturating_sub(live_learners.len()) {
+        let Some((at, _)) = newcomers
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, id)| (servers_in.get(&zone_of(id)).copied().unwrap_or(0), **id))
+        else {
+            break;
+        };
+        let id = newcomers.remove(at);
+        *servers_in.entry(zone_of(&id)).or_default() += 1;
+        out.add_learners.push(id);
+    }
+    out.add_learners.sort_unstable();
+
+    // 3. Promotions toward the desired count, new zones first, then by id.
     let mut zones: BTreeSet<Option<String>> = voters
         .iter()
         .filter_map(|id| nodes.get(id))
@@ -141,7 +177,6 @@ pub fn plan(nodes: &BTreeMap<RaftId, NodeView>, raft: &RaftView, config: &Cluste
         voters.insert(dead[dead.len() - 1]);
     }
     // 5. Too many voters: one steps down per step, from the most crowded zone.
-    let zone_of = |id: &RaftId| nodes.get(id).and_then(|n| n.zone.clone());
     if voters == raft.voters && voters.len() > desired.max(1) && voters.len() >= 3 {
         let mut per_zone: BTreeMap<Option<String>, usize> = BTreeMap::new();
         for id in &voters {
@@ -168,6 +203,19 @@ pub fn plan(nodes: &BTreeMap<RaftId, NodeView>, raft: &RaftView, config: &Cluste
         .filter(|id| gone(id))
         .copied()
         .collect();
+
+    // 6. More standbys than wanted: one goes back to being a client.
+    if out.is_empty() && live_learners.len() > want_learners {
+        let lag = |id: &RaftId| nodes.get(id).and_then(|n| n.lag).unwrap_or(u64::MAX);
+        let leaving = live_learners
+            .iter()
+            .max_by_key(|id| {
+                let crowd = servers_in.get(&zone_of(id)).copied().unwrap_or(0);
+                (crowd, !healthy(id), lag(id), **id)
+            })
+            .copied();
+        out.remove_learners.extend(leaving);
+    }
     out
 }
 
@@ -310,6 +358,66 @@ mod tests {
         );
     }
 
+    #[test]
+    fn beyond_the_voters_only_the_standbys_join_raft_spread_over_zones() {
+        let zones = ["a", "a", "a", "a", "b", "b", "c", "c", "c", "c"];
+        let nodes: BTreeMap<RaftId, NodeView> = zones
+            .iter()
+            .enumerate()
+            .map(|(i, z)| (i as u64 + 1, up(z, 0)))
+            .collect();
+        let raft = RaftView {
+            leader: 1,
+            voters: [1, 5, 7].into(),
+            learners: BTreeSet::new(),
+        };
+        let p = plan(&nodes, &raft, &cfg(3));
+        // Each zone holds one voter: the two standbys go to the first two zones by id.
+        assert_eq!(p.add_learners, vec![2, 6]);
+        let raft = RaftView {
+            learners: [2, 6].into(),
+            ..raft
+        };
+        assert!(
+            plan(&nodes, &raft, &cfg(3)).is_empty(),
+            "the rest stay clients"
+        );
+        let none = ClusterConfig {
+            standby_servers: 0,
+            ..cfg(3)
+        };
+        assert_eq!(plan(&nodes, &raft, &none).remove_learners, vec![6]);
+    }
+
+    #[test]
+    fn a_group_of_every_node_shrinks_to_the_standbys_one_learner_per_step() {
+        let nodes: BTreeMap<RaftId, NodeView> = (1..=8).map(|i| (i, up("z", 0))).collect();
+        let mut raft = RaftView {
+            leader: 1,
+            voters: [1, 2, 3].into(),
+            learners: (4..=8).collect(),
+        };
+        let mut steps = 0;
+        loop {
+            let p = plan(&nodes, &raft, &cfg(3));
+            if p.is_empty() {
+                break;
+            }
+            assert!(p.add_learners.is_empty() && p.voters.is_none(), "{p:?}");
+            assert_eq!(p.remove_learners.len(), 1, "{p:?}");
+            raft.learners.remove(&p.remove_learners[0]);
+            steps += 1;
+            assert!(steps <= 3);
+        }
+        assert_eq!(raft.learners.len(), 2);
+        // A voter that dies is replaced from the standbys, and a client takes the standby's place.
+        let mut nodes = nodes;
+        nodes.insert(3, down(31));
+        let p = plan(&nodes, &raft, &cfg(3));
+        assert_eq!(p.voters.as_ref().map(BTreeSet::len), Some(3), "{p:?}");
+        assert_eq!(p.add_learners.len(), 1, "{p:?}");
+    }
+
     fn arb_cluster() -> impl Strategy<Value = (BTreeMap<RaftId, NodeView>, RaftView, ClusterConfig)>
     {
         let node = (
@@ -398,6 +506,11 @@ mod tests {
             for id in &p.add_learners {
                 prop_assert!(nodes[id].up && !raft.voters.contains(id) && !raft.learners.contains(id));
             }
+            let live = |id: &&RaftId| nodes.get(id).is_some_and(|n| n.up && !n.left);
+            let learners_after = raft.learners.iter().filter(live).count() + p.add_learners.len();
+            let wanted = usize::from(config.standby_servers) + usize::from(config.desired_voters);
+            prop_assert!(p.add_learners.is_empty() || learners_after <= wanted, "{p:?}");
+            prop_assert!(p.remove_learners.iter().all(|id| raft.learners.contains(id)));
         }
     }
 }

@@ -37,6 +37,30 @@ pub enum ConsensusError {
     },
 }
 
+/// A server's answer to a client's watch.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct WatchAnswer {
+    /// The leader, as the server knows it.
+    pub leader: Option<u64>,
+    /// The server's term.
+    pub term: u64,
+    /// The asking node is in the Raft group (a learner being added, or a server already).
+    pub member: bool,
+    /// The voters and learners, as the server knows them.
+    pub servers: BTreeSet<u64>,
+    /// What the client lacks; None when the answering node is not a server.
+    pub feed: Option<crate::machine::Feed>,
+}
+
+/// What a client asks the server it follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct WatchRequest {
+    /// The index of the state the client reads.
+    pub from: u64,
+    /// How long the server may hold the answer while there is nothing to send, in ms.
+    pub wait_ms: u32,
+}
+
 /// What `blx status` shows. Node ids are written as the 16 hex digits the member list and
 /// every table use, not as Raft's integers.
 #[derive(Clone, Debug, Serialize)]
@@ -111,7 +135,29 @@ pub struct ConsensusNode {
     id: u64,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     permits: Arc<tokio::sync::Semaphore>,
+    /// Set while this node is a client: outside Raft, following a server's feed.
+    following: Arc<tokio::sync::watch::Sender<Option<Followed>>>,
 }
+
+/// What a client knows of the Raft group, from the last answer of the server it follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Followed {
+    /// The server it follows.
+    pub server: u64,
+    /// The leader, as that server knows it.
+    pub leader: Option<u64>,
+    /// The term, as that server knows it.
+    pub term: u64,
+    /// When that server last answered.
+    pub answered: tokio::time::Instant,
+}
+
+/// A learner that has heard no leader for this long is no longer a server: it may have been
+/// taken out of the group without hearing of it.
+pub const SERVER_CONTACT: Duration = Duration::from_secs(2);
+
+/// The longest a server holds a watch open with nothing to send.
+pub const MAX_WATCH_WAIT: Duration = Duration::from_secs(30);
 
 /// A write waiting to be proposed, and where its outcome goes.
 struct Proposal {
@@ -315,7 +361,103 @@ impl ConsensusNode {
             id,
             proposals,
             permits,
+            following: Arc::new(tokio::sync::watch::Sender::new(None)),
         })
+    }
+
+    /// Says whether this node is a client following a server (and what that server last
+    /// said), or, with None, a server that hears Raft itself.
+    pub fn set_following(&self, followed: Option<Followed>) {
+        self.following.send_if_modified(|now| {
+            let changed = now.map(|f| (f.server, f.leader, f.term))
+                != followed.map(|f| (f.server, f.leader, f.term));
+            *now = followed;
+            changed
+        });
+    }
+
+    /// What this node follows, while it is a client.
+    pub fn following(&self) -> Option<Followed> {
+        *self.following.borrow()
+    }
+
+    /// Whether this node votes in the Raft group, by its own Raft state.
+    pub fn is_voter(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == self.id)
+    }
+
+    /// Whether a leader's append (a heartbeat at least) reached this node within `within`:
+    /// whether it is a server in fact, not only by a membership it may have been taken out of.
+    pub fn hears_raft_within(&self, within: Duration) -> bool {
+        self.durability
+            .stats()
+            .last_leader_contact()
+            .is_some_and(|at| at.elapsed() <= within)
+    }
+
+    /// The index of the state this node reads (on a client, the followed copy's).
+    pub fn applied_index(&self) -> u64 {
+        self.machine.applied_index()
+    }
+
+    /// Applies what the followed server sent.
+    pub fn follow(&self, feed: crate::machine::Feed) -> Result<(), String> {
+        self.machine.follow(feed)
+    }
+
+    /// Answers a client's watch: what it lacks after `from`, waiting up to `wait` (at most
+    /// [`MAX_WATCH_WAIT`]) for something to send or for the leader to change. A node that is
+    /// not a server itself, or is a client right now, sends no feed, only the servers it knows.
+    pub async fn serve_watch(&self, client: u64, from: u64, wait: Duration) -> WatchAnswer {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WATCH_WAIT);
+        let mut applied = self.machine.subscribe();
+        let mut metrics = self.raft.metrics();
+        let leader = metrics.borrow().current_leader;
+        loop {
+            let status = self.status();
+            let servers: BTreeSet<u64> = status.voters.union(&status.learners).copied().collect();
+            let member = servers.contains(&client);
+            let serving = self.following().is_none()
+                && servers.contains(&self.id)
+                && (self.is_voter() || self.hears_raft_within(SERVER_CONTACT));
+            let feed = serving.then(|| self.machine.feed(from));
+            let answer = WatchAnswer {
+                leader: status.leader,
+                term: status.term,
+                member,
+                servers,
+                feed: feed.clone(),
+            };
+            if !matches!(feed, Some(crate::machine::Feed::Nothing)) {
+                return answer;
+            }
+            tokio::select! {
+                r = applied.changed() => if r.is_err() { return answer },
+                _ = metrics.wait_for(|m| m.current_leader != leader) => return answer,
+                _ = tokio::time::sleep_until(deadline) => return answer,
+            }
+        }
+    }
+
+    /// Waits until the leader this node knows of satisfies `done`: from Raft on a server, from
+    /// the followed server on a client.
+    pub async fn wait_leader(&self, done: impl Fn(Option<u64>) -> bool) {
+        let mut metrics = self.raft.metrics();
+        let mut following = self.following.subscribe();
+        loop {
+            if done(self.status().leader) {
+                return;
+            }
+            tokio::select! {
+                r = metrics.changed() => if r.is_err() { return std::future::pending().await },
+                r = following.changed() => if r.is_err() { return std::future::pending().await },
+            }
+        }
     }
 
     /// Waits (up to `within`) until this node has applied its latest membership entry, which
@@ -388,6 +530,9 @@ impl ConsensusNode {
         // Refuse before proposing what would be refused on apply.
         if let Err(e) = self.machine.validate(&cmd) {
             return Ok(Err(e));
+        }
+        if let Some(f) = self.following() {
+            return Err(ConsensusError::NotLeader { leader: f.leader });
         }
         if !self.is_leader() {
             // Say where the leader is without queueing behind this node's own proposals.
@@ -464,6 +609,9 @@ impl ConsensusNode {
     /// Confirms with a quorum that this node leads and waits until it has applied what was
     /// committed before the call (Raft's read index), without copying the state.
     pub async fn confirm_leader(&self) -> Result<(), ConsensusError> {
+        if let Some(f) = self.following() {
+            return Err(ConsensusError::NotLeader { leader: f.leader });
+        }
         match self.raft.ensure_linearizable().await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f))) => {
@@ -497,19 +645,34 @@ impl ConsensusNode {
         m.state == ServerState::Leader
     }
 
-    /// Leader, term, indexes and the voter set.
+    /// Leader, term, indexes and the voter set. On a client, as the followed server said, and
+    /// the membership as of the state it follows.
     pub fn status(&self) -> Status {
         let m = self.raft.metrics().borrow().clone();
-        let membership = m.membership_config.membership();
+        let following = self.following();
+        let followed_membership;
+        let membership = match following {
+            Some(_) => {
+                followed_membership = self.machine.current_membership();
+                followed_membership.membership()
+            }
+            None => m.membership_config.membership(),
+        };
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let learners: BTreeSet<u64> = membership.learner_ids().collect();
         Status {
             id: self.id,
-            leader: m.current_leader,
-            term: m.current_term,
-            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            leader: following.map_or(m.current_leader, |f| f.leader),
+            term: following.map_or(m.current_term, |f| f.term),
+            applied_index: match following {
+                Some(_) => self.machine.applied_index(),
+                None => m.last_applied.map(|l| l.index).unwrap_or(0),
+            },
             last_log_index: m.last_log_index.unwrap_or(0),
-            role: format!("{:?}", m.state).to_lowercase(),
+            role: match following {
+                Some(_) => "client".into(),
+                None => format!("{:?}", m.state).to_lowercase(),
+            },
             voters,
             changing: membership.get_joint_config().len() > 1,
             learners,

@@ -33,6 +33,9 @@ pub struct ClusterConfig {
     /// Seconds a node may stay down before its VMs are placed elsewhere. Failure detection
     /// has already waited out its suspicion period when a node counts as down.
     pub vm_grace_secs: u64,
+    /// Learners the autopilot keeps beside the voters, ready to replace one: 0 to 9. Every
+    /// node beyond the voters and these is a client, outside Raft.
+    pub standby_servers: u8,
 }
 
 impl Default for ClusterConfig {
@@ -44,6 +47,7 @@ impl Default for ClusterConfig {
             max_learner_lag: 256,
             scheduler: blx_scheduler::Strategy::Binpack,
             vm_grace_secs: 0,
+            standby_servers: 2,
         }
     }
 }
@@ -64,6 +68,12 @@ impl ClusterConfig {
             return Err(CommandError::InvalidConfig(
                 "voter_grace_secs must be 1 to 86400 and stabilization_secs at most 3600".into(),
             ));
+        }
+        if self.standby_servers > 9 {
+            return Err(CommandError::InvalidConfig(format!(
+                "standby_servers must be at most 9 (got {})",
+                self.standby_servers
+            )));
         }
         if self.vm_grace_secs > 86_400 {
             return Err(CommandError::InvalidConfig(

@@ -342,9 +342,8 @@ fn take_sample(
                 None
             };
             let applied = view.as_ref().and_then(|_| {
-                let sm = slot.disk.machine()?;
-                let (last, _) = sm.cell().applied_state();
-                Some((last.map(|l| l.index).unwrap_or(0), sm.state()))
+                // What the node reads: Raft's state, or a client's followed copy.
+                Some(slot.disk.machine()?.cell().indexed_state())
             });
             HostSample {
                 index: slot.index,

@@ -490,6 +490,11 @@ impl Cluster {
 
     /// Starts agent `n<k>` joining through agent `seed` with `token`.
     pub fn join_through(&mut self, seed: usize, token: &str) -> &Agent {
+        self.join_with(seed, token, &[])
+    }
+
+    /// Like [`Cluster::join_through`], with extra flags for this agent only.
+    pub fn join_with(&mut self, seed: usize, token: &str, extra: &[&str]) -> &Agent {
         let k = u8::try_from(self.agents.len() + 1).expect("fewer than 255 agents");
         let mut args = vec![
             "--token".to_string(),
@@ -498,6 +503,7 @@ impl Cluster {
             self.agents[seed].gossip.to_string(),
         ];
         args.extend(self.extra.iter().cloned());
+        args.extend(extra.iter().map(|s| s.to_string()));
         let agent = Agent::start_with_env(
             self.root.path(),
             &format!("n{k}"),
