@@ -312,6 +312,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
     )
     .context("cannot open the audit log")?;
     control.set_cluster(cluster.clone());
+    transport.count_traffic(cluster.metrics.traffic.clone());
     operator.identified(&crate::telemetry::NodeTelemetry {
         id: id.to_string(),
         name: membership.members()[&id]

@@ -56,6 +56,8 @@ pub(crate) struct Metrics {
     membership: Membership,
     self_id: NodeId,
     members: Family<StateLabel, Gauge>,
+    /// Control-stream bytes by kind, counted by the transport.
+    pub(crate) traffic: blx_membership::quic::Traffic,
     term: Gauge,
     has_leader: Gauge,
     is_leader: Gauge,
@@ -106,6 +108,7 @@ impl Metrics {
             membership,
             self_id,
             members: Family::default(),
+            traffic: blx_membership::quic::Traffic::new(crate::raft::service_kind),
             term: Gauge::default(),
             has_leader: Gauge::default(),
             is_leader: Gauge::default(),
@@ -184,6 +187,18 @@ impl Metrics {
             "SWIM and metadata datagram bytes sent",
             Unit::Bytes,
             swim.bytes_out.clone(),
+        );
+        r.register_with_unit(
+            "net_sent",
+            "Control-stream bytes sent, by kind (raft, watch, forward, join, control); gossip is blx_gossip_sent_bytes",
+            Unit::Bytes,
+            self.traffic.sent.clone(),
+        );
+        r.register_with_unit(
+            "net_received",
+            "Control-stream bytes received, by kind",
+            Unit::Bytes,
+            self.traffic.received.clone(),
         );
         r.register("raft_term", "The current Raft term", self.term.clone());
         r.register(

@@ -32,6 +32,16 @@ pub(crate) const SERVICE_LOGS: u8 = 6;
 /// A client's watch on a server (see [`crate::follow`]).
 pub(crate) const SERVICE_WATCH: u8 = 7;
 
+/// A service's name in the traffic counters.
+pub(crate) fn service_kind(service: u8) -> &'static str {
+    match service {
+        SERVICE_RAFT => "raft",
+        SERVICE_WATCH => "watch",
+        SERVICE_WRITE | SERVICE_READ | SERVICE_INDEX => "forward",
+        _ => "control",
+    }
+}
+
 /// Most console log bytes sent in one answer.
 pub(crate) const MAX_LOG_TAIL: u64 = 1024 * 1024;
 

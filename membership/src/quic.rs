@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use quinn::Runtime as _;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use tokio::sync::mpsc;
@@ -132,8 +134,54 @@ impl Answers {
     }
 }
 
+/// Control-stream bytes by kind (a request and its answer, as the application writes them;
+/// QUIC's framing and acknowledgements are not in it). Gossip datagrams are counted by SWIM.
+#[derive(Clone)]
+pub struct Traffic {
+    /// Bytes this node wrote on control streams.
+    pub sent: Family<KindLabel, Counter>,
+    /// Bytes this node read from control streams.
+    pub received: Family<KindLabel, Counter>,
+    /// Names a service request's kind, from its service number.
+    service_kind: fn(u8) -> &'static str,
+}
+
+/// The kind of a control exchange: `join`, `control`, or a service's name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct KindLabel {
+    /// The kind.
+    pub kind: String,
+}
+
+impl Traffic {
+    /// Counters that name service requests with `service_kind`.
+    pub fn new(service_kind: fn(u8) -> &'static str) -> Self {
+        Traffic {
+            sent: Family::default(),
+            received: Family::default(),
+            service_kind,
+        }
+    }
+
+    fn kind(&self, request: &ControlRequest) -> &'static str {
+        match request {
+            ControlRequest::Join(_) => "join",
+            ControlRequest::Service { service, .. } => (self.service_kind)(*service),
+            _ => "control",
+        }
+    }
+
+    fn count(&self, kind: &str, sent: usize, received: usize) {
+        let label = KindLabel { kind: kind.into() };
+        self.sent.get_or_create(&label).inc_by(sent as u64);
+        self.received.get_or_create(&label).inc_by(received as u64);
+    }
+}
+
 struct Shared {
     endpoint: quinn::Endpoint,
+    /// Counted control-stream bytes, once the agent asks for them.
+    traffic: std::sync::OnceLock<Traffic>,
     /// Replaced when the node renews its certificate.
     client: Mutex<quinn::ClientConfig>,
     /// What builds the configurations again on renewal.
@@ -296,6 +344,7 @@ impl QuicTransport {
         let client = client_config(creds.member_client_config(&checks)?, cids)?;
         let shared = Arc::new(Shared {
             endpoint,
+            traffic: std::sync::OnceLock::new(),
             client: Mutex::new(client),
             token_key,
             cids: cids.clone(),
@@ -386,7 +435,17 @@ impl QuicTransport {
         timeout: Duration,
     ) -> Result<ControlResponse, QuicError> {
         let conn = self.connection(to, id).await?;
-        exchange_within(&conn, request, timeout).await
+        let mut sizes = (0, 0);
+        let answer = exchange_counted(&conn, request, timeout, &mut sizes).await;
+        if let Some(traffic) = self.shared.traffic.get() {
+            traffic.count(traffic.kind(request), sizes.0, sizes.1);
+        }
+        answer
+    }
+
+    /// Starts counting control-stream bytes by kind into `traffic` (the first call wins).
+    pub fn count_traffic(&self, traffic: Traffic) {
+        let _ = self.shared.traffic.set(traffic);
     }
 
     /// Closes every connection, telling peers, and waits briefly for them to hear it.
@@ -671,8 +730,14 @@ async fn serve_control(
         let _ = send.finish();
         return;
     };
+    let mut counted: Option<(&'static str, usize)> = None;
     let response = match tokio::time::timeout(CONTROL_TIMEOUT, recv.read_to_end(limit)).await {
-        Ok(Ok(bytes)) => match wire::decode_control_request(&bytes, limit) {
+        Ok(Ok(bytes)) => match wire::decode_control_request(&bytes, limit).inspect(|request| {
+            counted = shared
+                .traffic
+                .get()
+                .map(|traffic| (traffic.kind(request), bytes.len()));
+        }) {
             Ok(ControlRequest::Join(req)) => {
                 control.handle(caller, ControlRequest::Join(req)).await
             }
@@ -690,7 +755,11 @@ async fn serve_control(
         Ok(Err(e)) => ControlResponse::Failed(format!("bad request: {e}")),
         Err(_) => ControlResponse::Failed("request timed out".into()),
     };
-    let _ = send.write_all(&wire::encode_control(&response)).await;
+    let out = wire::encode_control(&response);
+    if let (Some(traffic), Some((kind, read))) = (shared.traffic.get(), counted) {
+        traffic.count(kind, out.len(), read);
+    }
+    let _ = send.write_all(&out).await;
     let _ = send.finish();
     let _ = tokio::time::timeout(CONTROL_TIMEOUT, send.stopped()).await;
 }
@@ -709,18 +778,29 @@ pub async fn exchange_within(
     request: &ControlRequest,
     timeout: Duration,
 ) -> Result<ControlResponse, QuicError> {
+    exchange_counted(conn, request, timeout, &mut (0, 0)).await
+}
+
+/// [`exchange_within`], adding the bytes written and read to `sizes`.
+async fn exchange_counted(
+    conn: &quinn::Connection,
+    request: &ControlRequest,
+    timeout: Duration,
+    sizes: &mut (usize, usize),
+) -> Result<ControlResponse, QuicError> {
     let addr = conn.remote_address();
     let err = |reason: String| QuicError::Exchange { addr, reason };
     tokio::time::timeout(timeout, async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
-        send.write_all(&wire::encode_control(request))
-            .await
-            .map_err(|e| err(e.to_string()))?;
+        let out = wire::encode_control(request);
+        sizes.0 += out.len();
+        send.write_all(&out).await.map_err(|e| err(e.to_string()))?;
         send.finish().map_err(|e| err(e.to_string()))?;
         let bytes = recv
             .read_to_end(wire::MAX_MEMBER_MESSAGE)
             .await
             .map_err(|e| err(e.to_string()))?;
+        sizes.1 += bytes.len();
         wire::decode_control_response(&bytes, wire::MAX_MEMBER_MESSAGE)
             .map_err(|e| err(e.to_string()))
     })

@@ -20,6 +20,8 @@ const EXPECTED: &[(&str, &str)] = &[
     ("blx_gossip_refutations_total", "counter"),
     ("blx_gossip_received_bytes_total", "counter"),
     ("blx_gossip_sent_bytes_total", "counter"),
+    ("blx_net_sent_bytes_total", "counter"),
+    ("blx_net_received_bytes_total", "counter"),
     ("blx_raft_term", "gauge"),
     ("blx_raft_has_leader", "gauge"),
     ("blx_raft_is_leader", "gauge"),
@@ -149,6 +151,15 @@ fn metrics_parse_and_hold_every_family_an_operator_watches() {
         assert!(s.get("blx_gossip_sent_bytes_total", &[]) > 0.0, "agent {i}");
         assert!(
             s.get("blx_gossip_received_bytes_total", &[]) > 0.0,
+            "agent {i}"
+        );
+        // Raft's traffic is counted apart from gossip, on every server.
+        assert!(
+            s.get("blx_net_sent_bytes_total", &[("kind", "raft")]) > 0.0,
+            "agent {i}"
+        );
+        assert!(
+            s.get("blx_net_received_bytes_total", &[("kind", "raft")]) > 0.0,
             "agent {i}"
         );
         assert!(s.get("blx_process_resident_memory_bytes", &[]) > 1e6);
