@@ -11,6 +11,10 @@
 #   detect_s          from SIGKILL of the last member until every survivor lists it down/failed
 #   bytes_per_agent_s bytes sent from the members' gossip ports per member per second, in a 10 s
 #                     window of steady state, counted by the same nftables rule for both
+#   gossip_s, rest_s  that split into failure detection and everything else. Serf: UDP (its
+#                     gossip) and TCP (push-pull). blx, whose every byte is QUIC on UDP: its SWIM
+#                     datagrams as the agents count them, each with 53 bytes of IP, UDP and QUIC
+#                     framing (4-byte connection ids), and the rest (Raft, client watches)
 # Needs root (nftables). Everything is torn down on exit.
 set -euo pipefail
 blx=${1:?usage: $0 BLX_BIN [NODES] [RUNS] | BLX_BIN --soak SECONDS LOSS}
@@ -21,14 +25,25 @@ cleanup() { exec 2>/dev/null; pkill -9 -f -- "$work" || true; pkill -9 -f -- "bl
 trap cleanup EXIT
 now() { date +%s.%N; }
 elapsed() { echo "$(now) - $1" | bc; }
-count_bytes() { # first_port last_port seconds -> total bytes sent from those UDP/TCP ports
+count_bytes() { # first_port last_port seconds -> "udp_bytes tcp_bytes" sent from those ports
   nft delete table inet "$tbl" 2>/dev/null || true
   nft add table inet "$tbl"
   nft add chain inet "$tbl" out '{ type filter hook output priority 0; policy accept; }'
-  nft add rule inet "$tbl" out meta l4proto '{ udp, tcp }' th sport "$1-$2" counter
+  nft add rule inet "$tbl" out udp sport "$1-$2" counter
+  nft add rule inet "$tbl" out tcp sport "$1-$2" counter
   sleep "$3"
-  nft list table inet "$tbl" | sed -n 's/.*counter packets [0-9]* bytes \([0-9]*\).*/\1/p'
+  nft list table inet "$tbl" | sed -n 's/.*counter packets [0-9]* bytes \([0-9]*\).*/\1/p' | tr '\n' ' '; echo
   nft delete table inet "$tbl"
+}
+# Sum over agents 0..n-1 of SWIM datagram bytes plus 53 bytes of framing per datagram sent.
+blx_gossip_total() {
+  local n=$1 total=0 i
+  for i in $(seq 0 $((n-1))); do
+    total=$(curl -s "http://127.0.0.1:$((BLX_API+i))/v1/metrics" | awk -v t="$total" '
+      /^blx_gossip_sent_bytes_total / {b=$2} /^blx_gossip_sent_datagrams_total / {d=$2}
+      END {printf "%d", t + b + 53 * d}')
+  done
+  echo "$total"
 }
 kill_all() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
 
@@ -54,23 +69,26 @@ blx_cluster() { # n -> starts n agents; sets CONV to the convergence time
   for i in $(seq 0 $((n-1))); do until [ "$(blx_count "$i" alive)" -eq "$n" ]; do sleep 0.02; done; done
   CONV=$(elapsed "$t0")
 }
-blx_run() { # n -> "converge bytes detect"
-  local n=$1 conv bytes t0
+blx_run() { # n -> "converge bytes detect gossip rest"
+  local n=$1 conv bytes t0 udp tcp g0 g1 gossip
   blx_cluster "$n"; conv=$CONV
-  bytes=$(count_bytes "$BLX_GOSSIP" $((BLX_GOSSIP+n-1)) 10)
+  g0=$(blx_gossip_total "$n")
+  read -r udp tcp < <(count_bytes "$BLX_GOSSIP" $((BLX_GOSSIP+n-1)) 10)
+  g1=$(blx_gossip_total "$n")
+  bytes=$((udp + tcp)); gossip=$(( (g1 - g0) / n / 10 ))
   local last=$((n-1)); kill -9 "${pids[$last]}"; t0=$(now)
   for i in $(seq 0 $((n-2))); do
     until blx_members "$i" | tr -d ' \n' | grep -q "\"name\":\"n$last\",\"addr\":\"[0-9.:]*\",\"state\":\"down\""; do sleep 0.02; done
   done
-  echo "$conv $((bytes / n / 10)) $(elapsed "$t0")"
+  echo "$conv $((bytes / n / 10)) $(elapsed "$t0") $gossip $((bytes / n / 10 - gossip))"
   kill_all
 }
 
 # ---- serf ------------------------------------------------------------------------------------
 SERF_BIND=17946; SERF_RPC=17373
 serf_count() { serf members -rpc-addr "127.0.0.1:$((SERF_RPC+$1))" -status "$2" 2>/dev/null | wc -l; }
-serf_run() { # n -> "converge bytes detect"
-  local n=$1 t0 conv bytes
+serf_run() { # n -> "converge bytes detect gossip rest"
+  local n=$1 t0 conv bytes udp tcp
   for i in $(seq 0 $((n-1))); do
     serf agent -node "n$i" -bind "127.0.0.1:$((SERF_BIND+i))" -rpc-addr "127.0.0.1:$((SERF_RPC+i))" -profile lan \
       -tag "blxbench=$$" -log-level warn >"$work/serf-n$i.log" 2>&1 &
@@ -83,12 +101,13 @@ serf_run() { # n -> "converge bytes detect"
   serf join -rpc-addr "127.0.0.1:$((SERF_RPC+n-1))" "127.0.0.1:$SERF_BIND" >/dev/null
   for i in $(seq 0 $((n-1))); do until [ "$(serf_count "$i" alive)" -eq "$n" ]; do sleep 0.02; done; done
   conv=$(elapsed "$t0")
-  bytes=$(count_bytes "$SERF_BIND" $((SERF_BIND+n-1)) 10)
+  read -r udp tcp < <(count_bytes "$SERF_BIND" $((SERF_BIND+n-1)) 10)
+  bytes=$((udp + tcp))
   local last=$((n-1)); kill -9 "${pids[$last]}"; t0=$(now)
   for i in $(seq 0 $((n-2))); do
     until serf members -rpc-addr "127.0.0.1:$((SERF_RPC+i))" -status failed 2>/dev/null | grep -q "^n$last "; do sleep 0.02; done
   done
-  echo "$conv $((bytes / n / 10)) $(elapsed "$t0")"
+  echo "$conv $((bytes / n / 10)) $(elapsed "$t0") $((udp / n / 10)) $((tcp / n / 10))"
   kill_all
 }
 
@@ -117,17 +136,17 @@ fi
 n=${1:-10}; runs=${2:-3}
 command -v serf >/dev/null || { echo "serf not installed: scripts/setup.sh bench" >&2; exit 2; }
 echo "membership benchmark: $n members on 127.0.0.1, $runs runs each, $(nproc) cores"
-printf '%-5s %-4s %12s %18s %10s\n' system run converge_s bytes_per_agent_s detect_s
-declare -a bc bb bd sc sb sd
+printf '%-5s %-4s %12s %18s %10s %10s %8s\n' system run converge_s bytes_per_agent_s detect_s gossip_s rest_s
+declare -a bc bb bd bg sc sb sd sg
 for r in $(seq 1 "$runs"); do
-  read -r c b d < <(blx_run "$n"); bc+=("$c"); bb+=("$b"); bd+=("$d")
-  printf '%-5s %-4s %12.3f %18d %10.3f\n' blx "$r" "$c" "$b" "$d"
-  read -r c b d < <(serf_run "$n"); sc+=("$c"); sb+=("$b"); sd+=("$d")
-  printf '%-5s %-4s %12.3f %18d %10.3f\n' serf "$r" "$c" "$b" "$d"
+  read -r c b d g rest < <(blx_run "$n"); bc+=("$c"); bb+=("$b"); bd+=("$d"); bg+=("$g")
+  printf '%-5s %-4s %12.3f %18d %10.3f %10d %8d\n' blx "$r" "$c" "$b" "$d" "$g" "$rest"
+  read -r c b d g rest < <(serf_run "$n"); sc+=("$c"); sb+=("$b"); sd+=("$d"); sg+=("$g")
+  printf '%-5s %-4s %12.3f %18d %10.3f %10d %8d\n' serf "$r" "$c" "$b" "$d" "$g" "$rest"
 done
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 echo
-echo "| $n members, median of $runs | converge (s) | bytes/s per agent | detect (s) |"
-echo "|---|---|---|---|"
-printf '| blx  | %.3f | %d | %.3f |\n' "$(median "${bc[@]}")" "$(median "${bb[@]}")" "$(median "${bd[@]}")"
-printf '| serf | %.3f | %d | %.3f |\n' "$(median "${sc[@]}")" "$(median "${sb[@]}")" "$(median "${sd[@]}")"
+echo "| $n members, median of $runs | converge (s) | bytes/s per agent | of it gossip | detect (s) |"
+echo "|---|---|---|---|---|"
+printf '| blx  | %.3f | %d | %d | %.3f |\n' "$(median "${bc[@]}")" "$(median "${bb[@]}")" "$(median "${bg[@]}")" "$(median "${bd[@]}")"
+printf '| serf | %.3f | %d | %d | %.3f |\n' "$(median "${sc[@]}")" "$(median "${sb[@]}")" "$(median "${sg[@]}")" "$(median "${sd[@]}")"

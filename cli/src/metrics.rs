@@ -188,6 +188,11 @@ impl Metrics {
             Unit::Bytes,
             swim.bytes_out.clone(),
         );
+        r.register(
+            "gossip_sent_datagrams",
+            "SWIM and metadata datagrams sent",
+            swim.datagrams_out.clone(),
+        );
         r.register_with_unit(
             "net_sent",
             "Control-stream bytes sent, by kind (raft, watch, forward, join, control); gossip is blx_gossip_sent_bytes",

@@ -333,6 +333,8 @@ pub struct SwimStats {
     pub bytes_in: Counter,
     /// SWIM and metadata datagram bytes sent.
     pub bytes_out: Counter,
+    /// SWIM and metadata datagrams sent.
+    pub datagrams_out: Counter,
 }
 
 impl Swim {
@@ -538,6 +540,7 @@ impl Swim {
         let next = self.outbox.pop_front();
         if let Some((_, bytes)) = &next {
             self.stats.bytes_out.inc_by(bytes.len() as u64);
+            self.stats.datagrams_out.inc();
         }
         next
     }
