@@ -20,6 +20,7 @@ use std::time::Duration;
 use blx_consensus::state::Command;
 use blx_consensus::workload::{BootSource, VmPhase, VmRecord, VmReport, WorkloadCommand};
 use blx_vmm::{BootSpec, Desired, DesiredState, Driver, Observed, Phase};
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -52,7 +53,8 @@ pub(crate) fn spawn(
     let (report_tx, report_rx) = mpsc::unbounded_channel::<VmReport>();
     let blocks = drivers.iter().any(|d| d.blocks());
     let mut tasks = Vec::new();
-    if let Some(reconciler) = Reconciler::new(&config, drivers, report_tx) {
+    let boots = cluster.metrics.boot.clone();
+    if let Some(reconciler) = Reconciler::new(&config, drivers, report_tx, boots) {
         if blocks {
             std::thread::Builder::new()
                 .name("vmm-worker".into())
@@ -271,6 +273,8 @@ struct Reconciler {
     runnable: BTreeMap<String, Desired>,
     reported: BTreeMap<String, VmReport>,
     reports: mpsc::UnboundedSender<VmReport>,
+    /// Boot durations, observed once per boot as reports change.
+    boots: Histogram,
     epoch: Instant,
 }
 
@@ -279,6 +283,7 @@ impl Reconciler {
         config: &WorkerConfig,
         drivers: Vec<Box<dyn Driver>>,
         reports: mpsc::UnboundedSender<VmReport>,
+        boots: Histogram,
     ) -> Option<Self> {
         if let Err(e) = std::fs::create_dir_all(&config.run_root) {
             tracing::error!(error = %e, dir = %config.run_root.display(), "VMM worker cannot create its run directory");
@@ -294,6 +299,7 @@ impl Reconciler {
             runnable: BTreeMap::new(),
             reported: BTreeMap::new(),
             reports,
+            boots,
             epoch: Instant::now(),
         })
     }
@@ -356,11 +362,15 @@ impl Reconciler {
                     restarts: 0,
                 },
             };
-            if self.reported.get(name) != Some(&report) {
-                if self.reported.get(name).map(|r| (r.incarnation, r.phase))
+            let before = self.reported.get(name);
+            if before != Some(&report) {
+                if before.map(|r| (r.incarnation, r.phase))
                     != Some((report.incarnation, report.phase))
                 {
                     lifecycle_step(w, &report);
+                }
+                if let Some(ms) = newly_booted(before, &report) {
+                    self.boots.observe(ms as f64 / 1000.0);
                 }
                 if self.reports.send(report.clone()).is_err() {
                     return false;
@@ -371,6 +381,17 @@ impl Reconciler {
         self.reported.retain(|name, _| want.contains_key(name));
         true
     }
+}
+
+/// The boot time a report shows for the first time: a boot (incarnation and restart count)
+/// that the report before it had not timed. Kept beside `reported`, which forgets VMs that
+/// leave this node, so nothing here grows with the VMs a node has ever run.
+fn newly_booted(before: Option<&VmReport>, now: &VmReport) -> Option<u64> {
+    let ms = now.boot_ms?;
+    let timed_before = before
+        .filter(|b| b.boot_ms.is_some())
+        .map(|b| (b.incarnation, b.restarts));
+    (timed_before != Some((now.incarnation, now.restarts))).then_some(ms)
 }
 
 /// A span for one step of a VM's life on this node (placed, starting, running, stopped,
@@ -420,28 +441,16 @@ fn to_report(d: &Desired, observed: Option<&Observed>) -> VmReport {
 /// Sends reports to the leader in batches, newest per VM, retrying until one gets through.
 async fn report(cluster: Cluster, self_id: String, mut rx: mpsc::UnboundedReceiver<VmReport>) {
     let mut pending: BTreeMap<String, VmReport> = BTreeMap::new();
-    // The incarnation whose boot was last timed, per VM: each boot counts once.
-    let mut timed: BTreeMap<String, (u64, u32)> = BTreeMap::new();
-    let mut observe = |r: &VmReport| {
-        if let Some(ms) = r.boot_ms
-            && timed.get(&r.name) != Some(&(r.incarnation, r.restarts))
-        {
-            timed.insert(r.name.clone(), (r.incarnation, r.restarts));
-            cluster.metrics.boot.observe(ms as f64 / 1000.0);
-        }
-    };
     loop {
         if pending.is_empty() {
             match rx.recv().await {
                 Some(r) => {
-                    observe(&r);
                     pending.insert(r.name.clone(), r);
                 }
                 None => return,
             }
         }
         while let Ok(r) = rx.try_recv() {
-            observe(&r);
             pending.insert(r.name.clone(), r);
         }
         let cmd = Command::Workload(WorkloadCommand::VmReports {
@@ -456,5 +465,50 @@ async fn report(cluster: Cluster, self_id: String, mut rx: mpsc::UnboundedReceiv
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(incarnation: u64, restarts: u32, boot_ms: Option<u64>) -> VmReport {
+        VmReport {
+            name: "web".into(),
+            incarnation,
+            phase: if boot_ms.is_some() {
+                VmPhase::Running
+            } else {
+                VmPhase::Starting
+            },
+            reason: None,
+            boot_ms,
+            restarts,
+        }
+    }
+
+    #[test]
+    fn each_boot_is_timed_once() {
+        let starting = report(1, 0, None);
+        let running = report(1, 0, Some(900));
+        assert_eq!(newly_booted(None, &starting), None);
+        assert_eq!(newly_booted(Some(&starting), &running), Some(900));
+        // The same boot reported again (paused, say) is not timed again.
+        let paused = VmReport {
+            phase: VmPhase::Paused,
+            ..running.clone()
+        };
+        assert_eq!(newly_booted(Some(&running), &paused), None);
+        // A restart and a new incarnation are new boots.
+        assert_eq!(
+            newly_booted(Some(&running), &report(1, 1, Some(700))),
+            Some(700)
+        );
+        assert_eq!(
+            newly_booted(Some(&running), &report(2, 0, Some(800))),
+            Some(800)
+        );
+        // A node that adopts a running VM times it once, when it first reports it.
+        assert_eq!(newly_booted(None, &running), Some(900));
     }
 }
