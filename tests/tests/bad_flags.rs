@@ -56,6 +56,57 @@ fn bad_agent_flags_are_refused_before_anything_is_written() {
 }
 
 #[test]
+fn a_bad_log_filter_is_refused_with_the_variable_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    for (command, args) in [
+        (
+            "agent",
+            &["--no-mdns", "--bind", "127.0.0.1:0", "--api", "127.0.0.1:0"][..],
+        ),
+        ("status", &["--api", "127.0.0.1:9"][..]),
+    ] {
+        let mut child = Command::new(blx_bin())
+            .arg(command)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .env("BLX_LOG", "blx=loud")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // An agent that accepted the filter would run on: give it a while, then fail.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let exited = loop {
+            if child.try_wait().ok().flatten().is_some() {
+                break true;
+            }
+            if std::time::Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        if !exited {
+            child.kill().ok();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(exited, "{command} started with a bad BLX_LOG");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(
+            stderr.contains("BLX_LOG=blx=loud"),
+            "{command}: expected the variable in:\n{stderr}"
+        );
+        assert!(
+            !data.exists(),
+            "{command} created the data dir before refusing"
+        );
+    }
+}
+
+#[test]
 fn bad_operator_and_query_input_is_refused() {
     let cluster = Cluster::bootstrap();
     let a = &cluster.agents[0];

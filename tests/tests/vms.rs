@@ -475,9 +475,12 @@ fn an_agent_restarted_while_cut_off_stops_the_vms_it_adopts() {
         "the adopted copy ran {stopped_after:?} after the restart\n{}",
         cluster.agents[host].log()
     );
+    // The log line comes before the stop; if it is missing, something else stopped the copy,
+    // and the logs say what.
     assert!(
         cluster.agents[host].log().contains("stopping every VM"),
-        "the agent does not say why it stopped its VMs"
+        "the agent does not say why it stopped its VMs\n{}",
+        cluster.logs()
     );
     cluster.wait_vm(other, "job", LONG, "running elsewhere", |v| {
         phase(v) == "running" && cluster.index_of(v["node"].as_str().unwrap_or("")) != Some(host)
