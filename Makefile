@@ -29,7 +29,9 @@ bench:
 	cargo build --release -p blx -p blx-simulation
 	# The OTLP receiver for the export on/off rows; a debug build, as `make test` makes it.
 	cargo build -p blx-tests --bin otlp-sink
-	scripts/bench-membership.sh $(CARGO_TARGET_DIR)/release/blx
+	scripts/bench-membership.sh $(CARGO_TARGET_DIR)/release/blx 10 3
+	scripts/bench-membership.sh $(CARGO_TARGET_DIR)/release/blx 30 2
+	scripts/bench-scale.sh $(CARGO_TARGET_DIR)/release/blx "10 30" 20
 	scripts/bench-raft.sh $(CARGO_TARGET_DIR)/release/blx 10 $(CARGO_TARGET_DIR)/debug/otlp-sink
 	cargo bench -p blx-scheduler --bench placement
 	scripts/bench-vm-boot.sh $(CARGO_TARGET_DIR)/release/blx

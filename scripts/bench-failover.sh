@@ -61,10 +61,13 @@ JOB = {"name": "job", "ready_marker": "READY", "command": ["sh", "-c", "echo REA
 api(1, "/v1/vms", "POST", JOB)
 wait("job running", lambda: api(1, "/v1/vms/job?stale")["phase"] == "running")
 times = {"host": [], "leader and host": []}
+leaderless = []
 def alive(): return next(i for i in (1, 2, 3) if procs[i].poll() is None)
 for trial in range(n):
     kind = "leader and host" if trial % 2 else "host"
     a = alive()
+    # An agent that just restarted may not know the leader yet.
+    wait("a leader", lambda: api(a, "/v1/status")["leader"] is not None)
     leader = index[api(a, "/v1/status")["leader"]]
     on = index[api(a, "/v1/vms/job")["node"]]
     if kind == "host" and on == leader:
@@ -93,9 +96,25 @@ for trial in range(n):
     wait("failover", moved)
     times[kind].append(time.monotonic() - t0)
     start(host)
-    wait("restarted agent alive", lambda: sum(m["state"] == "alive" for m in api(via, "/v1/members")) == 3)
-    wait("raft back to 3 voters", lambda: len(api(via, "/v1/status")["voters"]) == 3 and not api(via, "/v1/status")["changing"] and api(via, "/v1/status")["leader"] is not None)
-    print(f"trial {trial + 1}: killed n{host} ({kind}), running again after {times[kind][-1]:.2f} s", file=sys.stderr)
+    # Until the restarted agent is back and 2 s beyond, watch for a stretch without a leader
+    # (a restarted voter that calls an election deposes the leader).
+    gap = longest = 0.0; since = None; back = None; deadline = time.monotonic() + 60
+    while back is None or time.monotonic() < back + 2:
+        if time.monotonic() > deadline: sys.exit(f"timed out waiting for n{host} to rejoin: {last_vm()}")
+        try:
+            st = api(via, "/v1/status"); now = time.monotonic()
+            if st["leader"] is None:
+                since = since or now; longest = max(longest, now - since)
+            else:
+                since = None
+                if back is None and len(st["voters"]) == 3 and not st["changing"] and \
+                        sum(m["state"] == "alive" for m in api(via, "/v1/members")) == 3:
+                    back = now
+        except Exception: pass
+        time.sleep(0.01)
+    leaderless.append(longest)
+    print(f"trial {trial + 1}: killed n{host} ({kind}), running again after {times[kind][-1]:.2f} s; "
+          f"longest without a leader after its restart {longest:.2f} s", file=sys.stderr)
 def row(name, ts):
     ts = sorted(ts)
     p = lambda q: ts[min(len(ts) - 1, int(round(q * (len(ts) - 1))))]
@@ -104,4 +123,6 @@ print(f"\n| killed | trials | p50 (s) | p90 (s) | p99 (s) | max (s) |\n|---|---|
 for k, ts in times.items():
     if ts: row(k, ts)
 row("all", times["host"] + times["leader and host"])
+print(f"\nlongest stretch without a leader after a restart, over {len(leaderless)} trials: {max(leaderless):.2f} s "
+      f"(trials with none: {sum(g == 0 for g in leaderless)})")
 PY

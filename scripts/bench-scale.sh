@@ -9,6 +9,9 @@
 #   client_rest_s     (control streams: watch, forwards), from its own counters
 #   seen_p50/p99/max  200 writes through the leader's API, one after another: from sending
 #                     each to a client's local copy (`?stale`) answering with it, in ms
+#   vm_client/standby median of 5 process-driver VMs each, pinned (node.name=) alternately to
+#                     a client and to a standby learner: from the create request to the
+#                     leader reporting the VM running, in ms
 # and the growth of the leader's CPU and bytes from the first size to the last.
 #
 #   scripts/bench-scale.sh BLX_BIN [SIZES] [SECONDS]     SIZES default "10 30", SECONDS 20
@@ -55,8 +58,10 @@ class Agent:
             try:
                 if self.conn is None:
                     self.conn = http.client.HTTPConnection("127.0.0.1", self.api, timeout=10)
-                self.conn.request(method, path, body=body,
-                                  headers={"Authorization": f"Bearer {self.token()}"})
+                headers = {"Authorization": f"Bearer {self.token()}"}
+                if body is not None:
+                    headers["Content-Type"] = "application/json"
+                self.conn.request(method, path, body=body, headers=headers)
                 r = self.conn.getresponse()
                 return r.status, r.read()
             except (OSError, http.client.HTTPException):
@@ -159,24 +164,49 @@ def run(n):
             if time.perf_counter() - start > 10:
                 sys.exit(f"the client never saw write {i}")
         seen.append((time.perf_counter() - start) * 1000)
+    standby = next(a for a, s in zip(agents, ss) if s["role"] == "learner")
+    def boot(target, k):
+        name = f"scale-{target.i}-{k}"
+        spec = {"name": name, "command": ["sh", "-c", "echo READY; exec sleep 600"],
+                "ready_marker": "READY", "constraints": [f"node.name=n{target.i}"]}
+        start = time.perf_counter()
+        code, body = leader.get("/v1/vms", "POST", json.dumps(spec).encode())
+        if code not in (200, 201):
+            sys.exit(f"creating {name}: {code} {body!r}")
+        while True:
+            code, body = leader.get(f"/v1/vms/{name}")
+            if code == 200 and json.loads(body).get("phase") == "running":
+                break
+            if time.perf_counter() - start > 30:
+                sys.exit(f"{name} never ran: {body!r}")
+            time.sleep(0.005)
+        took = (time.perf_counter() - start) * 1000
+        leader.get(f"/v1/vms/{name}", "DELETE")
+        return took
+    on_client, on_standby = [], []
+    for k in range(5):
+        on_client.append(boot(client, k))
+        on_standby.append(boot(standby, k))
     for a in agents:
         a.proc.kill()
     for a in agents:
         a.proc.wait()
-    return dict(n=n, settle=settle_s, cpu=cpu,
+    return dict(n=n, settle=settle_s, cpu=cpu, vm_client=pct(on_client, 50), vm_standby=pct(on_standby, 50),
                 leader=(counted.get("leader_out", 0) + counted.get("leader_in", 0)) / window,
                 agent=counted.get("all", 0) / window / n, gossip=gossip, rest=rest,
                 p50=pct(seen, 50), p99=pct(seen, 99), max=max(seen))
 
 print(f"scale benchmark: loopback, {os.cpu_count()} cores, {SECS:.0f} s windows, 3 voters and 2 standbys")
 print(f"{'agents':>6} {'settle_s':>8} {'leader_cpu_pct':>14} {'leader_bytes_s':>14} {'agent_bytes_s':>13} "
-      f"{'client_gossip_s':>15} {'client_rest_s':>13} {'seen_p50_ms':>11} {'seen_p99_ms':>11} {'seen_max_ms':>11}")
+      f"{'client_gossip_s':>15} {'client_rest_s':>13} {'seen_p50_ms':>11} {'seen_p99_ms':>11} {'seen_max_ms':>11} "
+      f"{'vm_client_ms':>12} {'vm_standby_ms':>13}")
 rows = []
 for n in SIZES:
     r = run(n)
     rows.append(r)
     print(f"{r['n']:>6} {r['settle']:>8.1f} {r['cpu']:>14.2f} {r['leader']:>14.0f} {r['agent']:>13.0f} "
-          f"{r['gossip']:>15.0f} {r['rest']:>13.0f} {r['p50']:>11.2f} {r['p99']:>11.2f} {r['max']:>11.2f}", flush=True)
+          f"{r['gossip']:>15.0f} {r['rest']:>13.0f} {r['p50']:>11.2f} {r['p99']:>11.2f} {r['max']:>11.2f} "
+          f"{r['vm_client']:>12.1f} {r['vm_standby']:>13.1f}", flush=True)
 if len(rows) > 1:
     a, b = rows[0], rows[-1]
     print(f"\nfrom {a['n']} to {b['n']} agents: leader CPU x{b['cpu'] / max(a['cpu'], 1e-9):.2f}, "
