@@ -1010,6 +1010,28 @@ mod tests {
     const B: &str = "000000000000000b";
 
     #[test]
+    fn a_vm_create_with_an_over_long_trace_context_is_refused_and_changes_nothing() {
+        let mut s = ClusterState::default();
+        let mut i = 0;
+        let create = |trace: String| WorkloadCommand::VmCreate {
+            spec: spec("web", 512, 0),
+            now_ms: 0,
+            trace: Some(trace),
+        };
+        let before = s.clone();
+        let err = run(&mut s, &mut i, create("0".repeat(MAX_TRACE_CONTEXT + 1))).unwrap_err();
+        assert!(
+            matches!(&err, CommandError::InvalidVm(m) if m.contains("trace context")),
+            "{err:?}"
+        );
+        assert_eq!(s, before);
+        // At the limit it is kept, for the node that boots the VM to continue the trace.
+        let longest = "0".repeat(MAX_TRACE_CONTEXT);
+        run(&mut s, &mut i, create(longest.clone())).unwrap();
+        assert_eq!(s.vms["web"].trace.as_deref(), Some(longest.as_str()));
+    }
+
+    #[test]
     fn a_vm_is_placed_and_moves_when_its_node_goes_down() {
         let mut s = ClusterState::default();
         let mut i = 0;
