@@ -98,7 +98,7 @@ for trial in range(n):
     start(host)
     # Until the restarted agent is back and 2 s beyond, watch for a stretch without a leader
     # (a restarted voter that calls an election deposes the leader).
-    gap = longest = 0.0; since = None; back = None; deadline = time.monotonic() + 60
+    longest = 0.0; since = None; back = None; deadline = time.monotonic() + 60
     while back is None or time.monotonic() < back + 2:
         if time.monotonic() > deadline: sys.exit(f"timed out waiting for n{host} to rejoin: {last_vm()}")
         try:

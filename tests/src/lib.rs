@@ -203,17 +203,11 @@ impl Agent {
 
     /// Waits for the process to exit by itself.
     pub fn wait_exit(&mut self, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(_)) = c.try_wait()
-            {
-                self.child = None;
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let exited = self.child.as_mut().is_some_and(|c| exits_within(c, within));
+        if exited {
+            self.child = None;
         }
-        false
+        exited
     }
 
     /// Runs a `blx` client command against this agent.
@@ -385,6 +379,20 @@ pub fn kill_workloads(dir: &Path) {
             .args(["-KILL", &pid.to_string()])
             .stderr(Stdio::null())
             .status();
+    }
+}
+
+/// Whether `child` exits by itself within `within`; it is left running if not.
+pub fn exits_within(child: &mut std::process::Child, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

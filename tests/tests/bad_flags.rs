@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use blx_tests::{Cluster, blx_bin, wait_until};
+use blx_tests::{Cluster, blx_bin, exits_within, wait_until};
 
 fn agent_fails(args: &[&str], expect: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -78,16 +78,7 @@ fn a_bad_log_filter_is_refused_with_the_variable_named() {
             .spawn()
             .unwrap();
         // An agent that accepted the filter would run on: give it a while, then fail.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let exited = loop {
-            if child.try_wait().ok().flatten().is_some() {
-                break true;
-            }
-            if std::time::Instant::now() > deadline {
-                break false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let exited = exits_within(&mut child, Duration::from_secs(20));
         if !exited {
             child.kill().ok();
         }
