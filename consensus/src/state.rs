@@ -478,6 +478,20 @@ mod tests {
                 Err(CommandError::InvalidConfig(_))
             ));
         }
+        let too_many_standbys = ClusterConfig {
+            standby_servers: 10,
+            ..Default::default()
+        };
+        assert!(matches!(
+            s.apply(
+                1,
+                &Command::ConfigSet {
+                    config: too_many_standbys,
+                    nodes: 20
+                }
+            ),
+            Err(CommandError::InvalidConfig(m)) if m.contains("standby_servers")
+        ));
         let five = ClusterConfig {
             desired_voters: 5,
             ..Default::default()

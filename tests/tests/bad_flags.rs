@@ -116,6 +116,14 @@ fn bad_operator_and_query_input_is_refused() {
     let (ok, _, err) = a.run(&["operator", "transfer-leader"]);
     assert!(!ok && err.contains("no other voter"), "{err}");
 
+    let (ok, _, err) = a.run(&["config", "set", "--standby-servers", "10"]);
+    assert!(
+        !ok && err.contains("standby_servers must be at most 9"),
+        "{err}"
+    );
+    let (ok, _, err) = a.run(&["config", "set", "--standby-servers", "many"]);
+    assert!(!ok && err.contains("--standby-servers"), "{err}");
+
     let (ok, _, err) = a.run(&["node", "remove", "no-such-node"]);
     assert!(!ok && err.contains("no node with id or name"), "{err}");
     let (ok, _, err) = a.run(&["node", "remove", "n1"]);
