@@ -644,6 +644,12 @@ impl Swim {
             OwnedNotification::Rename(old, new) => {
                 if old.id != new.id {
                     self.set_state(old, MemberState::Down, None);
+                } else if let Some(update) = self.own_update() {
+                    // The same node under a new generation: it restarted and knows nobody's
+                    // metadata. foca reports no MemberUp for it, so tell it ours as we would
+                    // a newcomer, or it never learns it (a restarted leader would then
+                    // record no other node, and fail none of them over).
+                    self.outbox.push_back((new, wire::encode_meta(&update)));
                 }
                 if let Some(m) = self.members.get_mut(&new.id) {
                     m.identity = new;

@@ -150,6 +150,47 @@ fn five_nodes_converge_with_metadata() {
 }
 
 #[test]
+fn a_restarted_node_learns_everyone_s_metadata_again() {
+    let mut net = Net::new(4);
+    net.join_all_to_first();
+    net.run_until(Duration::from_secs(10), Net::converged);
+
+    tracing::info!("--- n3 restarts: same id and address, a new generation, knowing nobody");
+    let id = NodeId([3; 8]);
+    let old = *net.nodes[&id].identity();
+    let restarted = NodeIdentity {
+        generation: old.generation + 1,
+        ..old
+    };
+    let meta = NodeMeta {
+        name: "n3".into(),
+        ..Default::default()
+    };
+    let mut swim = Swim::new(
+        restarted,
+        meta,
+        SwimConfig::lan(),
+        StdRng::seed_from_u64(33),
+        net.now,
+    );
+    let first = *net.nodes[&NodeId([1; 8])].identity();
+    swim.join([first.addr], net.now);
+    net.nodes.insert(id, swim);
+
+    tracing::info!("--- the others see a rename, not a newcomer, and still tell it who they are");
+    net.run_until(Duration::from_secs(10), Net::converged);
+    let names: Vec<_> = net.nodes[&id]
+        .members()
+        .values()
+        .map(|m| m.meta.as_ref().map(|m| m.name.clone()))
+        .collect();
+    assert_eq!(
+        names,
+        [Some("n1".into()), Some("n2".into()), Some("n3".into()), Some("n4".into())]
+    );
+}
+
+#[test]
 fn a_silent_node_is_declared_down_by_all() {
     let mut net = Net::new(5);
     net.join_all_to_first();
