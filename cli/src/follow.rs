@@ -20,7 +20,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use blx_consensus::machine::{decode, encode};
-use blx_consensus::node::{Followed, SERVER_CONTACT, WatchAnswer, WatchRequest};
+use blx_consensus::node::{Followed, HEARTBEAT, SERVER_CONTACT, WatchAnswer, WatchRequest};
 use blx_membership::quic::QuicTransport;
 use blx_membership::wire::{ControlRequest, ControlResponse};
 use blx_membership::{MemberState, Membership, NodeId};
@@ -153,7 +153,7 @@ async fn gone_or_promoted(cluster: &Cluster, membership: &Membership, server: u6
             .members()
             .get(&node_id(server))
             .is_none_or(|m| matches!(m.state, MemberState::Down | MemberState::Left));
-        if down || cluster.node.hears_raft_within(CHECK * 2) {
+        if down || cluster.node.hears_raft_within(HEARTBEAT * 2) {
             return;
         }
     }
