@@ -1,10 +1,11 @@
-//! The leader's workload controller: records nodes as membership sees them, and runs the
-//! scheduler whenever VMs or nodes change (and every second, so down-node grace periods
-//! expire). Every decision is made by pure code in `blx_consensus::workload`; this task only
+//! The leader's workload controller: records nodes as membership sees them (and as their
+//! silence proves them, see [`Tenure`]), and runs the scheduler whenever VMs or nodes change
+//! (and every 250 ms, so down-node grace periods expire). Every decision is made by pure code in `blx_consensus::workload`; this task only
 //! feeds it and proposes what it returns.
 
 use std::time::Duration;
 
+use blx_consensus::node::VOTE_LEASE;
 use blx_consensus::state::Command;
 use blx_consensus::workload::{
     NodeStatus, NodeUpdate, WorkloadCommand, node_changes, plan_schedule,
@@ -23,20 +24,66 @@ pub(crate) async fn run(
 ) {
     let mut applied = cluster.node.subscribe_workload();
     let mut members = membership.watch();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut raft = cluster.node.raft.metrics();
+    // Passes run at least this often, so grace periods and lapsed leases are seen in time.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tenure = Tenure::new(tokio::time::Instant::now());
+    let mut leading = false;
     loop {
         tokio::select! {
             biased;
-            r = applied.changed() => if r.is_err() { return },
-            r = members.changed() => if r.is_err() { return },
+            r = applied.changed() => if r.is_err() { return stopped("state machine") },
+            r = members.changed() => if r.is_err() { return stopped("membership") },
+            // Wakes when leadership is won or lost (not on every commit): a leadership seen
+            // late would only make its floor later, and its first pass later.
+            r = raft.wait_for(|m| (m.state == openraft::ServerState::Leader) != leading) => {
+                if r.is_err() { return stopped("raft") }
+            }
             _ = tick.tick() => {}
         }
-        if !cluster.node.is_leader() {
+        leading = cluster.node.is_leader();
+        let Some(floor) = tenure.observe(
+            leading,
+            tokio::time::Instant::now(),
+            cluster.node.stats().last_leader_contact(),
+        ) else {
             continue;
-        }
-        let seen = node_updates(&membership, |id| contact.fresh(crate::raft::raft_id(id)));
+        };
+        tracing::trace!(floor_age = ?floor.elapsed(), "controller pass");
+        // Nodes whose silence matters: those holding VMs, and those already recorded down
+        // (whose VMs have moved: a suspicion must not bring them back up).
+        let watched = cluster.node.with_local_state(|s| {
+            let hosts = s.vms.values().filter_map(|vm| vm.node.clone());
+            let down = s
+                .nodes
+                .iter()
+                .filter(|(_, n)| n.status == NodeStatus::Down)
+                .map(|(id, _)| id.clone());
+            hosts.chain(down).collect::<std::collections::BTreeSet<String>>()
+        });
+        let now = tokio::time::Instant::now();
+        let seen = node_updates(&membership, |id| {
+            let peer = crate::raft::raft_id(id);
+            if contact.fresh(peer) {
+                Voice::Fresh
+            } else if watched.contains(&id.to_string()) && contact.lapsed(peer, floor, now) {
+                Voice::Lapsed
+            } else {
+                Voice::Unsure
+            }
+        });
         let changed = cluster.node.with_local_state(|s| node_changes(s, &seen));
+        if !changed.is_empty() {
+            let members = membership.members();
+            for n in &changed {
+                let gossip = members
+                    .values()
+                    .find(|m| m.identity.id.to_string() == n.id)
+                    .map(|m| m.state);
+                tracing::info!(node = %n.id, status = ?n.status, ?gossip, "recording the node");
+            }
+        }
         if !changed.is_empty() {
             propose(
                 &cluster,
@@ -75,6 +122,10 @@ pub(crate) async fn run(
             m.failovers.inc_by(c.failovers);
         }
     }
+}
+
+fn stopped(what: &str) {
+    tracing::debug!(what, "the controller stops: its source closed");
 }
 
 /// Proposes `cmd`; true once it is applied.
@@ -147,13 +198,70 @@ impl PassCounts {
     }
 }
 
-/// Every member as a node record would hold it. A member that gossip says is down but that
-/// `answers_raft` (it answered this leader a moment ago) stays up: see
-/// [`crate::raft::RaftContact`]. Failing it over would stop VMs on a node that runs them and
-/// hears the leader, and place them again elsewhere.
+/// Since when this node, as leader, has heard every lease renewal and Raft answer there was
+/// to hear, so a node's silence since then is silence indeed.
+///
+/// A node's lease was last confirmed by some leader with a quorum. If that leader was an
+/// earlier one, the quorum that confirmed it and the quorum that elected this node share a
+/// voter. If that voter is this node, it heard the old leader's append after the renewal
+/// (openraft's last leader contact, here). If it is another voter, it granted its vote only
+/// [`VOTE_LEASE`] after its own last append from the old leader, so the renewal came before
+/// this node led, less [`VOTE_LEASE`]. Neither survives a restart of this agent, so its start
+/// bounds it too. The floor is the latest of the three: later is safer.
+pub(crate) struct Tenure {
+    started: tokio::time::Instant,
+    floor: Option<tokio::time::Instant>,
+}
+
+impl Tenure {
+    fn new(started: tokio::time::Instant) -> Self {
+        Tenure {
+            started,
+            floor: None,
+        }
+    }
+
+    /// The floor while this node leads (`leading` is checked at `now`), or None.
+    fn observe(
+        &mut self,
+        leading: bool,
+        now: tokio::time::Instant,
+        heard_leader: Option<tokio::time::Instant>,
+    ) -> Option<tokio::time::Instant> {
+        if !leading {
+            self.floor = None;
+            return None;
+        }
+        Some(*self.floor.get_or_insert_with(|| {
+            let elected = now.checked_sub(VOTE_LEASE).unwrap_or(now);
+            elected.max(self.started).max(heard_leader.unwrap_or(self.started))
+        }))
+    }
+}
+
+/// What this leader knows first-hand of a node, beside gossip.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Voice {
+    /// It answered Raft or renewed its lease a moment ago ([`crate::raft::RaftContact::FRESH`]).
+    Fresh,
+    /// It holds VMs (or is recorded down) and has been silent for longer than its lease
+    /// ([`crate::raft::RaftContact::lapsed`]): its worker has stopped them.
+    Lapsed,
+    /// Neither.
+    Unsure,
+}
+
+/// Every member as a node record would hold it.
+///
+/// - A member that gossip says is down but whose `voice` is fresh stays up: see
+///   [`crate::raft::RaftContact`]. Failing it over would stop VMs on a node that runs them
+///   and hears the leader, and place them again elsewhere.
+/// - A member that gossip only suspects, but whose lease has lapsed, is down: its VMs are
+///   stopped, so they are placed again now rather than once gossip's suspicion runs out
+///   (1.5 s later).
 fn node_updates(
     membership: &Membership,
-    answers_raft: impl Fn(blx_membership::NodeId) -> bool,
+    voice: impl Fn(blx_membership::NodeId) -> Voice,
 ) -> Vec<NodeUpdate> {
     membership
         .members()
@@ -170,19 +278,94 @@ fn node_updates(
                 },
                 labels: meta.labels.clone(),
                 zone: meta.zone.clone(),
-                status: match m.state {
-                    MemberState::Alive | MemberState::Suspect => NodeStatus::Up,
-                    MemberState::Down if answers_raft(m.identity.id) => {
-                        tracing::debug!(
-                            node = %m.identity.id,
-                            "gossip says down, but it answered Raft just now: kept up"
-                        );
-                        NodeStatus::Up
-                    }
-                    MemberState::Down => NodeStatus::Down,
-                    MemberState::Left => NodeStatus::Left,
-                },
+                status: status_of(m.state, voice(m.identity.id)),
             })
         })
         .collect()
+}
+
+/// A node's status from gossip's view of it and this leader's own.
+fn status_of(state: MemberState, voice: Voice) -> NodeStatus {
+    match (state, voice) {
+        (MemberState::Suspect, Voice::Lapsed) => NodeStatus::Down,
+        (MemberState::Alive | MemberState::Suspect, _) => NodeStatus::Up,
+        (MemberState::Down, Voice::Fresh) => NodeStatus::Up,
+        (MemberState::Down, _) => NodeStatus::Down,
+        (MemberState::Left, _) => NodeStatus::Left,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::raft::RaftContact;
+
+    #[test]
+    fn a_new_leader_vouches_from_its_election_less_the_vote_lease_or_later() {
+        let started = Instant::now();
+        let mut tenure = Tenure::new(started);
+        assert_eq!(tenure.observe(false, started, None), None, "a follower has no floor");
+
+        tracing::info!("--- elected long after start, having heard the old leader 3 s before");
+        let elected = started + Duration::from_secs(60);
+        let heard = elected - Duration::from_secs(3);
+        let floor = tenure.observe(true, elected, Some(heard)).expect("leading");
+        assert_eq!(floor, elected - VOTE_LEASE);
+        assert_eq!(
+            tenure.observe(true, elected + Duration::from_secs(5), None),
+            Some(floor),
+            "the floor is fixed for the whole tenure"
+        );
+
+        tracing::info!("--- it heard the old leader later than the lease bound: that counts");
+        tenure.observe(false, elected, None);
+        let heard = elected - Duration::from_millis(100);
+        assert_eq!(tenure.observe(true, elected, Some(heard)), Some(heard));
+
+        tracing::info!("--- an agent elected right after its start vouches only from its start");
+        let mut fresh = Tenure::new(started);
+        let soon = started + Duration::from_millis(300);
+        assert_eq!(fresh.observe(true, soon, None), Some(started));
+    }
+
+    #[test]
+    fn a_lease_lapses_only_after_the_later_of_its_last_word_and_the_floor() {
+        let contact = RaftContact::default();
+        let floor = Instant::now();
+        let lapse = RaftContact::LAPSED;
+        tracing::info!("--- never heard: counted from the floor");
+        assert!(!contact.lapsed(7, floor, floor + lapse - Duration::from_millis(1)));
+        assert!(contact.lapsed(7, floor, floor + lapse));
+
+        tracing::info!("--- heard after the floor: counted from the word");
+        contact.answered(7);
+        let word = Instant::now();
+        assert!(!contact.lapsed(7, floor, word + lapse - Duration::from_millis(1)));
+        assert!(contact.lapsed(7, floor, word + lapse));
+
+        tracing::info!("--- a floor later than the word wins");
+        let later = word + Duration::from_secs(10);
+        assert!(!contact.lapsed(7, later, later + lapse - Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn gossip_suspicion_is_a_down_only_for_a_lapsed_lease_and_fresh_contact_outweighs_down() {
+        // `node_updates` maps each member state and voice; the states that matter.
+        for (state, voice, want) in [
+            (MemberState::Suspect, Voice::Lapsed, NodeStatus::Down),
+            (MemberState::Suspect, Voice::Unsure, NodeStatus::Up),
+            (MemberState::Suspect, Voice::Fresh, NodeStatus::Up),
+            (MemberState::Alive, Voice::Lapsed, NodeStatus::Up),
+            (MemberState::Down, Voice::Fresh, NodeStatus::Up),
+            (MemberState::Down, Voice::Unsure, NodeStatus::Down),
+            (MemberState::Down, Voice::Lapsed, NodeStatus::Down),
+            (MemberState::Left, Voice::Fresh, NodeStatus::Left),
+        ] {
+            assert_eq!(status_of(state, voice), want, "{state:?} with {voice:?}");
+        }
+    }
 }

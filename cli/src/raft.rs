@@ -68,21 +68,27 @@ pub(crate) struct QuicRpc {
     pub(crate) contact: Arc<RaftContact>,
 }
 
-/// When each Raft peer last answered this node, by Raft id. On the leader, which sends every
-/// peer a heartbeat each 150 ms, a recent answer is first-hand proof that the peer is up and
-/// hears the leader, so the peer's worker is not fencing its VMs. Gossip can say otherwise
-/// for a moment: a node cut off from the rest declares the others down, and when the cut
-/// heals its gossip carries those verdicts to the majority before the accused refute them.
+/// When each Raft peer last answered this node, or renewed its lease through it, by Raft id.
+/// On the leader, which sends every peer a heartbeat each [`blx_consensus::node::HEARTBEAT`] and confirms every
+/// lease renewal, a recent word is first-hand proof that the peer is up and hears the leader,
+/// so the peer's worker is not fencing its VMs. Gossip can say otherwise for a moment: a node
+/// cut off from the rest declares the others down, and when the cut heals its gossip carries
+/// those verdicts to the majority before the accused refute them. The other way round, a long
+/// silence proves that a node's lease has lapsed, so its VMs are stopped (see [`Self::lapsed`]).
 #[derive(Default)]
 pub(crate) struct RaftContact(
     std::sync::Mutex<std::collections::BTreeMap<u64, tokio::time::Instant>>,
 );
 
 impl RaftContact {
-    /// How recent an answer must be to outweigh gossip: a few heartbeats. A peer that is
-    /// really gone stopped answering well before gossip declares it down (seconds), so this
-    /// delays no failover.
-    pub(crate) const FRESH: Duration = Duration::from_millis(600);
+    /// How recent a word must be to outweigh gossip: two heartbeats and some. A peer that is
+    /// really gone went silent well before gossip declares it down (seconds), so this delays
+    /// no failover.
+    pub(crate) const FRESH: Duration = Duration::from_millis(1200);
+
+    /// How long after a node's last word its lease has certainly lapsed: the worker's fence
+    /// time ([`crate::worker::FENCE_AFTER`]), the 250 ms between its checks, and margin.
+    pub(crate) const LAPSED: Duration = Duration::from_millis(2000);
 
     pub(crate) fn answered(&self, peer: u64) {
         let mut seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -94,6 +100,22 @@ impl RaftContact {
         let seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
         seen.get(&peer)
             .is_some_and(|at| at.elapsed() <= Self::FRESH)
+    }
+
+    /// Whether `peer`'s lease on its VMs has certainly lapsed, so its worker has stopped
+    /// them: [`Self::LAPSED`] has passed since its last word here, and since `floor`, a
+    /// moment before which this node cannot vouch for having heard every renewal (see
+    /// [`crate::controller::Tenure`]). A lease renewal reaches this node, as leader, after the
+    /// node asked for it, and the node's lease runs from its asking.
+    pub(crate) fn lapsed(
+        &self,
+        peer: u64,
+        floor: tokio::time::Instant,
+        now: tokio::time::Instant,
+    ) -> bool {
+        let seen = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let last = seen.get(&peer).map_or(floor, |at| (*at).max(floor));
+        now.saturating_duration_since(last) >= Self::LAPSED
     }
 }
 

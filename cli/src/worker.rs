@@ -183,11 +183,12 @@ async fn renew_lease(
     }
 }
 
-/// How long a node may see no majority of the voters before it stops its VMs. Gossip marks a
-/// silent member suspect within about a second and down 1.5 s later, and the leader replaces
-/// a node's VMs once it is down: fencing on a sustained suspicion stops the old copy before
-/// the new one starts, in the common case.
-const FENCE_AFTER: Duration = Duration::from_millis(1500);
+/// How long a node may see no majority of the voters, or go without renewing its lease,
+/// before it stops its VMs. Gossip marks a silent member suspect within about a second and
+/// down 1.5 s later; the leader replaces a node's VMs once it is down, or once it is suspect
+/// and has been silent for longer than this and a margin
+/// ([`crate::raft::RaftContact::LAPSED`]), so the old copy is stopped before the new one starts.
+pub(crate) const FENCE_AFTER: Duration = Duration::from_millis(1500);
 
 /// Waits for the leader's read index, then for this node to have applied that far.
 async fn catch_up(cluster: &Cluster) {
