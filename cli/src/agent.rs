@@ -361,6 +361,11 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         contact,
         entropy.u64(),
     )));
+    tasks.push(tokio::spawn(crate::leader_loss::run(
+        cluster.clone(),
+        membership.clone(),
+        entropy.u64(),
+    )));
     tasks.push(tokio::spawn(crate::follow::run(
         cluster.clone(),
         membership.clone(),

@@ -27,6 +27,7 @@ mod control;
 mod controller;
 pub mod duration;
 mod follow;
+mod leader_loss;
 mod metrics;
 mod raft;
 mod renewal;
