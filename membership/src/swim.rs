@@ -362,7 +362,9 @@ impl Swim {
             runtime: AccumulatingRuntime::new(),
             config,
             meta: table,
-            own_meta_version: 0,
+            // Versions continue across restarts: peers still hold the last generation's
+            // metadata, and take only a higher version (a generation has 2^32 of its own).
+            own_meta_version: identity.generation.saturating_mul(1 << 32),
             members: BTreeMap::new(),
             wakeups: BTreeMap::new(),
             foca_timers: BTreeMap::new(),

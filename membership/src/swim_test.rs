@@ -164,6 +164,7 @@ fn a_restarted_node_learns_everyone_s_metadata_again() {
     };
     let meta = NodeMeta {
         name: "n3".into(),
+        labels: [("rack".to_string(), "r7".to_string())].into(),
         ..Default::default()
     };
     let mut swim = Swim::new(
@@ -188,6 +189,16 @@ fn a_restarted_node_learns_everyone_s_metadata_again() {
         names,
         [Some("n1".into()), Some("n2".into()), Some("n3".into()), Some("n4".into())]
     );
+
+    tracing::info!("--- and they take its new metadata, though its count of changes began again");
+    net.run_until(Duration::from_secs(10), |n| {
+        n.nodes.values().all(|s| {
+            s.members()[&id]
+                .meta
+                .as_ref()
+                .is_some_and(|m| m.labels.get("rack").map(String::as_str) == Some("r7"))
+        })
+    });
 }
 
 #[test]
