@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use blx_consensus::node::VOTE_LEASE;
 use blx_consensus::state::Command;
 use blx_consensus::workload::{
     NodeStatus, NodeUpdate, WorkloadCommand, node_changes, plan_schedule,
@@ -43,11 +42,8 @@ pub(crate) async fn run(
             _ = tick.tick() => {}
         }
         leading = cluster.node.is_leader();
-        let Some(floor) = tenure.observe(
-            leading,
-            tokio::time::Instant::now(),
-            cluster.node.stats().last_leader_contact(),
-        ) else {
+        let term = cluster.node.status().term;
+        let Some(floor) = tenure.observe(leading, term, tokio::time::Instant::now()) else {
             continue;
         };
         tracing::trace!(floor_age = ?floor.elapsed(), "controller pass");
@@ -202,15 +198,15 @@ impl PassCounts {
 /// to hear, so a node's silence since then is silence indeed.
 ///
 /// A node's lease was last confirmed by some leader with a quorum. If that leader was an
-/// earlier one, the quorum that confirmed it and the quorum that elected this node share a
-/// voter. If that voter is this node, it heard the old leader's append after the renewal
-/// (openraft's last leader contact, here). If it is another voter, it granted its vote only
-/// [`VOTE_LEASE`] after its own last append from the old leader, so the renewal came before
-/// this node led, less [`VOTE_LEASE`]. Neither survives a restart of this agent, so its start
-/// bounds it too. The floor is the latest of the three: later is safer.
+/// earlier one, it confirmed the renewal before this node's term began: either it voted for
+/// this node or another term's leader (and stepped down then), or a majority had stopped
+/// acknowledging it. openraft's vote lease does not bound it tighter, since a leader keeps
+/// no lease against votes for itself. So the floor is the moment this node noticed it leads
+/// (at or after its election), or this agent's start if later; it is fixed for one term.
 pub(crate) struct Tenure {
     started: tokio::time::Instant,
-    floor: Option<tokio::time::Instant>,
+    /// The term and the floor of the current leadership.
+    floor: Option<(u64, tokio::time::Instant)>,
 }
 
 impl Tenure {
@@ -221,21 +217,25 @@ impl Tenure {
         }
     }
 
-    /// The floor while this node leads (`leading` is checked at `now`), or None.
+    /// The floor while this node leads in `term` (both as seen at `now`), or None.
     fn observe(
         &mut self,
         leading: bool,
+        term: u64,
         now: tokio::time::Instant,
-        heard_leader: Option<tokio::time::Instant>,
     ) -> Option<tokio::time::Instant> {
         if !leading {
             self.floor = None;
             return None;
         }
-        Some(*self.floor.get_or_insert_with(|| {
-            let elected = now.checked_sub(VOTE_LEASE).unwrap_or(now);
-            elected.max(self.started).max(heard_leader.unwrap_or(self.started))
-        }))
+        match self.floor {
+            Some((t, floor)) if t == term => Some(floor),
+            _ => {
+                let floor = now.max(self.started);
+                self.floor = Some((term, floor));
+                Some(floor)
+            }
+        }
     }
 }
 
@@ -258,7 +258,7 @@ enum Voice {
 ///   and hears the leader, and place them again elsewhere.
 /// - A member that gossip only suspects, but whose lease has lapsed, is down: its VMs are
 ///   stopped, so they are placed again now rather than once gossip's suspicion runs out
-///   (1.5 s later).
+///   (1.2 s later).
 fn node_updates(
     membership: &Membership,
     voice: impl Fn(blx_membership::NodeId) -> Voice,
@@ -305,31 +305,29 @@ mod tests {
     use crate::raft::RaftContact;
 
     #[test]
-    fn a_new_leader_vouches_from_its_election_less_the_vote_lease_or_later() {
+    fn a_leader_vouches_from_when_it_noticed_its_term_and_never_before_its_start() {
         let started = Instant::now();
         let mut tenure = Tenure::new(started);
-        assert_eq!(tenure.observe(false, started, None), None, "a follower has no floor");
+        assert_eq!(tenure.observe(false, 1, started), None, "a follower has no floor");
 
-        tracing::info!("--- elected long after start, having heard the old leader 3 s before");
+        tracing::info!("--- elected long after start: the floor is when it noticed, for the term");
         let elected = started + Duration::from_secs(60);
-        let heard = elected - Duration::from_secs(3);
-        let floor = tenure.observe(true, elected, Some(heard)).expect("leading");
-        assert_eq!(floor, elected - VOTE_LEASE);
+        assert_eq!(tenure.observe(true, 2, elected), Some(elected));
         assert_eq!(
-            tenure.observe(true, elected + Duration::from_secs(5), None),
-            Some(floor),
-            "the floor is fixed for the whole tenure"
+            tenure.observe(true, 2, elected + Duration::from_secs(5)),
+            Some(elected),
+            "the floor is fixed for the whole term"
         );
 
-        tracing::info!("--- it heard the old leader later than the lease bound: that counts");
-        tenure.observe(false, elected, None);
-        let heard = elected - Duration::from_millis(100);
-        assert_eq!(tenure.observe(true, elected, Some(heard)), Some(heard));
+        tracing::info!("--- a new term, even one seen only while leading, starts a new floor");
+        let again = elected + Duration::from_secs(9);
+        assert_eq!(tenure.observe(true, 3, again), Some(again));
+        tenure.observe(false, 3, again);
+        assert_eq!(tenure.observe(true, 3, again + Duration::from_secs(1)), Some(again + Duration::from_secs(1)));
 
-        tracing::info!("--- an agent elected right after its start vouches only from its start");
-        let mut fresh = Tenure::new(started);
-        let soon = started + Duration::from_millis(300);
-        assert_eq!(fresh.observe(true, soon, None), Some(started));
+        tracing::info!("--- never earlier than the agent's start");
+        let mut early = Tenure::new(started + Duration::from_secs(1));
+        assert_eq!(early.observe(true, 1, started), Some(started + Duration::from_secs(1)));
     }
 
     #[test]

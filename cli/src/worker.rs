@@ -95,24 +95,31 @@ async fn feed_desired(
         // The lease holds from the agent's first moment: what it adopted from the previous
         // agent may have been placed elsewhere while it was away, so a node that cannot hear
         // the leader within the fence time stops everything until it can.
-        if tokio::time::timeout(FENCE_AFTER, catch_up(&cluster))
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "no word from the leader within the fence time: stopping every VM on this node until there is"
-            );
-            if tx.send(Some(BTreeMap::new())).is_err() {
-                return;
+        let asked = match tokio::time::timeout(FENCE_AFTER, catch_up(&cluster)).await {
+            Ok(asked) => asked,
+            Err(_) => {
+                tracing::warn!(
+                    "no word from the leader within the fence time: stopping every VM on this node until there is"
+                );
+                if tx.send(Some(BTreeMap::new())).is_err() {
+                    return;
+                }
+                catch_up(&cluster).await
             }
-            catch_up(&cluster).await;
-        }
+        };
         tracing::info!("VMM worker caught up with the leader; reconciling");
         let mut applied = cluster.node.subscribe_workload();
         let mut check = tokio::time::interval(Duration::from_millis(250));
         let mut cut_off_since: Option<tokio::time::Instant> = None;
-        let (lease_tx, lease) = watch::channel(tokio::time::Instant::now());
-        let renewing = tokio::spawn(renew_lease(cluster.clone(), self_id.clone(), lease_tx));
+        let (lease_tx, lease) = watch::channel(Lease {
+            asked,
+            confirmed: true,
+        });
+        let renewing = tokio::spawn(renew_lease(
+            cluster.clone(),
+            self_id.clone(),
+            lease_tx.clone(),
+        ));
         let mut last: Option<BTreeMap<String, Wanted>> = None;
         loop {
             let desired = cluster.node.with_local_state(|s| {
@@ -120,6 +127,24 @@ async fn feed_desired(
                     .map(|vm| (vm.spec.name.clone(), resolve(vm, &config)))
                     .collect::<BTreeMap<_, _>>()
             });
+            // A lease this node gave itself while it held nothing guards nothing: the leader
+            // has no word from it to time a failover by. Before it runs a VM, the leader
+            // confirms it (and so records this node's word).
+            if !desired.is_empty() && !lease.borrow().confirmed {
+                let asked = tokio::time::Instant::now();
+                match tokio::time::timeout(FENCE_AFTER, cluster.read_index()).await {
+                    Ok(Ok(_)) => {
+                        lease_tx.send_replace(Lease {
+                            asked,
+                            confirmed: true,
+                        });
+                    }
+                    _ => {
+                        tracing::warn!("the leader did not confirm this node's lease: running nothing");
+                        break;
+                    }
+                }
+            }
             if last.as_ref() != Some(&desired) {
                 if tx.send(Some(desired.clone())).is_err() {
                     return;
@@ -130,7 +155,7 @@ async fn feed_desired(
                 r = applied.changed() => if r.is_err() { return },
                 _ = check.tick() => {}
             }
-            if lease.borrow().elapsed() >= FENCE_AFTER {
+            if lease.borrow().asked.elapsed() >= FENCE_AFTER {
                 tracing::warn!("no word from the leader: stopping every VM on this node");
                 break;
             }
@@ -161,23 +186,35 @@ async fn feed_desired(
 /// How often a node renews the lease on its VMs.
 const LEASE_RENEW: Duration = Duration::from_millis(500);
 
+/// A node's lease on its VMs.
+#[derive(Clone, Copy, Debug)]
+struct Lease {
+    /// When the request behind it was sent.
+    asked: tokio::time::Instant,
+    /// Whether the leader confirmed it. A node that holds no VMs renews its lease itself,
+    /// asking nothing: it has nothing to fence.
+    confirmed: bool,
+}
+
 /// Renews the lease: asks the leader for a read index (which the leader confirms with a
 /// quorum), and on success records when the request was sent. A node with no VMs placed on
 /// it has nothing to fence and asks nothing, so idle nodes add no traffic.
-async fn renew_lease(
-    cluster: Cluster,
-    self_id: String,
-    lease: watch::Sender<tokio::time::Instant>,
-) {
+async fn renew_lease(cluster: Cluster, self_id: String, lease: watch::Sender<Lease>) {
     loop {
         let asked = tokio::time::Instant::now();
         let holds_vms = cluster
             .node
             .with_local_state(|s| s.vms_on(&self_id).next().is_some());
         if !holds_vms {
-            lease.send_replace(asked);
+            lease.send_replace(Lease {
+                asked,
+                confirmed: false,
+            });
         } else if let Ok(Ok(_)) = tokio::time::timeout(FENCE_AFTER, cluster.read_index()).await {
-            lease.send_replace(asked);
+            lease.send_replace(Lease {
+                asked,
+                confirmed: true,
+            });
         }
         tokio::time::sleep_until(asked + LEASE_RENEW).await;
     }
@@ -185,19 +222,22 @@ async fn renew_lease(
 
 /// How long a node may see no majority of the voters, or go without renewing its lease,
 /// before it stops its VMs. Gossip marks a silent member suspect within about a second and
-/// down 1.5 s later; the leader replaces a node's VMs once it is down, or once it is suspect
+/// down 1.2 s later; the leader replaces a node's VMs once it is down, or once it is suspect
 /// and has been silent for longer than this and a margin
-/// ([`crate::raft::RaftContact::LAPSED`]), so the old copy is stopped before the new one starts.
+/// ([`crate::raft::RaftContact::LAPSED`]). By then the old copy is being stopped; a graceful
+/// stop may take its driver's grace (1 s for a process, 1.5 s for QEMU) beyond that.
 pub(crate) const FENCE_AFTER: Duration = Duration::from_millis(1500);
 
-/// Waits for the leader's read index, then for this node to have applied that far.
-async fn catch_up(cluster: &Cluster) {
+/// Waits for the leader's read index, then for this node to have applied that far; answers
+/// when the read index that succeeded was asked for (the lease it gives runs from then).
+async fn catch_up(cluster: &Cluster) -> tokio::time::Instant {
     loop {
+        let asked = tokio::time::Instant::now();
         match cluster.read_index().await {
             Ok(index) => {
                 let mut applied = cluster.node.subscribe();
                 let _ = applied.wait_for(|a| *a >= index).await;
-                return;
+                return asked;
             }
             Err(e) => {
                 tracing::debug!(error = %e, "worker waiting for the leader");
