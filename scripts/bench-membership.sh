@@ -10,7 +10,9 @@
 #                     until every member lists NODES alive
 #   detect_s          from SIGKILL of the last member until every survivor lists it down/failed
 #   bytes_per_agent_s bytes sent from the members' gossip ports per member per second, in a 10 s
-#                     window of steady state, counted by the same nftables rule for both
+#                     window of steady state, counted by the same nftables rule for both (blx:
+#                     once its Raft group has stopped changing, 3 s unchanged; the time that
+#                     takes is printed)
 #   gossip_s, rest_s  that split into failure detection and everything else. Serf: UDP (its
 #                     gossip) and TCP (push-pull). blx, whose every byte is QUIC on UDP: its SWIM
 #                     datagrams as the agents count them, each with 53 bytes of IP, UDP and QUIC
@@ -69,9 +71,23 @@ blx_cluster() { # n -> starts n agents; sets CONV to the convergence time
   for i in $(seq 0 $((n-1))); do until [ "$(blx_count "$i" alive)" -eq "$n" ]; do sleep 0.02; done; done
   CONV=$(elapsed "$t0")
 }
+# Until the Raft group stops changing: the autopilot adds standbys and promotes voters for some
+# seconds after the last join. Background traffic is measured once it has settled.
+blx_settle() { # -> seconds waited
+  local t0 last="" same=0 now
+  t0=$(now)
+  while [ "$same" -lt 6 ]; do
+    now=$("$blx" status --api "127.0.0.1:$BLX_API" --data-dir "$work/blx/n0" -o json 2>/dev/null |
+      tr -d ' \n' | sed -n 's/.*"changing":\(false\|true\).*"learners":\(\[[^]]*\]\).*"voters":\(\[[^]]*\]\).*/\1 \2 \3/p')
+    if [ -n "$now" ] && [ "$now" = "$last" ] && [ "${now%% *}" = false ]; then same=$((same + 1)); else same=0; fi
+    last=$now; sleep 0.5
+  done
+  elapsed "$t0"
+}
 blx_run() { # n -> "converge bytes detect gossip rest"
   local n=$1 conv bytes t0 udp tcp g0 g1 gossip
   blx_cluster "$n"; conv=$CONV
+  SETTLE=$(blx_settle); echo "blx: the Raft group settled ${SETTLE}s after convergence" >&2
   g0=$(blx_gossip_total "$n")
   read -r udp tcp < <(count_bytes "$BLX_GOSSIP" $((BLX_GOSSIP+n-1)) 10)
   g1=$(blx_gossip_total "$n")
