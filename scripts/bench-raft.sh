@@ -41,6 +41,8 @@ no_fifos() { for v in ${!fd_@}; do eval "exec ${!v}>&-"; done; }
 net=40  # members i = 1..3 of a cluster listen on 127.0.0.(net+i)
 start_blx() { # dir i [args]
   local d=$1 i=$2; shift 2
+  # A cluster killed a moment ago may still hold the address (seen once): wait for it.
+  while ss -Hlun "src 127.0.0.$((net+i)):7946" | grep -q .; do sleep 0.1; done
   # Without the sinks' fifos (fd_*): an agent holding one open would keep its sink from ending.
   ( no_fifos
     exec "$blx" agent --data-dir "$d/blx$i" --bind "127.0.0.$((net+i)):7946" --api "127.0.0.$((net+i)):7947" --name "b$i" --no-mdns "$@" \
@@ -167,15 +169,25 @@ for mode in $modes; do
   (export OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:${port[$mode]}" OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \
      OTEL_TRACES_SAMPLER=$sampler OTEL_TRACES_SAMPLER_ARG=0.01; blx_cluster "$d")
 done
+# CPU time (user and system, clock ticks) of the processes whose command line holds $1: the
+# three agents of a cluster, found by their data dirs. Throughput on this shared 2-core machine
+# drifts by tens of percent from one row to the next; the agents' CPU per write drifts far less,
+# so the table shows both.
+cpu_ticks() {
+  local t=0 p
+  for p in $(pgrep -f -- "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done
+  echo "$t"
+}
+hz=$(getconf CLK_TCK)
 dropped() { # the leader's dropped-telemetry counters, summed
   curl -s "http://127.0.0.$((net+1)):7947/v1/metrics" | awk '/^blx_telemetry_dropped_total/ {s+=$2} END {print s+0}'
 }
 echo
 echo "OTLP export off and on, blx at 64 connections, default threads, wrk ${D}s per row"
 echo
-echo "| round | export | writes/s | p50 (ms) | p99 (ms) | errors | dropped |"
-echo "|---|---|---|---|---|---|---|"
-declare -A all=()
+echo "| round | export | writes/s | p50 (ms) | p99 (ms) | errors | dropped | agents' CPU per write (us) |"
+echo "|---|---|---|---|---|---|---|---|"
+declare -A all=() cpu=()
 # The warm-up round is printed but not counted. Each round starts one mode later than the one
 # before, so every mode follows every other equally often: what a row leaves behind (RocksDB
 # compactions, a sink's backlog) then weighs on all three alike.
@@ -184,23 +196,26 @@ for round in warm-up 1 2 3 4 5 6; do
   for mode in "${order[@]}"; do
     d="$work/otlp-$mode"; net=${base[$mode]}
     blx_lua "$d"
+    t0=$(cpu_ticks "$d/blx")
     read -r r p50 p99 e < <(run_wrk 64 "http://127.0.0.$((net+1)):7947/v1/kv/bench" "$work/blx.lua")
-    [ "$round" = warm-up ] || all[$mode]+="$r "
-    echo "| $round | $mode | $r | $p50 | $p99 | $e | $(dropped) |"
+    us=$(python3 -c "print(f'{($(cpu_ticks "$d/blx") - $t0) * 1e6 / $hz / max(1, $r * $D):.1f}')")
+    [ "$round" = warm-up ] || { all[$mode]+="$r "; cpu[$mode]+="$us "; }
+    echo "| $round | $mode | $r | $p50 | $p99 | $e | $(dropped) | $us |"
   done
   order=("${order[@]:1}" "${order[0]}")
 done
 echo
-echo "| export | median writes/s | against off | received by the sink |"
-echo "|---|---|---|---|"
-off=$(printf '%s\n' ${all[off]} | sort -n | awk '{v[NR]=$1} END {print (v[int((NR+1)/2)]+v[int(NR/2)+1])/2}')
+echo "| export | median writes/s | against off | median agents' CPU per write (us) | against off | received by the sink |"
+echo "|---|---|---|---|---|---|"
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print (v[int((NR+1)/2)]+v[int(NR/2)+1])/2}'; }
+off=$(median ${all[off]}); offcpu=$(median ${cpu[off]})
 for mode in $modes; do
   net=${base[$mode]}; got="-"
-  med=$(printf '%s\n' ${all[$mode]} | sort -n | awk '{v[NR]=$1} END {print (v[int((NR+1)/2)]+v[int(NR/2)+1])/2}')
+  med=$(median ${all[$mode]}); medcpu=$(median ${cpu[$mode]})
   if [ "$mode" != off ]; then
     pkill -9 -f -- "$work/otlp-$mode/" || true
     eval "exec {fd_$net}>&-"; wait "${sinkpid[$net]}" || true
     got=$(cat "$work/otlp-$mode/sink.out")
   fi
-  echo "| $mode | $med | $(python3 -c "print(f'{($med/$off-1)*100:+.1f}%')") | $got |"
+  echo "| $mode | $med | $(python3 -c "print(f'{($med/$off-1)*100:+.1f}%')") | $medcpu | $(python3 -c "print(f'{($medcpu/$offcpu-1)*100:+.1f}%')") | $got |"
 done
