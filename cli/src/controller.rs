@@ -79,8 +79,6 @@ pub(crate) async fn run(
                     .map(|m| m.state);
                 tracing::info!(node = %n.id, status = ?n.status, ?gossip, "recording the node");
             }
-        }
-        if !changed.is_empty() {
             propose(
                 &cluster,
                 blx_consensus::workload::WorkloadCommand::NodeSync {
