@@ -47,26 +47,24 @@ pub(crate) async fn run(
             continue;
         };
         tracing::trace!(floor_age = ?floor.elapsed(), "controller pass");
-        // Nodes whose silence matters: those holding VMs, and those already recorded down
-        // (whose VMs have moved: a suspicion must not bring them back up).
-        let watched = cluster.node.with_local_state(|s| {
-            let hosts = s.vms.values().filter_map(|vm| vm.node.clone());
-            let down = s
-                .nodes
-                .iter()
-                .filter(|(_, n)| n.status == NodeStatus::Down)
-                .map(|(id, _)| id.clone());
-            hosts.chain(down).collect::<std::collections::BTreeSet<String>>()
-        });
         let now = tokio::time::Instant::now();
-        let seen = node_updates(&membership, |id| {
+        let seen = node_updates(&membership, |id, state| {
             let peer = crate::raft::raft_id(id);
-            if contact.fresh(peer) {
-                Voice::Fresh
-            } else if watched.contains(&id.to_string()) && contact.lapsed(peer, floor, now) {
-                Voice::Lapsed
-            } else {
-                Voice::Unsure
+            match state {
+                MemberState::Down if contact.fresh(peer) => Voice::Fresh,
+                // Silence matters for a node holding VMs, and for one already recorded down
+                // (whose VMs have moved: a suspicion must not bring it back up).
+                MemberState::Suspect
+                    if contact.lapsed(peer, floor, now)
+                        && cluster.node.with_local_state(|s| {
+                            let id = id.to_string();
+                            s.vms_on(&id).next().is_some()
+                                || s.nodes.get(&id).is_some_and(|n| n.status == NodeStatus::Down)
+                        }) =>
+                {
+                    Voice::Lapsed
+                }
+                _ => Voice::Unsure,
             }
         });
         let changed = cluster.node.with_local_state(|s| node_changes(s, &seen));
@@ -259,7 +257,7 @@ enum Voice {
 ///   (1.2 s later).
 fn node_updates(
     membership: &Membership,
-    voice: impl Fn(blx_membership::NodeId) -> Voice,
+    voice: impl Fn(blx_membership::NodeId, MemberState) -> Voice,
 ) -> Vec<NodeUpdate> {
     membership
         .members()
@@ -276,7 +274,7 @@ fn node_updates(
                 },
                 labels: meta.labels.clone(),
                 zone: meta.zone.clone(),
-                status: status_of(m.state, voice(m.identity.id)),
+                status: status_of(m.state, voice(m.identity.id, m.state)),
             })
         })
         .collect()
