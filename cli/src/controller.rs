@@ -59,7 +59,9 @@ pub(crate) async fn run(
                         && cluster.node.with_local_state(|s| {
                             let id = id.to_string();
                             s.vms_on(&id).next().is_some()
-                                || s.nodes.get(&id).is_some_and(|n| n.status == NodeStatus::Down)
+                                || s.nodes
+                                    .get(&id)
+                                    .is_some_and(|n| n.status == NodeStatus::Down)
                         }) =>
                 {
                     Voice::Lapsed
@@ -304,7 +306,11 @@ mod tests {
     fn a_leader_vouches_from_when_it_noticed_its_term_and_never_before_its_start() {
         let started = Instant::now();
         let mut tenure = Tenure::new(started);
-        assert_eq!(tenure.observe(false, 1, started), None, "a follower has no floor");
+        assert_eq!(
+            tenure.observe(false, 1, started),
+            None,
+            "a follower has no floor"
+        );
 
         tracing::info!("--- elected long after start: the floor is when it noticed, for the term");
         let elected = started + Duration::from_secs(60);
@@ -319,11 +325,17 @@ mod tests {
         let again = elected + Duration::from_secs(9);
         assert_eq!(tenure.observe(true, 3, again), Some(again));
         tenure.observe(false, 3, again);
-        assert_eq!(tenure.observe(true, 3, again + Duration::from_secs(1)), Some(again + Duration::from_secs(1)));
+        assert_eq!(
+            tenure.observe(true, 3, again + Duration::from_secs(1)),
+            Some(again + Duration::from_secs(1))
+        );
 
         tracing::info!("--- never earlier than the agent's start");
         let mut early = Tenure::new(started + Duration::from_secs(1));
-        assert_eq!(early.observe(true, 1, started), Some(started + Duration::from_secs(1)));
+        assert_eq!(
+            early.observe(true, 1, started),
+            Some(started + Duration::from_secs(1))
+        );
     }
 
     #[test]

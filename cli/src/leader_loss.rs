@@ -54,10 +54,7 @@ pub(crate) async fn run(cluster: Cluster, membership: Membership, seed: u64) {
         if leader == status.id || !status.voters.contains(&status.id) {
             continue;
         }
-        let standing = membership
-            .members()
-            .get(&node_id(leader))
-            .map(|m| m.state);
+        let standing = membership.members().get(&node_id(leader)).map(|m| m.state);
         if !matches!(standing, Some(MemberState::Suspect | MemberState::Down)) {
             continue;
         }

@@ -140,7 +140,9 @@ async fn feed_desired(
                         });
                     }
                     _ => {
-                        tracing::warn!("the leader did not confirm this node's lease: running nothing");
+                        tracing::warn!(
+                            "the leader did not confirm this node's lease: running nothing"
+                        );
                         break;
                     }
                 }

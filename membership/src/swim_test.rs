@@ -187,7 +187,12 @@ fn a_restarted_node_learns_everyone_s_metadata_again() {
         .collect();
     assert_eq!(
         names,
-        [Some("n1".into()), Some("n2".into()), Some("n3".into()), Some("n4".into())]
+        [
+            Some("n1".into()),
+            Some("n2".into()),
+            Some("n3".into()),
+            Some("n4".into())
+        ]
     );
 
     tracing::info!("--- and they take its new metadata, though its count of changes began again");
