@@ -66,6 +66,8 @@ struct Running {
     shutdown: Arc<Notify>,
     stop: BoxFuture<'static, ()>,
     _mdns: Option<discovery::Announcer>,
+    /// Sent what it still holds for the collector when the agent stops.
+    audit: Arc<crate::audit::AuditLog>,
 }
 
 impl Agent {
@@ -97,6 +99,7 @@ impl Agent {
         running.api.abort();
         let _ = node.raft.shutdown().await;
         running.transport.shutdown().await;
+        running.audit.flush();
         Ok(())
     }
 }
@@ -434,6 +437,17 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         dir.clone(),
         membership.clone(),
     )));
+    if crate::telemetry::logs_exported() {
+        let audit = cluster.audit.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::audit::HOLD);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                audit.flush();
+            }
+        }));
+    }
 
     Ok(Agent {
         view: AgentView {
@@ -451,6 +465,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
             shutdown,
             stop,
             _mdns,
+            audit: cluster.audit.clone(),
         },
     })
 }

@@ -859,6 +859,23 @@ pub fn emit_log<const N: usize>(
     logger.emit(r);
 }
 
+/// Whether log records leave for a collector.
+pub fn logs_exported() -> bool {
+    PIPELINE.get().is_some_and(|p| p.logger.is_some())
+}
+
+/// Whether the current span is part of a trace that leaves for a collector.
+pub fn in_exported_trace() -> bool {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    traces_exported()
+        && tracing::Span::current()
+            .context()
+            .span()
+            .span_context()
+            .is_sampled()
+}
+
 /// Whether spans leave for a collector.
 fn traces_exported() -> bool {
     PIPELINE.get().is_some_and(|p| p.tracer.is_some())

@@ -418,3 +418,75 @@ fn traces_sampled_out_send_no_spans_but_the_audit_records_still_leave() {
     assert_eq!(spans, 0, "always_off still sent {spans} spans");
     rt.block_on(server.shutdown()).unwrap();
 }
+
+/// Audit lines outside an exported trace leave grouped: several lines of one command and
+/// outcome in one OTLP record, whose `count` says how many. None is lost or sent twice.
+#[test]
+fn audit_records_outside_traces_leave_grouped_and_complete() {
+    let rt = runtime();
+    let (server, cluster) = one_agent_exporting(&rt, &[("OTEL_TRACES_SAMPLER", "always_off")]);
+    let a = &cluster.agents[0];
+    let keys: Vec<String> = (0..20).map(|i| format!("grouped/{i}")).collect();
+    for k in &keys {
+        let (code, _) = a.http("PUT", &format!("/v1/kv/{k}"), b"v");
+        assert_eq!(code, 200);
+    }
+    // Every kv_put record that arrived: (its count attribute, the targets of its lines).
+    let puts = |c: &mock_collector::MockCollector| -> Vec<(i64, Vec<String>)> {
+        c.logs()
+            .iter()
+            .map(|l| l.log_record())
+            .filter(|r| attr(&r.attributes, "command").as_deref() == Some("kv_put"))
+            .map(|r| {
+                let count = r
+                    .attributes
+                    .iter()
+                    .find(|kv| kv.key == "count")
+                    .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+                    .and_then(|v| match v {
+                        any_value::Value::IntValue(n) => Some(*n),
+                        _ => None,
+                    })
+                    .unwrap_or(-1);
+                let body = match r.body.as_ref().and_then(|b| b.value.as_ref()) {
+                    Some(any_value::Value::StringValue(s)) => s.clone(),
+                    _ => String::new(),
+                };
+                let targets = body
+                    .lines()
+                    .map(|line| {
+                        let v: serde_json::Value = serde_json::from_str(line)
+                            .unwrap_or_else(|e| panic!("an audit line is not JSON ({e}): {line}"));
+                        v["target"].as_str().unwrap_or_default().to_string()
+                    })
+                    .collect();
+                (count, targets)
+            })
+            .collect()
+    };
+    let all_arrived = |c: &mock_collector::MockCollector| {
+        let seen: Vec<String> = puts(c).into_iter().flat_map(|(_, t)| t).collect();
+        keys.iter().all(|k| seen.contains(k))
+    };
+    rt.block_on(server.wait_until(all_arrived, LONG))
+        .expect("the audit lines of all 20 writes");
+    let records = rt.block_on(server.with_collector(puts));
+    for (count, targets) in &records {
+        assert_eq!(
+            *count,
+            targets.len() as i64,
+            "count against lines: {targets:?}"
+        );
+    }
+    let seen: Vec<&String> = records.iter().flat_map(|(_, t)| t).collect();
+    for k in &keys {
+        let n = seen.iter().filter(|s| **s == k).count();
+        assert_eq!(n, 1, "{k} arrived {n} times");
+    }
+    assert!(
+        records.iter().any(|(count, _)| *count > 1),
+        "20 writes in a row left as {} records of one line each",
+        records.len()
+    );
+    rt.block_on(server.shutdown()).unwrap();
+}
