@@ -11,7 +11,7 @@
 //!
 //! One OTLP record can carry several audit lines. A record made inside an exported trace
 //! leaves on its own at once, carrying its trace id. The others wait, up to [`HOLD`], to leave
-//! together with the records around them that name the same command and outcome, up to
+//! together, naming no trace, with the records around them of the same command and outcome, up to
 //! [`GROUP_LINES`] lines. At tens of thousands of writes a second, one OTLP record per write
 //! cost the leader several percent of its throughput in the SDK's per-record work; the bytes
 //! sent are about the same either way.
@@ -82,7 +82,8 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn emit(self) {
+    /// Sends the lines as one record, naming the current span's trace if `traced`.
+    fn emit(self, traced: bool) {
         crate::telemetry::emit_log(
             "blx::audit",
             self.body,
@@ -91,6 +92,7 @@ impl Outgoing {
                 ("outcome", self.outcome.into()),
                 ("count", i64::from(self.lines).into()),
             ],
+            traced,
         );
     }
 }
@@ -173,9 +175,9 @@ impl AuditLog {
         };
         if crate::telemetry::in_exported_trace() {
             if let Some(earlier) = inner.outgoing.take() {
-                earlier.emit();
+                earlier.emit(false);
             }
-            single().emit();
+            single().emit(true);
             return;
         }
         match inner.outgoing.as_mut() {
@@ -185,13 +187,13 @@ impl AuditLog {
                 o.lines += 1;
                 if o.lines >= GROUP_LINES {
                     if let Some(full) = inner.outgoing.take() {
-                        full.emit();
+                        full.emit(false);
                     }
                 }
             }
             _ => {
                 if let Some(earlier) = inner.outgoing.replace(single()) {
-                    earlier.emit();
+                    earlier.emit(false);
                 }
             }
         }
@@ -206,7 +208,7 @@ impl AuditLog {
             .outgoing
             .take();
         if let Some(o) = waiting {
-            o.emit();
+            o.emit(false);
         }
     }
 

@@ -625,13 +625,20 @@ impl Cluster {
                                 } else {
                                     tracing::Span::none()
                                 };
+                                // Audited inside the span, so the record names its trace.
                                 let outcome = tracing::Instrument::instrument(
-                                    self.node.write(cmd.clone()),
+                                    async {
+                                        let outcome = self
+                                            .node
+                                            .write(cmd.clone())
+                                            .await
+                                            .map_err(|e| e.to_string());
+                                        self.audit(from, caller, &cmd, &outcome);
+                                        outcome
+                                    },
                                     span,
                                 )
-                                .await
-                                .map_err(|e| e.to_string());
-                                self.audit(from, caller, &cmd, &outcome);
+                                .await;
                                 outcome.map_err(WriteRefusal::Failed)
                             }
                             Err(d) => {

@@ -831,13 +831,15 @@ pub fn current_traceparent() -> Option<String> {
 }
 
 /// Sends one OTLP log record straight to the SDK's logger, when logs are exported: `body`
-/// under `target`, at info, with `attributes` and the trace of the current span. For records
-/// that leave often (an audit record per write), where a `tracing` event would be filtered,
-/// visited and copied on its way to the same logger.
+/// under `target`, at info, with `attributes`, and with the trace of the current span if
+/// `traced` (without, the record names no trace, whatever span it leaves from). For records
+/// that leave often (audit records), where a `tracing` event would be filtered, visited and
+/// copied on its way to the same logger.
 pub fn emit_log<const N: usize>(
     target: &'static str,
     body: impl Into<opentelemetry::logs::AnyValue>,
     attributes: [(&'static str, opentelemetry::logs::AnyValue); N],
+    traced: bool,
 ) {
     use opentelemetry::logs::{LogRecord as _, Logger as _, LoggerProvider as _};
     static LOGGER: OnceLock<Option<opentelemetry_sdk::logs::SdkLogger>> = OnceLock::new();
@@ -856,6 +858,8 @@ pub fn emit_log<const N: usize>(
     r.set_severity_text("INFO");
     r.set_body(body.into());
     r.add_attributes(attributes);
+    // The SDK takes the trace from the current context: an empty one names none.
+    let _untraced = (!traced).then(|| opentelemetry::Context::new().attach());
     logger.emit(r);
 }
 
@@ -864,16 +868,13 @@ pub fn logs_exported() -> bool {
     PIPELINE.get().is_some_and(|p| p.logger.is_some())
 }
 
-/// Whether the current span is part of a trace that leaves for a collector.
+/// Whether the current span is part of a trace that leaves for a collector. Reads the
+/// OpenTelemetry context that entering the span made current (a thread-local), which costs
+/// far less than asking the span for its context.
 pub fn in_exported_trace() -> bool {
     use opentelemetry::trace::TraceContextExt as _;
-    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
     traces_exported()
-        && tracing::Span::current()
-            .context()
-            .span()
-            .span_context()
-            .is_sampled()
+        && opentelemetry::Context::map_current(|cx| cx.span().span_context().is_sampled())
 }
 
 /// Whether spans leave for a collector.

@@ -194,7 +194,9 @@ fn one_trace_across_nodes(protocol: Protocol, name: &str) {
                 Some(any_value::Value::StringValue(s)) => serde_json::from_str(s).ok(),
                 _ => None,
             };
+            // Written inside the request's exported trace, it carries that trace's id.
             line.is_some_and(|v| v["command"] == "vm_create" && v["outcome"] == "applied")
+                && r.trace_id == trace
                 && attr(&r.attributes, "command").as_deref() == Some("vm_create")
                 && attr(&r.attributes, "outcome").as_deref() == Some("applied")
                 && attr(l.resource_attrs(), "service.instance.id").as_deref()
