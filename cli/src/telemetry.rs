@@ -198,8 +198,7 @@ static PIPELINE: OnceLock<Pipeline> = OnceLock::new();
 /// for it, OTLP export of spans and log records. Must run inside the tokio runtime (the gRPC
 /// exporter needs one) and once per process.
 pub fn init(filter: &str, ansi: bool) -> Result<(), String> {
-    use tracing_subscriber::Layer as _;
-    let stderr_filter = parse_filter(filter)?;
+    let filter = parse_filter(filter)?;
     let settings = Settings::from_env(|k| std::env::var(k).ok())?;
     let base = base_resource();
     let tracer = match settings.traces {
@@ -216,23 +215,26 @@ pub fn init(filter: &str, ansi: bool) -> Result<(), String> {
                 .with_tracer(tp.tracer("blx"))
                 // Busy and idle time per span cost two clock reads on every poll of every
                 // instrumented future; the span's own start and end are what operators read.
-                .with_tracked_inactivity(false)
-                .with_filter(parse_filter(filter)?),
+                .with_tracked_inactivity(false),
         ),
         None => None,
     };
     let logs = match &logger {
-        Some(lp) => Some(
-            opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(lp)
-                .with_filter(parse_filter(filter)?),
-        ),
+        Some(lp) => {
+            Some(opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(lp))
+        }
         None => None,
     };
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_filter(stderr_filter);
+        .with_ansi(ansi);
+    // One filter for the whole stack, not one per layer: the three layers want the same
+    // directives, and per-layer filters keep a thread-local record of each event's verdicts
+    // that a re-entrant `tracing` call (an event made while another is being filtered or
+    // recorded, as the OTel SDK's own logs can be) leaves wrong, so that a layer misses or
+    // gets events it should not (tokio-rs/tracing#2704).
     tracing_subscriber::registry()
+        .with(filter)
         .with(fmt)
         .with(traces)
         .with(logs)
