@@ -438,15 +438,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         membership.clone(),
     )));
     if crate::telemetry::logs_exported() {
-        let audit = cluster.audit.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut every = tokio::time::interval(crate::audit::HOLD);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                audit.flush();
-            }
-        }));
+        tasks.push(tokio::spawn(cluster.audit.clone().flush_periodically()));
     }
 
     Ok(Agent {

@@ -81,6 +81,43 @@ struct Outgoing {
     lines: u32,
 }
 
+impl Inner {
+    /// Hands `line` to the OTLP pipeline: at once when it was written inside an exported trace
+    /// (so that it carries the trace's id), otherwise with the lines around it.
+    fn send(&mut self, command: &'static str, outcome: &'static str, line: &str) {
+        let single = || Outgoing {
+            command,
+            outcome,
+            body: line.to_string(),
+            lines: 1,
+        };
+        if crate::telemetry::in_exported_trace() {
+            if let Some(earlier) = self.outgoing.take() {
+                earlier.emit(false);
+            }
+            single().emit(true);
+            return;
+        }
+        match self.outgoing.as_mut() {
+            Some(o) if o.command == command && o.outcome == outcome => {
+                o.body.push('\n');
+                o.body.push_str(line);
+                o.lines += 1;
+                if o.lines >= GROUP_LINES {
+                    if let Some(full) = self.outgoing.take() {
+                        full.emit(false);
+                    }
+                }
+            }
+            _ => {
+                if let Some(earlier) = self.outgoing.replace(single()) {
+                    earlier.emit(false);
+                }
+            }
+        }
+    }
+}
+
 impl Outgoing {
     /// Sends the lines as one record, naming the current span's trace if `traced`.
     fn emit(self, traced: bool) {
@@ -155,7 +192,7 @@ impl AuditLog {
             }
         };
         if crate::telemetry::logs_exported() {
-            self.send(&mut inner, command, kind, &line);
+            inner.send(command, kind, &line);
         }
         if let Err(e) = self.append(&mut inner, line) {
             inner.file = None;
@@ -164,42 +201,18 @@ impl AuditLog {
         }
     }
 
-    /// Hands `line` to the OTLP pipeline: at once when it was written inside an exported trace
-    /// (so that it carries the trace's id), otherwise with the lines around it.
-    fn send(&self, inner: &mut Inner, command: &'static str, outcome: &'static str, line: &str) {
-        let single = || Outgoing {
-            command,
-            outcome,
-            body: line.to_string(),
-            lines: 1,
-        };
-        if crate::telemetry::in_exported_trace() {
-            if let Some(earlier) = inner.outgoing.take() {
-                earlier.emit(false);
-            }
-            single().emit(true);
-            return;
-        }
-        match inner.outgoing.as_mut() {
-            Some(o) if o.command == command && o.outcome == outcome => {
-                o.body.push('\n');
-                o.body.push_str(line);
-                o.lines += 1;
-                if o.lines >= GROUP_LINES {
-                    if let Some(full) = inner.outgoing.take() {
-                        full.emit(false);
-                    }
-                }
-            }
-            _ => {
-                if let Some(earlier) = inner.outgoing.replace(single()) {
-                    earlier.emit(false);
-                }
-            }
+    /// Sends the lines still waiting every [`HOLD`], until the task is dropped. The agent
+    /// runs it while logs are exported, and calls [`AuditLog::flush`] when it stops.
+    pub(crate) async fn flush_periodically(self: std::sync::Arc<Self>) {
+        let mut every = tokio::time::interval(HOLD);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            self.flush();
         }
     }
 
-    /// Sends the lines still waiting. The agent calls it every [`HOLD`] and when it stops.
+    /// Sends the lines still waiting.
     pub(crate) fn flush(&self) {
         let waiting = self
             .inner

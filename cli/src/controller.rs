@@ -1,7 +1,7 @@
 //! The leader's workload controller: records nodes as membership sees them (and as their
 //! silence proves them, see [`Tenure`]), and runs the scheduler whenever VMs or nodes change
-//! (and every 250 ms, so down-node grace periods expire). Every decision is made by pure code in `blx_consensus::workload`; this task only
-//! feeds it and proposes what it returns.
+//! (and every 250 ms, so down-node grace periods expire). Every decision is made by pure code
+//! in `blx_consensus::workload`; this task only feeds it and proposes what it returns.
 
 use std::time::Duration;
 

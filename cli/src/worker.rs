@@ -131,15 +131,11 @@ async fn feed_desired(
             // has no word from it to time a failover by. Before it runs a VM, the leader
             // confirms it (and so records this node's word).
             if !desired.is_empty() && !lease.borrow().confirmed {
-                let asked = tokio::time::Instant::now();
-                match tokio::time::timeout(FENCE_AFTER, cluster.read_index()).await {
-                    Ok(Ok(_)) => {
-                        lease_tx.send_replace(Lease {
-                            asked,
-                            confirmed: true,
-                        });
+                match confirmed_lease(&cluster).await {
+                    Some(confirmed) => {
+                        lease_tx.send_replace(confirmed);
                     }
-                    _ => {
+                    None => {
                         tracing::warn!(
                             "the leader did not confirm this node's lease: running nothing"
                         );
@@ -212,13 +208,23 @@ async fn renew_lease(cluster: Cluster, self_id: String, lease: watch::Sender<Lea
                 asked,
                 confirmed: false,
             });
-        } else if let Ok(Ok(_)) = tokio::time::timeout(FENCE_AFTER, cluster.read_index()).await {
-            lease.send_replace(Lease {
-                asked,
-                confirmed: true,
-            });
+        } else if let Some(confirmed) = confirmed_lease(&cluster).await {
+            lease.send_replace(confirmed);
         }
         tokio::time::sleep_until(asked + LEASE_RENEW).await;
+    }
+}
+
+/// Asks the leader for a read index (confirmed with a quorum) within the fence time: the
+/// lease it gives, dated from the asking, or None.
+async fn confirmed_lease(cluster: &Cluster) -> Option<Lease> {
+    let asked = tokio::time::Instant::now();
+    match tokio::time::timeout(FENCE_AFTER, cluster.read_index()).await {
+        Ok(Ok(_)) => Some(Lease {
+            asked,
+            confirmed: true,
+        }),
+        _ => None,
     }
 }
 
