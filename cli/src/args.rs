@@ -589,8 +589,9 @@ pub(crate) struct AgentArgs {
     /// QEMU acceleration: probe KVM with a test boot and fall back to TCG (auto), or force one.
     #[arg(long, env = "BLX_ACCEL", value_enum, default_value_t = AccelArg::Auto)]
     pub(crate) accel: AccelArg,
-    /// Async worker threads (default: one per core). Agents that share a machine, as in a
-    /// local test cluster, do better with 1 each than fighting over every core.
+    /// Threads for the agent's async work (default 1: one event loop, which spends the least
+    /// CPU per request). More spread API and Raft work over cores, at the cost of handing
+    /// each request between them. RocksDB, log syncs and VMs have threads of their own.
     #[arg(long, env = "BLX_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub(crate) threads: Option<u16>,
 }

@@ -45,10 +45,18 @@ fn main() -> ExitCode {
         // and token hashes, and RocksDB creates them with the process's umask.
         rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.command.threads() {
-        builder.worker_threads(n);
-    }
+    // One event loop by default: a write's dozen hand-offs between tasks then stay on one
+    // thread instead of waking another core for each (docs/benchmarks.md measures the
+    // difference). RocksDB, the leader's log syncs, VM supervision and telemetry export keep
+    // threads of their own either way.
+    let mut builder = match cli.command.threads() {
+        Some(n) if n > 1 => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
