@@ -318,14 +318,25 @@ async fn track(
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
     let method = request.method().as_str().to_owned();
-    let span = tracing::info_span!(
-        "api.request",
-        otel.name = format!("{method} {route}"),
-        otel.kind = "server",
-        http.request.method = %method,
-        http.route = %route,
-        http.response.status_code = tracing::field::Empty,
-    );
+    let span = if crate::telemetry::traces_exported() {
+        tracing::info_span!(
+            "api.request",
+            otel.name = format!("{method} {route}"),
+            otel.kind = "server",
+            http.request.method = %method,
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+        )
+    } else {
+        // Only the context of log lines, so at debug level, as per-request spans usually
+        // are: the default filter leaves it unmade, and a request costs no tracing.
+        tracing::debug_span!(
+            "api.request",
+            http.request.method = %method,
+            http.route = %route,
+            http.response.status_code = tracing::field::Empty,
+        )
+    };
     // A caller's W3C trace context makes this request part of its trace.
     crate::telemetry::set_parent(
         &span,

@@ -880,7 +880,7 @@ pub fn in_exported_trace() -> bool {
 }
 
 /// Whether spans leave for a collector.
-fn traces_exported() -> bool {
+pub fn traces_exported() -> bool {
     PIPELINE.get().is_some_and(|p| p.tracer.is_some())
 }
 
