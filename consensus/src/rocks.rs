@@ -36,6 +36,14 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_PURGED: &[u8] = b"last_purged";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
+const KEY_PRIMER: &[u8] = b"wal_primer";
+
+/// How many written-out write-ahead log files RocksDB keeps to reuse, and how large
+/// [`prime_wal_files`] makes them. Syncing a write that grows a file also writes the file's
+/// inode; one that overwrites within its size does not. On this project's benchmark disk
+/// that is 0.19 ms against 0.15 ms per sync, and every Raft append waits for one.
+const RECYCLED_WAL_FILES: usize = 2;
+const PRIMED_WAL_BYTES: usize = 16 << 20;
 
 fn io(e: impl std::fmt::Display) -> AnyError {
     AnyError::error(e.to_string())
@@ -60,6 +68,7 @@ pub fn open(path: &Path, id: u64) -> Result<(RocksLogStore, RocksStateMachine), 
     let mut opts = Options::default();
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
+    opts.set_recycle_log_file_num(RECYCLED_WAL_FILES);
     let cfs =
         [CF_LOG, CF_META, CF_MACHINE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     let db = Arc::new(
@@ -68,6 +77,7 @@ pub fn open(path: &Path, id: u64) -> Result<(RocksLogStore, RocksStateMachine), 
     // Whatever an earlier process wrote unsynced counts as on disk from here on: sync it now.
     db.flush_wal(true)
         .map_err(|e| StorageIOError::write_logs(io(e)))?;
+    prime_wal_files(&db).map_err(|e| StorageIOError::write_logs(io(e)))?;
     let mut log = RocksLogStore {
         db: db.clone(),
         durability: Durability::new(id, None, None),
@@ -85,6 +95,29 @@ pub fn open(path: &Path, id: u64) -> Result<(RocksLogStore, RocksStateMachine), 
     log.durability = Durability::new(id, vote, last);
     let machine = RocksStateMachine::load(db, log.durability.clone())?;
     Ok((log, machine))
+}
+
+/// Leaves the database writing into a recycled write-ahead log file of [`PRIMED_WAL_BYTES`],
+/// so that the log's syncs overwrite a file instead of growing one from the first write on.
+/// RocksDB reuses a WAL file only once every column family with data in it is flushed: each
+/// round writes (and at once deletes) a filler of that size into the current file, then
+/// flushes all three families, which moves writing to another file and leaves this one to
+/// be recycled. The second round's switch takes the first round's file. The filler never
+/// reaches a table file: the flush drops a value deleted in the same memtable.
+fn prime_wal_files(db: &DB) -> Result<(), rocksdb::Error> {
+    let cf = |name| {
+        db.cf_handle(name)
+            .expect("column families are created on open")
+    };
+    let families = [cf(CF_LOG), cf(CF_META), cf(CF_MACHINE)];
+    for _ in 0..RECYCLED_WAL_FILES {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(families[1], KEY_PRIMER, vec![0; PRIMED_WAL_BYTES]);
+        batch.delete_cf(families[1], KEY_PRIMER);
+        db.write_opt(batch, &synced())?;
+        db.flush_cfs_opt(&families, &rocksdb::FlushOptions::default())?;
+    }
+    Ok(())
 }
 
 /// The Raft log in RocksDB.
