@@ -9,6 +9,11 @@ mod config_file;
 
 use std::process::ExitCode;
 
+/// Rust's allocations go to mimalloc rather than the C library's malloc, whose allocating
+/// and freeing of each request's small buffers took 8% of a busy leader's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
