@@ -6,8 +6,9 @@
 #
 # For 1 and 64 keep-alive connections, prints writes/s, p50 and p99 latency of PUTs of a
 # 64-byte value (blx: PUT /v1/kv/bench; etcd: POST /v3/kv/put through its JSON gateway).
-# Twice: with each member's default threads (one per core, for both), then with one thread per
-# member for both (blx --threads 1, etcd GOMAXPROCS=1), since the six members share the cores.
+# Twice: with each member's default threads (blx: one event loop; etcd: one per core), then with
+# one thread per member for both (blx --threads 1, the same as its default; etcd GOMAXPROCS=1),
+# since the six members share the cores. With BENCH_RAFT_ONLY=otlp, only the OTLP table below.
 # With OTLP_SINK (the otlp-sink binary of the blx-tests crate), a second table: blx at 64
 # connections with OTLP export off and on (spans, metrics and log records sent over
 # http/protobuf to a sink on 127.0.0.1, which reads and discards them), with every trace kept
@@ -124,6 +125,7 @@ for e in json.load(sys.stdin):
 printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = %s\n' \
   "'{\"key\":\"$(printf bench | base64)\",\"value\":\"$val\"}'" >"$work/etcd.lua"
 
+if [ "${BENCH_RAFT_ONLY:-}" != otlp ]; then
 echo "raft write benchmark: 3 members each on 127.0.0.1, wrk ${D}s per row, $(nproc) cores"
 echo
 echo "| threads per member | system | connections | writes/s | p50 (ms) | p99 (ms) | errors |"
@@ -152,6 +154,7 @@ for threads in default 1; do
   echo; echo "blx leader's write path at 64 connections, $threads threads per member (from its histograms):"; echo
   cat "$work/stages-$threads.md"
 done
+fi
 
 [ -n "$sink" ] || exit 0
 # Three clusters side by side, each idle while another is measured: export off (127.0.0.41-43),
