@@ -318,22 +318,24 @@ async fn track(
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
     let method = request.method().as_str().to_owned();
+    // The fields are recorded once the span is known to be kept: with sampled export most
+    // spans are dropped at once, and then never pay for formatting them. Without export the
+    // span only gives log lines their context, so it is at debug level, as per-request
+    // spans usually are, and the default filter leaves it unmade.
     let span = if crate::telemetry::traces_exported() {
         tracing::info_span!(
             "api.request",
-            otel.name = format!("{method} {route}"),
             otel.kind = "server",
-            http.request.method = %method,
-            http.route = %route,
+            http.request.method = tracing::field::Empty,
+            http.route = tracing::field::Empty,
             http.response.status_code = tracing::field::Empty,
         )
     } else {
-        // Only the context of log lines, so at debug level, as per-request spans usually
-        // are: the default filter leaves it unmade, and a request costs no tracing.
         tracing::debug_span!(
             "api.request",
-            http.request.method = %method,
-            http.route = %route,
+            otel.kind = "server",
+            http.request.method = tracing::field::Empty,
+            http.route = tracing::field::Empty,
             http.response.status_code = tracing::field::Empty,
         )
     };
@@ -346,12 +348,15 @@ async fn track(
             .and_then(|v| v.to_str().ok()),
     );
     let started = tokio::time::Instant::now();
-    let response = if crate::telemetry::sampled_out(&span) {
+    let response = if span.is_disabled() || crate::telemetry::sampled_out(&span) {
         // Not part of any exported trace: the request runs with no span at all, so that
         // what it does below (a proposal, a forwarded write) costs no tracing either.
         drop(span);
         next.run(request).await
     } else {
+        crate::telemetry::rename(&span, format!("{method} {route}"));
+        span.record("http.request.method", method.as_str());
+        span.record("http.route", route.as_str());
         let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
         span.record("http.response.status_code", response.status().as_u16());
         response

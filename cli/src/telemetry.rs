@@ -892,6 +892,15 @@ pub fn sampled_out(span: &tracing::Span) -> bool {
     traces_exported() && !span.context().span().span_context().is_sampled()
 }
 
+/// Names the exported span behind `span` (its `otel.name`), after it has started.
+pub fn rename(span: &tracing::Span, name: String) {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    if traces_exported() {
+        span.context().span().update_name(name);
+    }
+}
+
 /// Whether a span should be opened for work that a peer asked for with `traceparent`: always
 /// when spans are not exported (they serve the log lines), and otherwise only as part of the
 /// peer's trace, since a peer that sent none had its own request sampled out.

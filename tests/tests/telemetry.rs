@@ -136,6 +136,22 @@ fn one_trace_across_nodes(protocol: Protocol, name: &str) {
             .map(|s| s.span().name.as_str())
             .collect();
         assert!(in_trace.contains("raft.propose"), "{in_trace:?}");
+        // The API span carries its request's route and method, recorded once it was kept,
+        // and is a server span.
+        let api = c
+            .spans()
+            .iter()
+            .find(|s| s.span().trace_id == trace && s.span().name == "POST /v1/vms")
+            .expect("the follower's API span");
+        assert_eq!(
+            attr(&api.span().attributes, "http.route").as_deref(),
+            Some("/v1/vms")
+        );
+        assert_eq!(
+            attr(&api.span().attributes, "http.request.method").as_deref(),
+            Some("POST")
+        );
+        assert_eq!(api.span().kind, 2, "SPAN_KIND_SERVER");
     }));
 
     // The node that runs the VM continues the same trace with each step of its life.
