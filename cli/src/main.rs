@@ -9,12 +9,12 @@ mod config_file;
 
 use std::process::ExitCode;
 
+use clap::{CommandFactory, FromArgMatches};
+
 /// Rust's allocations go to mimalloc rather than the C library's malloc, whose allocating
 /// and freeing of each request's small buffers took 8% of a busy leader's CPU.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
     let matches = args::Cli::command().get_matches();

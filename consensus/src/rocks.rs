@@ -498,8 +498,50 @@ mod tests {
     use openraft::storage::RaftLogStorage;
     use openraft::{CommittedLeaderId, EntryPayload, LogId};
 
-    use super::{CF_LOG, open};
+    use super::{CF_LOG, CF_META, KEY_PRIMER, PRIMED_WAL_BYTES, open, synced};
     use crate::machine::{Entry, encode};
+
+    /// The size of the write-ahead log file RocksDB writes into (the highest-numbered).
+    fn current_wal_size(dir: &std::path::Path) -> u64 {
+        let newest = std::fs::read_dir(dir)
+            .expect("read dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .max()
+            .expect("a WAL file");
+        std::fs::metadata(newest).expect("metadata").len()
+    }
+
+    #[test]
+    fn synced_writes_overwrite_a_written_out_wal_file_from_the_first_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for _ in 0..2 {
+            // Fresh, then reopened as after a restart.
+            let (log, _) = open(dir.path(), 1).expect("open");
+            let before = current_wal_size(dir.path());
+            assert!(
+                before >= PRIMED_WAL_BYTES as u64,
+                "WAL file of {before} bytes"
+            );
+            for index in 1..=100u64 {
+                let entry = Entry {
+                    log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+                    payload: EntryPayload::Blank,
+                };
+                log.db
+                    .put_cf_opt(
+                        log.cf(CF_LOG),
+                        index.to_be_bytes(),
+                        encode(&entry),
+                        &synced(),
+                    )
+                    .expect("put");
+            }
+            assert_eq!(current_wal_size(dir.path()), before, "the WAL file grew");
+            let primer = log.db.get_cf(log.cf(CF_META), KEY_PRIMER).expect("get");
+            assert_eq!(primer, None);
+        }
+    }
 
     #[tokio::test]
     async fn a_gap_left_by_a_power_cut_is_cut_off_on_open() {
