@@ -322,22 +322,22 @@ async fn track(
     // spans are dropped at once, and then never pay for formatting them. Without export the
     // span only gives log lines their context, so it is at debug level, as per-request
     // spans usually are, and the default filter leaves it unmade.
+    macro_rules! request_span {
+        ($level:expr) => {
+            tracing::span!(
+                $level,
+                "api.request",
+                otel.kind = "server",
+                http.request.method = tracing::field::Empty,
+                http.route = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+            )
+        };
+    }
     let span = if crate::telemetry::traces_exported() {
-        tracing::info_span!(
-            "api.request",
-            otel.kind = "server",
-            http.request.method = tracing::field::Empty,
-            http.route = tracing::field::Empty,
-            http.response.status_code = tracing::field::Empty,
-        )
+        request_span!(tracing::Level::INFO)
     } else {
-        tracing::debug_span!(
-            "api.request",
-            otel.kind = "server",
-            http.request.method = tracing::field::Empty,
-            http.route = tracing::field::Empty,
-            http.response.status_code = tracing::field::Empty,
-        )
+        request_span!(tracing::Level::DEBUG)
     };
     // A caller's W3C trace context makes this request part of its trace.
     crate::telemetry::set_parent(
