@@ -9,10 +9,15 @@
 #   converge_s        from starting the last member (blx: launching `blx join`; serf: `serf join`)
 #                     until every member lists NODES alive
 #   detect_s          from SIGKILL of the last member until every survivor lists it down/failed
-#   bytes_per_agent_s bytes sent from the members' gossip ports per member per second, in a 10 s
-#                     window of steady state, counted by the same nftables rule for both (blx:
-#                     once its Raft group has stopped changing, 3 s unchanged; the time that
-#                     takes is printed)
+#   bytes_per_agent_s bytes the members send to each other, per member per second, over a 30 s
+#                     window of steady state (WINDOW=s to change it), counted by the same
+#                     nftables rules for both: every UDP and TCP packet from a member's port,
+#                     and every packet to a member's port from another port (the side of a
+#                     TCP connection a member opens from an ephemeral port: Serf's push-pull).
+#                     30 s is Serf's push-pull period on the LAN profile, so each Serf member
+#                     starts one push-pull in the window; a shorter window mostly misses them.
+#                     blx is measured once its Raft group has stopped changing (3 s unchanged;
+#                     the time that takes is printed)
 #   gossip_s, rest_s  that split into failure detection and everything else. Serf: UDP (its
 #                     gossip) and TCP (push-pull). blx, whose every byte is QUIC on UDP: its SWIM
 #                     datagrams as the agents count them, each with 53 bytes of IP, UDP and QUIC
@@ -27,14 +32,20 @@ cleanup() { exec 2>/dev/null; pkill -9 -f -- "$work" || true; pkill -9 -f -- "bl
 trap cleanup EXIT
 now() { date +%s.%N; }
 elapsed() { echo "$(now) - $1" | bc; }
-count_bytes() { # first_port last_port seconds -> "udp_bytes tcp_bytes" sent from those ports
+WINDOW=${WINDOW:-30}
+count_bytes() { # first_port last_port seconds -> "udp_bytes tcp_bytes" the members on those ports sent
+  local r="$1-$2"
   nft delete table inet "$tbl" 2>/dev/null || true
   nft add table inet "$tbl"
   nft add chain inet "$tbl" out '{ type filter hook output priority 0; policy accept; }'
-  nft add rule inet "$tbl" out udp sport "$1-$2" counter
-  nft add rule inet "$tbl" out tcp sport "$1-$2" counter
+  # From a member's port, or to a member's port from a port of its own (every member is local).
+  nft add rule inet "$tbl" out udp sport "$r" counter
+  nft add rule inet "$tbl" out udp dport "$r" udp sport != "$r" counter
+  nft add rule inet "$tbl" out tcp sport "$r" counter
+  nft add rule inet "$tbl" out tcp dport "$r" tcp sport != "$r" counter
   sleep "$3"
-  nft list table inet "$tbl" | sed -n 's/.*counter packets [0-9]* bytes \([0-9]*\).*/\1/p' | tr '\n' ' '; echo
+  nft list table inet "$tbl" | sed -n 's/.*counter packets [0-9]* bytes \([0-9]*\).*/\1/p' |
+    awk '{b[NR]=$1} END {print b[1] + b[2], b[3] + b[4]}'
   nft delete table inet "$tbl"
 }
 # Sum over agents 0..n-1 of SWIM datagram bytes plus 53 bytes of framing per datagram sent.
@@ -89,14 +100,14 @@ blx_run() { # n -> "converge bytes detect gossip rest"
   blx_cluster "$n"; conv=$CONV
   SETTLE=$(blx_settle); echo "blx: the Raft group settled ${SETTLE}s after convergence" >&2
   g0=$(blx_gossip_total "$n")
-  read -r udp tcp < <(count_bytes "$BLX_GOSSIP" $((BLX_GOSSIP+n-1)) 10)
+  read -r udp tcp < <(count_bytes "$BLX_GOSSIP" $((BLX_GOSSIP+n-1)) "$WINDOW")
   g1=$(blx_gossip_total "$n")
-  bytes=$((udp + tcp)); gossip=$(( (g1 - g0) / n / 10 ))
+  bytes=$((udp + tcp)); gossip=$(( (g1 - g0) / n / WINDOW ))
   local last=$((n-1)); kill -9 "${pids[$last]}"; t0=$(now)
   for i in $(seq 0 $((n-2))); do
     until blx_members "$i" | tr -d ' \n' | grep -q "\"name\":\"n$last\",\"addr\":\"[0-9.:]*\",\"state\":\"down\""; do sleep 0.02; done
   done
-  echo "$conv $((bytes / n / 10)) $(elapsed "$t0") $gossip $((bytes / n / 10 - gossip))"
+  echo "$conv $((bytes / n / WINDOW)) $(elapsed "$t0") $gossip $((bytes / n / WINDOW - gossip))"
   kill_all
 }
 
@@ -117,13 +128,13 @@ serf_run() { # n -> "converge bytes detect gossip rest"
   serf join -rpc-addr "127.0.0.1:$((SERF_RPC+n-1))" "127.0.0.1:$SERF_BIND" >/dev/null
   for i in $(seq 0 $((n-1))); do until [ "$(serf_count "$i" alive)" -eq "$n" ]; do sleep 0.02; done; done
   conv=$(elapsed "$t0")
-  read -r udp tcp < <(count_bytes "$SERF_BIND" $((SERF_BIND+n-1)) 10)
+  read -r udp tcp < <(count_bytes "$SERF_BIND" $((SERF_BIND+n-1)) "$WINDOW")
   bytes=$((udp + tcp))
   local last=$((n-1)); kill -9 "${pids[$last]}"; t0=$(now)
   for i in $(seq 0 $((n-2))); do
     until serf members -rpc-addr "127.0.0.1:$((SERF_RPC+i))" -status failed 2>/dev/null | grep -q "^n$last "; do sleep 0.02; done
   done
-  echo "$conv $((bytes / n / 10)) $(elapsed "$t0") $((udp / n / 10)) $((tcp / n / 10))"
+  echo "$conv $((bytes / n / WINDOW)) $(elapsed "$t0") $((udp / n / WINDOW)) $((tcp / n / WINDOW))"
   kill_all
 }
 
