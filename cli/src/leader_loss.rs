@@ -1,7 +1,7 @@
 //! Calling an election as soon as gossip says the leader is gone.
 //!
-//! openraft elects a new leader only after [`VOTE_LEASE`] and then a random 600 to 1200 ms
-//! without an append, so after a leader dies the cluster waits 1.8 to 2.4 s from its last
+//! openraft elects a new leader only after [`VOTE_LEASE`] and then a random 1050 to 1200 ms
+//! without an append, so after a leader dies the cluster waits 2.25 to 2.4 s from its last
 //! heartbeat. Gossip usually knows sooner: a leader that stops answering probes is suspect
 //! within about a second. A voter that sees its leader suspect (or down) in gossip and has
 //! heard nothing from it for the vote lease calls an election at once; the others grant
@@ -9,14 +9,14 @@
 //!
 //! ```text
 //!   leader dies ── probe missed ──▶ Suspect ─┐
-//!   last append ──── VOTE_LEASE + jitter ────┴──▶ elect()        (openraft's timer: +0.6..1.2 s)
+//!   last append ──── VOTE_LEASE + jitter ────┴──▶ elect()        (openraft's timer: +1.05..1.2 s)
 //! ```
 //!
 //! A jitter drawn from the agent's seed keeps the voters from standing all at once and
 //! splitting the vote. Nothing here can elect a node that could not win anyway: the vote
 //! lease and the log check are openraft's, unchanged. It only comes sooner: a voter that has
 //! not heard a live leader for the lease, while gossip suspects that leader, would stand on
-//! openraft's timer 0.5 to 1.1 s later, and the leader itself grants the vote (openraft keeps
+//! openraft's timer 0.65 to 1.1 s later, and the leader itself grants the vote (openraft keeps
 //! no lease against votes for a leader), as it would then.
 
 use std::time::Duration;

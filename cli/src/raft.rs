@@ -81,10 +81,11 @@ pub(crate) struct RaftContact(
 );
 
 impl RaftContact {
-    /// How recent a word must be to outweigh gossip: two heartbeats and some. A peer that is
-    /// really gone went silent well before gossip declares it down (seconds), so this delays
-    /// no failover.
-    pub(crate) const FRESH: Duration = Duration::from_millis(1200);
+    /// How recent a word must be to outweigh gossip: a heartbeat and 700 ms, within which a
+    /// live server answers one, and a node holding VMs renews its lease at least once. A peer
+    /// that is really gone went silent well before gossip declares it down (seconds), so this
+    /// delays no failover.
+    pub(crate) const FRESH: Duration = Duration::from_millis(1700);
 
     /// How long after a node's last word its lease has certainly lapsed: the worker's fence
     /// time ([`crate::worker::FENCE_AFTER`]), the 250 ms between its checks, and margin.

@@ -153,12 +153,19 @@ pub struct Followed {
 }
 
 /// How often an idle leader sends every server an empty append. A follower starts an election
-/// only after [`VOTE_LEASE`] plus a random 600 to 1200 ms without one (openraft waits out the
-/// lease before its own timer), so a heartbeat every 500 ms leaves room for three to go
-/// missing; writes and commit updates go out at once, whatever this is. Each heartbeat is a
-/// QUIC exchange of three packets per server, the largest part of an idle cluster's traffic
-/// beyond gossip: at 150 ms it was three times gossip's bytes in a 10-node cluster.
-pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// only after [`VOTE_LEASE`] plus its [`ELECTION_TIMEOUT_MIN`]-to-[`VOTE_LEASE`] timeout without
+/// one (openraft waits out the lease before its own timer): 2.25 to 2.4 s, which leaves room
+/// for a heartbeat to go missing and the next to be late. A lost packet costs less than that:
+/// QUIC resends it within milliseconds. Writes and commit updates go out at once, whatever
+/// this is, and a dead leader is usually replaced sooner, on gossip's word
+/// (`cli/src/leader_loss.rs`). Each heartbeat is a QUIC exchange of three packets per server,
+/// after gossip the largest part of an idle cluster's traffic: every 500 ms it was a quarter
+/// of a 10-node cluster's bytes, every 150 ms three times gossip's.
+pub const HEARTBEAT: Duration = Duration::from_millis(1000);
+
+/// The shortest election timeout a voter draws, once per process; openraft requires it to
+/// be longer than [`HEARTBEAT`]. The longest is [`VOTE_LEASE`].
+pub const ELECTION_TIMEOUT_MIN: Duration = Duration::from_millis(1050);
 
 /// How long after its last append from a leader a voter refuses to vote for anyone else
 /// (openraft's leader lease: its `election_timeout_max`). A leader elected at time E was
@@ -167,8 +174,8 @@ pub const HEARTBEAT: Duration = Duration::from_millis(500);
 pub const VOTE_LEASE: Duration = Duration::from_millis(1200);
 
 /// A learner that has heard no leader for this long is no longer a server: it may have been
-/// taken out of the group without hearing of it.
-pub const SERVER_CONTACT: Duration = Duration::from_secs(2);
+/// taken out of the group without hearing of it. Two heartbeats and some.
+pub const SERVER_CONTACT: Duration = Duration::from_millis(2500);
 
 /// The longest a server holds a watch open with nothing to send.
 pub const MAX_WATCH_WAIT: Duration = Duration::from_secs(30);
@@ -297,7 +304,7 @@ pub fn raft_config(snapshot_logs: u64) -> Result<openraft::Config, ConsensusErro
     let config = openraft::Config {
         cluster_name: "blx".into(),
         heartbeat_interval: millis(HEARTBEAT),
-        election_timeout_min: 600,
+        election_timeout_min: millis(ELECTION_TIMEOUT_MIN),
         election_timeout_max: millis(VOTE_LEASE),
         max_payload_entries: 64,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_logs),
