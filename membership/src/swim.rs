@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use foca::{
-    AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification, PostcardCodec,
+    AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification,
     State, Timer,
 };
 use prometheus_client::metrics::counter::Counter;
@@ -264,7 +264,7 @@ impl BroadcastHandler<NodeIdentity> for MetaBroadcasts {
     }
 }
 
-type FocaInstance = Foca<NodeIdentity, PostcardCodec, StdRng, MetaBroadcasts>;
+type FocaInstance = Foca<NodeIdentity, crate::wire::SwimCodec, StdRng, MetaBroadcasts>;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Wakeup {
@@ -358,7 +358,7 @@ impl Swim {
             identity,
             config.foca(1),
             rng,
-            PostcardCodec,
+            crate::wire::SwimCodec::new(identity.addr),
             MetaBroadcasts {
                 table: table.clone(),
                 own: identity.id,
@@ -480,9 +480,11 @@ impl Swim {
         self.stats.bytes_in.inc_by(bytes.len() as u64);
         let result = match wire::decode_datagram(bytes)? {
             Datagram::Swim(packet) => {
-                let (header, _) =
-                    postcard::take_from_bytes::<foca::Header<NodeIdentity>>(packet)
-                        .map_err(|e| PacketError::Wire(wire::WireError::Body(e.to_string())))?;
+                let header = foca::Codec::decode_header(
+                    &mut wire::SwimCodec::new(self.foca.identity().addr),
+                    packet,
+                )
+                .map_err(|e| PacketError::Wire(wire::WireError::Body(e.to_string())))?;
                 if header.src.id != from {
                     return Err(PacketError::Spoofed {
                         claimed: header.src.id,
@@ -596,9 +598,10 @@ impl Swim {
     }
 
     fn drain_runtime(&mut self, now: Instant) {
+        let mut codec = wire::SwimCodec::new(self.foca.identity().addr);
         while let Some((to, packet)) = self.runtime.to_send() {
-            match postcard::take_from_bytes::<foca::Header<NodeIdentity>>(&packet) {
-                Ok((header, _)) => {
+            match foca::Codec::decode_header(&mut codec, &packet[..]) {
+                Ok(header) => {
                     // foca raises its own incarnation only to refute a suspicion of itself,
                     // and every packet it sends carries it.
                     if header.src_incarnation > self.incarnation {

@@ -11,14 +11,15 @@ use std::net::SocketAddr;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::identity::NodeId;
+use crate::identity::{NodeId, NodeIdentity};
 use crate::meta::{MetaError, NodeMeta};
 use crate::token::{JoinRefusal, TokenId, TokenInfo};
 
 /// The format version byte that opens every message.
 pub const FORMAT_VERSION: u8 = 1;
-/// A foca SWIM packet.
-pub const KIND_SWIM: u8 = 0;
+/// A foca SWIM packet, its header encoded by [`SwimCodec`]. (Kind 0 was the same packet with
+/// the receiver's whole identity in its header, before 2026-12-05; this build refuses it.)
+pub const KIND_SWIM: u8 = 2;
 /// A metadata update pushed directly to one member.
 pub const KIND_META: u8 = 1;
 /// Largest gossip message accepted on a unidirectional stream.
@@ -115,6 +116,132 @@ pub fn decode_datagram(buf: &[u8]) -> Result<Datagram<'_>, WireError> {
             Ok(Datagram::Meta(update))
         }
         other => Err(WireError::Kind(other)),
+    }
+}
+
+/// foca's packet codec: postcard, except that a header names its receiver by id and
+/// generation only. The receiver's address is the one thing in a header its receiver already
+/// knows: a packet reaches a node at its own address, so [`SwimCodec::decode_header`] puts
+/// back the address the node gossips as its own. That is 7 or 8 of a ping's 40 bytes (IPv4;
+/// 19 or 20 for IPv6), on every SWIM packet.
+///
+/// foca compares the whole identity when it checks that a packet is meant for this node, and
+/// only the address when the packet is an announce (a joiner may know a seed by its address
+/// alone); with the address restored, both checks come down to the id and the generation,
+/// and an announce is taken by whichever node it reached. Members (in updates) keep their
+/// address: for them it is news.
+#[derive(Clone, Copy, Debug)]
+pub struct SwimCodec {
+    own_addr: SocketAddr,
+}
+
+impl SwimCodec {
+    /// The codec of a node that gossips `own_addr` as its address.
+    pub fn new(own_addr: SocketAddr) -> Self {
+        SwimCodec { own_addr }
+    }
+}
+
+/// A foca header as it goes on the wire: the receiver without its address.
+#[derive(Serialize)]
+struct HeaderOut<'a> {
+    src: &'a NodeIdentity,
+    src_incarnation: foca::Incarnation,
+    dst_id: NodeId,
+    dst_generation: u64,
+    message: &'a foca::Message<NodeIdentity>,
+}
+
+#[derive(Deserialize)]
+struct HeaderIn {
+    src: NodeIdentity,
+    src_incarnation: foca::Incarnation,
+    dst_id: NodeId,
+    dst_generation: u64,
+    message: foca::Message<NodeIdentity>,
+}
+
+/// Serializes into foca's buffer without an allocation.
+struct BufFlavor<B>(B);
+
+impl<B: BufMut> postcard::ser_flavors::Flavor for BufFlavor<B> {
+    type Output = ();
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.try_extend(&[data])
+    }
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        if self.0.remaining_mut() < data.len() {
+            return Err(postcard::Error::SerializeBufferFull);
+        }
+        self.0.put_slice(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads one postcard value from the front of `buf` and consumes exactly its bytes.
+fn take<T: for<'de> Deserialize<'de>>(mut buf: impl bytes::Buf) -> postcard::Result<T> {
+    // foca hands the codec one contiguous packet.
+    let chunk = buf.chunk();
+    let (value, rest) = postcard::take_from_bytes(chunk)?;
+    let used = chunk.len() - rest.len();
+    buf.advance(used);
+    Ok(value)
+}
+
+impl foca::Codec<NodeIdentity> for SwimCodec {
+    type Error = postcard::Error;
+
+    fn encode_header(
+        &mut self,
+        header: &foca::Header<NodeIdentity>,
+        buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        let wire = HeaderOut {
+            src: &header.src,
+            src_incarnation: header.src_incarnation,
+            dst_id: header.dst.id,
+            dst_generation: header.dst.generation,
+            message: &header.message,
+        };
+        postcard::serialize_with_flavor(&wire, BufFlavor(buf))
+    }
+
+    fn decode_header(
+        &mut self,
+        buf: impl bytes::Buf,
+    ) -> Result<foca::Header<NodeIdentity>, Self::Error> {
+        let wire: HeaderIn = take(buf)?;
+        Ok(foca::Header {
+            src: wire.src,
+            src_incarnation: wire.src_incarnation,
+            dst: NodeIdentity {
+                id: wire.dst_id,
+                addr: self.own_addr,
+                generation: wire.dst_generation,
+            },
+            message: wire.message,
+        })
+    }
+
+    fn encode_member(
+        &mut self,
+        member: &foca::Member<NodeIdentity>,
+        buf: impl BufMut,
+    ) -> Result<(), Self::Error> {
+        postcard::serialize_with_flavor(member, BufFlavor(buf))
+    }
+
+    fn decode_member(
+        &mut self,
+        buf: impl bytes::Buf,
+    ) -> Result<foca::Member<NodeIdentity>, Self::Error> {
+        take(buf)
     }
 }
 
@@ -239,6 +366,71 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn identity(i: u8, addr: &str) -> NodeIdentity {
+        NodeIdentity {
+            id: NodeId([i; 8]),
+            addr: addr.parse().unwrap(),
+            generation: u64::from(i) * 1000,
+        }
+    }
+
+    fn header(dst: NodeIdentity, message: foca::Message<NodeIdentity>) -> foca::Header<NodeIdentity> {
+        foca::Header {
+            src: identity(1, "10.0.0.1:7946"),
+            src_incarnation: 3,
+            dst,
+            message,
+        }
+    }
+
+    #[test]
+    fn a_swim_header_arrives_whole_and_shorter_by_its_receiver_s_address() {
+        let receiver = identity(2, "10.0.0.2:7946");
+        let mut codec = SwimCodec::new(receiver.addr);
+        for message in [
+            foca::Message::Ping(7),
+            foca::Message::Ack(7),
+            foca::Message::PingReq {
+                target: identity(4, "10.0.0.4:7946"),
+                probe_number: 9,
+            },
+            foca::Message::Announce,
+        ] {
+            let sent = header(receiver, message);
+            let mut ours = Vec::new();
+            foca::Codec::encode_header(&mut codec, &sent, &mut ours).unwrap();
+            let mut foca_s = Vec::new();
+            foca::Codec::encode_header(&mut foca::PostcardCodec, &sent, &mut foca_s).unwrap();
+            let address = postcard::to_allocvec(&receiver.addr).unwrap().len();
+            assert_eq!(address, 7, "IPv4: the variant, 4 bytes, the port in 2");
+            assert_eq!(ours.len() + address, foca_s.len(), "{sent:?}");
+            let mut buf = &ours[..];
+            assert_eq!(foca::Codec::decode_header(&mut codec, &mut buf).unwrap(), sent);
+            assert!(buf.is_empty(), "the header's bytes, and no more, are consumed");
+        }
+    }
+
+    #[test]
+    fn a_swim_header_names_its_receiver_at_the_receiver_s_own_address() {
+        // A joiner that knows a seed by another address (a NAT, a second interface) reaches
+        // it all the same; foca then checks the id and generation, which do travel.
+        let mut codec = SwimCodec::new("192.168.1.5:7946".parse().unwrap());
+        let sent = header(identity(2, "203.0.113.9:7946"), foca::Message::Announce);
+        let mut bytes = Vec::new();
+        foca::Codec::encode_header(&mut codec, &sent, &mut bytes).unwrap();
+        let got = foca::Codec::decode_header(&mut codec, &bytes[..]).unwrap();
+        assert_eq!(got.dst, identity(2, "192.168.1.5:7946"));
+        assert_eq!((got.src, got.message), (sent.src, sent.message));
+    }
+
+    #[test]
+    fn a_full_buffer_is_an_error_not_a_panic() {
+        let mut codec = SwimCodec::new("10.0.0.2:7946".parse().unwrap());
+        let mut small = [0u8; 10];
+        let sent = header(identity(2, "10.0.0.2:7946"), foca::Message::Ping(1));
+        assert!(foca::Codec::encode_header(&mut codec, &sent, &mut small[..]).is_err());
+    }
+
     #[test]
     fn messages_round_trip() {
         let update = MetaUpdate {
@@ -301,6 +493,9 @@ mod tests {
             let _ = decode_meta_broadcast(&bytes);
             let _ = decode_control_request(&bytes, MAX_MEMBER_MESSAGE);
             let _ = decode_control_response(&bytes, MAX_MEMBER_MESSAGE);
+            let mut codec = SwimCodec::new("10.0.0.1:7946".parse().unwrap());
+            let _ = foca::Codec::decode_header(&mut codec, &bytes[..]);
+            let _ = foca::Codec::decode_member(&mut codec, &bytes[..]);
         }
     }
 }
