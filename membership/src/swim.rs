@@ -19,8 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use foca::{
-    AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification,
-    State, Timer,
+    AccumulatingRuntime, BroadcastHandler, Foca, Invalidates, OwnedNotification, State, Timer,
 };
 use prometheus_client::metrics::counter::Counter;
 use rand::rngs::StdRng;

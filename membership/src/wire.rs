@@ -374,7 +374,10 @@ mod tests {
         }
     }
 
-    fn header(dst: NodeIdentity, message: foca::Message<NodeIdentity>) -> foca::Header<NodeIdentity> {
+    fn header(
+        dst: NodeIdentity,
+        message: foca::Message<NodeIdentity>,
+    ) -> foca::Header<NodeIdentity> {
         foca::Header {
             src: identity(1, "10.0.0.1:7946"),
             src_incarnation: 3,
@@ -405,8 +408,14 @@ mod tests {
             assert_eq!(address, 7, "IPv4: the variant, 4 bytes, the port in 2");
             assert_eq!(ours.len() + address, foca_s.len(), "{sent:?}");
             let mut buf = &ours[..];
-            assert_eq!(foca::Codec::decode_header(&mut codec, &mut buf).unwrap(), sent);
-            assert!(buf.is_empty(), "the header's bytes, and no more, are consumed");
+            assert_eq!(
+                foca::Codec::decode_header(&mut codec, &mut buf).unwrap(),
+                sent
+            );
+            assert!(
+                buf.is_empty(),
+                "the header's bytes, and no more, are consumed"
+            );
         }
     }
 
