@@ -10,8 +10,8 @@
 #                     until every member lists NODES alive
 #   detect_s          from SIGKILL of the last member until every survivor lists it down/failed
 #   bytes_per_agent_s bytes the members send to each other, per member per second, over a 30 s
-#                     window of steady state (WINDOW=s to change it), counted by the same
-#                     nftables rules for both: every UDP and TCP packet from a member's port,
+#                     window of steady state (BENCH_MEMBERSHIP_WINDOW=SECONDS changes it),
+#                     counted by the same nftables rules for both: every UDP and TCP packet from a member's port,
 #                     and every packet to a member's port from another port (the side of a
 #                     TCP connection a member opens from an ephemeral port: Serf's push-pull).
 #                     30 s is Serf's push-pull period on the LAN profile, so each Serf member
@@ -32,7 +32,7 @@ cleanup() { exec 2>/dev/null; pkill -9 -f -- "$work" || true; pkill -9 -f -- "bl
 trap cleanup EXIT
 now() { date +%s.%N; }
 elapsed() { echo "$(now) - $1" | bc; }
-WINDOW=${WINDOW:-30}
+WINDOW=${BENCH_MEMBERSHIP_WINDOW:-30}
 count_bytes() { # first_port last_port seconds -> "udp_bytes tcp_bytes" the members on those ports sent
   local r="$1-$2"
   nft delete table inet "$tbl" 2>/dev/null || true
