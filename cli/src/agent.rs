@@ -282,7 +282,7 @@ pub async fn start(config: AgentConfig, world: World) -> anyhow::Result<Agent> {
         contact: contact.clone(),
     });
     let raft_id = crate::raft::raft_id(id);
-    let stores = raft.open(raft_id, &config.data_dir).await?;
+    let stores = raft.open(raft_id, &config.data_dir)?;
     let node = ConsensusNode::start(
         raft_id,
         stores,

@@ -41,10 +41,8 @@ pub trait Net: Send + Sync + 'static {
 
 /// Opens the Raft log store and state machine of node `id`.
 pub trait RaftStores: Send + Sync + 'static {
-    /// Opens (creating if needed) the stores; `dir` is the agent's data dir. The agent has
-    /// joined gossip by then and answers it while this runs, so an opener that blocks does so
-    /// off the event loop.
-    fn open(&self, id: u64, dir: &Path) -> BoxFuture<'static, Result<Stores, ConsensusError>>;
+    /// Opens (creating if needed) the stores; `dir` is the agent's data dir.
+    fn open(&self, id: u64, dir: &Path) -> Result<Stores, ConsensusError>;
 }
 
 /// The wall clock: token expiry and the stamps the leader puts on state changes. (Timers and
@@ -286,15 +284,8 @@ impl Net for OsNet {
 pub struct RocksStores;
 
 impl RaftStores for RocksStores {
-    fn open(&self, id: u64, dir: &Path) -> BoxFuture<'static, Result<Stores, ConsensusError>> {
-        let path = dir.join("raft");
-        // Opening takes about 0.1 s (recovery, then priming the WAL files). On the event loop
-        // it would hold up the gossip of the cluster this node has just joined.
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || Stores::open_rocks(&path, id))
-                .await
-                .map_err(|e| ConsensusError::Raft(format!("opening the stores stopped: {e}")))?
-        })
+    fn open(&self, id: u64, dir: &Path) -> Result<Stores, ConsensusError> {
+        Stores::open_rocks(&dir.join("raft"), id)
     }
 }
 

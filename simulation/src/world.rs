@@ -90,14 +90,7 @@ impl SimDisk {
 }
 
 impl RaftStores for SimDisk {
-    fn open(&self, id: u64, _dir: &Path) -> BoxFuture<'static, Result<Stores, ConsensusError>> {
-        // In memory and at once: no thread for the simulator to wait on.
-        Box::pin(std::future::ready(Ok(self.open_now(id))))
-    }
-}
-
-impl SimDisk {
-    fn open_now(&self, id: u64) -> Stores {
+    fn open(&self, id: u64, _dir: &Path) -> Result<Stores, ConsensusError> {
         let mut slot = lock(&self.stores);
         let (log, sm) = match slot.take() {
             Some((log, sm)) => {
@@ -112,7 +105,7 @@ impl SimDisk {
             }
         };
         *slot = Some((log.clone(), sm.clone()));
-        Stores::Mem(log, sm)
+        Ok(Stores::Mem(log, sm))
     }
 }
 
