@@ -35,13 +35,19 @@ fn nodes_beyond_the_servers_are_clients_that_write_read_run_vms_and_step_up() {
     tracing::info!("--- 3 voters, no standby: the other two are clients that know the leader");
     let leader = cluster.wait_raft(3, 0, LONG);
     let leader_id = cluster.agents[leader].status().unwrap()["id"].clone();
-    let clients: Vec<usize> = (0..5)
-        .filter(|i| {
-            cluster.agents[*i]
-                .status()
-                .is_some_and(|s| role(&s) == "client")
-        })
-        .collect();
+    // A learner the autopilot has just removed counts itself a server until it has not heard
+    // the leader for `SERVER_CONTACT`; wait for it to follow a watch instead.
+    let clients_now = || -> Vec<usize> {
+        (0..5)
+            .filter(|i| {
+                cluster.agents[*i]
+                    .status()
+                    .is_some_and(|s| role(&s) == "client")
+            })
+            .collect()
+    };
+    wait_until(LONG, "two clients", || clients_now().len() == 2);
+    let clients = clients_now();
     assert_eq!(clients.len(), 2, "{}", cluster.logs());
     let client = clients[0];
     let status = cluster.agents[client].status().unwrap();
