@@ -36,23 +36,27 @@ fn nodes_beyond_the_servers_are_clients_that_write_read_run_vms_and_step_up() {
     let leader = cluster.wait_raft(3, 0, LONG);
     let leader_id = cluster.agents[leader].status().unwrap()["id"].clone();
     // A learner the autopilot has just removed counts itself a server until it has not heard
-    // the leader for `SERVER_CONTACT`; wait for it to follow a watch instead.
+    // the leader for `SERVER_CONTACT`; wait for it to follow a watch instead, and for its
+    // followed copy, which may trail for a moment after it starts, to show the 3 voters.
     let clients_now = || -> Vec<usize> {
         (0..5)
             .filter(|i| {
-                cluster.agents[*i]
-                    .status()
-                    .is_some_and(|s| role(&s) == "client")
+                cluster.agents[*i].status().is_some_and(|s| {
+                    role(&s) == "client"
+                        && s["leader"] == leader_id
+                        && s["voters"].as_array().map(Vec::len) == Some(3)
+                })
             })
             .collect()
     };
-    wait_until(LONG, "two clients", || clients_now().len() == 2);
+    wait_until(
+        LONG,
+        "two clients that know the leader and the voters",
+        || clients_now().len() == 2,
+    );
     let clients = clients_now();
     assert_eq!(clients.len(), 2, "{}", cluster.logs());
     let client = clients[0];
-    let status = cluster.agents[client].status().unwrap();
-    assert_eq!(status["leader"], leader_id);
-    assert_eq!(status["voters"].as_array().map(Vec::len), Some(3));
 
     tracing::info!("--- a write through a client, read back through a voter and the client");
     let (ok, _, err) = cluster.agents[client].run(&["kv", "put", "via/client", "c1"]);
@@ -137,4 +141,44 @@ fn nodes_beyond_the_servers_are_clients_that_write_read_run_vms_and_step_up() {
                     .is_some_and(|s| role(&s) == "client" && s["leader"] == leader_id)
         },
     );
+}
+
+#[test]
+fn nodes_that_never_entered_raft_find_a_server_and_follow_it() {
+    // With no standbys wanted, the autopilot takes in the two joiners it needs as voters; the
+    // three that join after that never hear Raft and know no server. Each must find one by
+    // asking members, some of which are in the same position.
+    let mut cluster = Cluster::bootstrap();
+    let token = cluster.token.clone();
+    for k in 2..=3 {
+        cluster.join_with(0, &token, &["--label", &format!("host=n{k}")]);
+    }
+    cluster.wait_alive(3, LONG);
+    cluster.wait_raft(3, 0, LONG);
+    let (ok, _, err) = cluster.agents[0].run(&["config", "set", "--standby-servers", "0"]);
+    assert!(ok, "{err}");
+    for k in 4..=6 {
+        cluster.join_with(0, &token, &["--label", &format!("host=n{k}")]);
+    }
+    cluster.wait_alive(6, LONG);
+    let leader = cluster.wait_raft(3, 0, LONG);
+    let leader_id = cluster.agents[leader].status().unwrap()["id"].clone();
+    let (ok, _, err) = cluster.agents[leader].run(&["kv", "put", "seen/by", "all"]);
+    assert!(ok, "{err}");
+    for i in 0..6 {
+        let voter = cluster.agents[leader].status().unwrap()["voters"]
+            .as_array()
+            .unwrap()
+            .contains(&cluster.agents[i].status().unwrap()["id"]);
+        if voter {
+            continue;
+        }
+        wait_until(LONG, "a node outside Raft follows a server", || {
+            let (ok, out, _) = cluster.agents[i].run(&["kv", "get", "--stale", "seen/by"]);
+            ok && out == "all"
+                && cluster.agents[i]
+                    .status()
+                    .is_some_and(|s| role(&s) == "client" && s["leader"] == leader_id)
+        });
+    }
 }
