@@ -12,7 +12,9 @@ use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -63,7 +65,8 @@ fn synced() -> WriteOptions {
 }
 
 /// Opens (creating if needed) the database of node `id` under `path` and returns its two
-/// halves.
+/// halves. The write-ahead log files are primed (see [`prime_wal_files`]) on a thread of
+/// their own: that writes 32 MiB, most of a start's time, and nothing needs to wait for it.
 pub fn open(path: &Path, id: u64) -> Result<(RocksLogStore, RocksStateMachine), StoreError> {
     let mut opts = Options::default();
     opts.create_if_missing(true);
@@ -77,7 +80,7 @@ pub fn open(path: &Path, id: u64) -> Result<(RocksLogStore, RocksStateMachine), 
     // Whatever an earlier process wrote unsynced counts as on disk from here on: sync it now.
     db.flush_wal(true)
         .map_err(|e| StorageIOError::write_logs(io(e)))?;
-    prime_wal_files(&db).map_err(|e| StorageIOError::write_logs(io(e)))?;
+    let db = Arc::new(Database::priming(db));
     let mut log = RocksLogStore {
         db: db.clone(),
         durability: Durability::new(id, None, None),
@@ -97,24 +100,88 @@ pub fn open(path: &Path, id: u64) -> Result<(RocksLogStore, RocksStateMachine), 
     Ok((log, machine))
 }
 
+/// The open database, shared by the log and the state machine, and the thread priming its
+/// write-ahead log files. The last owner to go stops that thread and waits for it, so the
+/// database is closed (and its lock released) when the stores are dropped, as before.
+struct Database {
+    db: Arc<DB>,
+    primer: Mutex<Option<JoinHandle<()>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Database {
+    fn priming(db: Arc<DB>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (for_thread, stopping) = (db.clone(), stop.clone());
+        let primer = std::thread::Builder::new()
+            .name("blx-wal-primer".into())
+            .spawn(move || {
+                if let Err(e) = prime_wal_files(&for_thread, &stopping) {
+                    tracing::warn!(error = %e, "could not prime the write-ahead log files; syncs stay slower until RocksDB has written some out itself");
+                }
+            })
+            .map_err(|e| tracing::warn!(error = %e, "could not start the WAL primer"))
+            .ok();
+        Self {
+            db,
+            primer: Mutex::new(primer),
+            stop,
+        }
+    }
+
+    /// Waits until the primer is done (tests measure the primed files).
+    #[cfg(test)]
+    fn primed(&self) {
+        let handle = self.primer.lock().map(|mut h| h.take()).ok().flatten();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl std::ops::Deref for Database {
+    type Target = DB;
+    fn deref(&self) -> &DB {
+        &self.db
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let handle = self.primer.get_mut().map(Option::take).ok().flatten();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+}
+
 /// Leaves the database writing into a recycled write-ahead log file of [`PRIMED_WAL_BYTES`],
 /// so that the log's syncs overwrite a file instead of growing one from the first write on.
 /// RocksDB reuses a WAL file only once every column family with data in it is flushed: each
 /// round writes (and at once deletes) a filler of that size into the current file, then
 /// flushes all three families, which moves writing to another file and leaves this one to
 /// be recycled. The second round's switch takes the first round's file. The filler never
-/// reaches a table file: the flush drops a value deleted in the same memtable.
-fn prime_wal_files(db: &DB) -> Result<(), rocksdb::Error> {
+/// reaches a table file: the flush drops a value deleted in the same memtable. Raft's own
+/// writes may go on meanwhile; they land in whichever file is current, and are synced as
+/// ever. Gives up between steps once `stop` is set.
+fn prime_wal_files(db: &DB, stop: &AtomicBool) -> Result<(), rocksdb::Error> {
     let cf = |name| {
         db.cf_handle(name)
             .expect("column families are created on open")
     };
     let families = [cf(CF_LOG), cf(CF_META), cf(CF_MACHINE)];
     for _ in 0..RECYCLED_WAL_FILES {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let mut batch = WriteBatch::default();
         batch.put_cf(families[1], KEY_PRIMER, vec![0; PRIMED_WAL_BYTES]);
         batch.delete_cf(families[1], KEY_PRIMER);
         db.write_opt(batch, &synced())?;
+        if stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         db.flush_cfs_opt(&families, &rocksdb::FlushOptions::default())?;
     }
     Ok(())
@@ -123,7 +190,7 @@ fn prime_wal_files(db: &DB) -> Result<(), rocksdb::Error> {
 /// The Raft log in RocksDB.
 #[derive(Clone)]
 pub struct RocksLogStore {
-    db: Arc<DB>,
+    db: Arc<Database>,
     durability: Arc<Durability>,
 }
 
@@ -359,13 +426,13 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
 /// The state machine, in memory, with its snapshots in RocksDB.
 #[derive(Clone)]
 pub struct RocksStateMachine {
-    db: Arc<DB>,
+    db: Arc<Database>,
     cell: MachineCell,
     durability: Arc<Durability>,
 }
 
 impl RocksStateMachine {
-    fn load(db: Arc<DB>, durability: Arc<Durability>) -> Result<Self, StoreError> {
+    fn load(db: Arc<Database>, durability: Arc<Durability>) -> Result<Self, StoreError> {
         let cf = db
             .cf_handle(CF_MACHINE)
             .expect("column families are created on open");
@@ -518,6 +585,7 @@ mod tests {
         for _ in 0..2 {
             // Fresh, then reopened as after a restart.
             let (log, _) = open(dir.path(), 1).expect("open");
+            log.db.primed();
             let before = current_wal_size(dir.path());
             assert!(
                 before >= PRIMED_WAL_BYTES as u64,
