@@ -103,10 +103,10 @@ impl Inner {
                 o.body.push('\n');
                 o.body.push_str(line);
                 o.lines += 1;
-                if o.lines >= GROUP_LINES {
-                    if let Some(full) = self.outgoing.take() {
-                        full.emit(false);
-                    }
+                if o.lines >= GROUP_LINES
+                    && let Some(full) = self.outgoing.take()
+                {
+                    full.emit(false);
                 }
             }
             _ => {

@@ -132,10 +132,10 @@ pub(crate) async fn run(cluster: Cluster, membership: Membership, transport: Qui
                 tracing::debug!(server = %node_id(target), error = %e, "watch failed");
                 failures += 1;
                 server = None;
-                if failures >= FAILURES_BEFORE_NO_LEADER {
-                    if let Some(f) = node.following() {
-                        node.set_following(Some(Followed { leader: None, ..f }));
-                    }
+                if failures >= FAILURES_BEFORE_NO_LEADER
+                    && let Some(f) = node.following()
+                {
+                    node.set_following(Some(Followed { leader: None, ..f }));
                 }
                 let pause = CHECK * failures.min(8);
                 tokio::time::sleep(pause).await;

@@ -209,16 +209,13 @@ pub fn init(filter: &str, ansi: bool) -> Result<(), String> {
         Export::Off => None,
         export => Some(logger_provider(export, &base)?),
     };
-    let traces = match &tracer {
-        Some(tp) => Some(
-            tracing_opentelemetry::layer()
-                .with_tracer(tp.tracer("blx"))
-                // Busy and idle time per span cost two clock reads on every poll of every
-                // instrumented future; the span's own start and end are what operators read.
-                .with_tracked_inactivity(false),
-        ),
-        None => None,
-    };
+    let traces = tracer.as_ref().map(|tp| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tp.tracer("blx"))
+            // Busy and idle time per span cost two clock reads on every poll of every
+            // instrumented future; the span's own start and end are what operators read.
+            .with_tracked_inactivity(false)
+    });
     let logs = match &logger {
         Some(lp) => {
             Some(opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new(lp))

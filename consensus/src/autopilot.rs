@@ -167,13 +167,13 @@ pub fn plan(nodes: &BTreeMap<RaftId, NodeView>, raft: &RaftView, config: &Cluste
         promoted.push(id);
     }
     // Keep the count odd: an even voter set tolerates no more failures than the odd one below it.
-    if (voters.len() + promoted.len()) % 2 == 0 && !promoted.is_empty() {
+    if (voters.len() + promoted.len()).is_multiple_of(2) && !promoted.is_empty() {
         promoted.pop();
     }
     voters.extend(promoted);
     // A voter set that shrank by removal only and came out even: keep one dead voter rather
     // than drop to an even count with no replacement.
-    if voters.len() % 2 == 0 && !dead.is_empty() && voters.len() < raft.voters.len() {
+    if voters.len().is_multiple_of(2) && !dead.is_empty() && voters.len() < raft.voters.len() {
         voters.insert(dead[dead.len() - 1]);
     }
     // 5. Too many voters: one steps down per step, from the most crowded zone.
@@ -337,7 +337,7 @@ mod tests {
         let spread: BTreeSet<_> = raft
             .voters
             .iter()
-            .map(|id| zones[*id as usize - 1].1)
+            .map(|id| zones[usize::try_from(*id).unwrap() - 1].1)
             .collect();
         assert_eq!(spread.len(), 3, "one voter in each zone: {:?}", raft.voters);
         assert!(plan(&nodes, &raft, &cfg(3)).is_empty(), "then it stays");

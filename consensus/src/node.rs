@@ -603,11 +603,10 @@ impl ConsensusNode {
         // Nothing in flight and nothing queued: propose directly, saving the hand-off.
         if self.permits.available_permits() == IN_FLIGHT
             && self.proposals.capacity() == self.proposals.max_capacity()
+            && let Ok(_permit) = self.permits.try_acquire()
         {
-            if let Ok(_permit) = self.permits.try_acquire() {
-                let now = [tokio::time::Instant::now()];
-                return propose_entry(&self.raft, self.durability.stats(), cmd, &now).await;
-            }
+            let now = [tokio::time::Instant::now()];
+            return propose_entry(&self.raft, self.durability.stats(), cmd, &now).await;
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         let stopped = || ConsensusError::Raft("consensus is stopping".into());
@@ -799,14 +798,13 @@ impl ConsensusNode {
                 tracing::warn!(node = id, error = %e, "add learner");
             }
         }
-        if let Some(voters) = p.voters {
-            if let Err(e) = self
+        if let Some(voters) = p.voters
+            && let Err(e) = self
                 .raft
                 .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
                 .await
-            {
-                tracing::warn!(error = %e, "change voters");
-            }
+        {
+            tracing::warn!(error = %e, "change voters");
         }
         if !p.remove_learners.is_empty() {
             let gone: BTreeSet<u64> = p.remove_learners.into_iter().collect();

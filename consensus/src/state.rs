@@ -55,7 +55,10 @@ impl Default for ClusterConfig {
 impl ClusterConfig {
     /// Checks the config on its own (not against the cluster's size).
     pub fn validate(&self) -> Result<(), CommandError> {
-        if self.desired_voters == 0 || self.desired_voters % 2 == 0 || self.desired_voters > 9 {
+        if self.desired_voters == 0
+            || self.desired_voters.is_multiple_of(2)
+            || self.desired_voters > 9
+        {
             return Err(CommandError::InvalidConfig(format!(
                 "desired_voters must be odd and between 1 and 9 (got {}): an even count adds a voter without adding fault tolerance",
                 self.desired_voters

@@ -197,10 +197,10 @@ impl VmSpec {
         if self.constraints.len() + self.preferences.len() > 32 {
             return Err(invalid("at most 32 constraints and preferences in all"));
         }
-        if let Some(g) = &self.group {
-            if !name_ok(g) {
-                return Err(invalid(format!("group name {g:?} is not valid")));
-            }
+        if let Some(g) = &self.group
+            && !name_ok(g)
+        {
+            return Err(invalid(format!("group name {g:?} is not valid")));
         }
         Ok(())
     }
@@ -689,10 +689,11 @@ impl ClusterState {
                     }
                 }
                 for (name, why) in pending {
-                    if let Some(vm) = self.vms.get_mut(name) {
-                        if vm.node.is_none() && vm.status.phase == VmPhase::Pending {
-                            vm.status.reason = Some(reason(why));
-                        }
+                    if let Some(vm) = self.vms.get_mut(name)
+                        && vm.node.is_none()
+                        && vm.status.phase == VmPhase::Pending
+                    {
+                        vm.status.reason = Some(reason(why));
                     }
                 }
                 WorkloadApplied::Done

@@ -77,7 +77,7 @@ impl Plan {
     pub fn draw(seed: u64, hosts: usize, window: (Duration, Duration)) -> Plan {
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_fa17);
         let (start, end) = window;
-        let span = end.saturating_sub(start).as_millis().max(1) as u64;
+        let span = u64::try_from(end.saturating_sub(start).as_millis().max(1)).unwrap_or(u64::MAX);
         let pick_window = |rng: &mut StdRng, min_ms: u64, max_ms: u64| {
             let len = rng.random_range(min_ms..max_ms).min(span);
             let at = start + Duration::from_millis(rng.random_range(0..=span - len));

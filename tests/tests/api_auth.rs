@@ -218,6 +218,8 @@ fn beyond_loopback_the_api_speaks_only_https() {
     let out = node.dir.path().join("agent.out");
     let log = node.dir.path().join("agent.log");
     let bin = blx_bin();
+    // Killed when the namespace is dropped (`Netns` kills what runs in it), not waited on.
+    #[allow(clippy::zombie_processes)]
     let _agent = node
         .ns
         .exec(&[
