@@ -22,6 +22,8 @@
 #                     gossip) and TCP (push-pull). blx, whose every byte is QUIC on UDP: its SWIM
 #                     datagrams as the agents count them, each with 53 bytes of IP, UDP and QUIC
 #                     framing (4-byte connection ids), and the rest (Raft, client watches)
+# BENCH_MEMBERSHIP_KEEP=DIR keeps each blx run's agent logs in DIR/blx-NODES-HHMMSS, with the
+# kill's time in `killed_at`, to read an outlier afterwards.
 # Needs root (nftables). Everything is torn down on exit.
 set -euo pipefail
 blx=${1:?usage: $0 BLX_BIN [NODES] [RUNS] | BLX_BIN --soak SECONDS LOSS}
@@ -33,6 +35,7 @@ trap cleanup EXIT
 now() { date +%s.%N; }
 elapsed() { echo "$(now) - $1" | bc; }
 WINDOW=${BENCH_MEMBERSHIP_WINDOW:-30}
+KEEP=${BENCH_MEMBERSHIP_KEEP:-}
 count_bytes() { # first_port last_port seconds -> "udp_bytes tcp_bytes" the members on those ports sent
   local r="$1-$2"
   nft delete table inet "$tbl" 2>/dev/null || true
@@ -107,7 +110,12 @@ blx_run() { # n -> "converge bytes detect gossip rest"
   for i in $(seq 0 $((n-2))); do
     until blx_members "$i" | tr -d ' \n' | grep -q "\"name\":\"n$last\",\"addr\":\"[0-9.:]*\",\"state\":\"down\""; do sleep 0.02; done
   done
-  echo "$conv $((bytes / n / WINDOW)) $(elapsed "$t0") $gossip $((bytes / n / WINDOW - gossip))"
+  local detect; detect=$(elapsed "$t0")
+  if [ -n "$KEEP" ]; then
+    local k; k="$KEEP/blx-$n-$(date +%H%M%S)"; mkdir -p "$k"
+    cp "$work"/blx/*.log "$k"/; echo "$t0" >"$k/killed_at"
+  fi
+  echo "$conv $((bytes / n / WINDOW)) $detect $gossip $((bytes / n / WINDOW - gossip))"
   kill_all
 }
 
