@@ -25,6 +25,7 @@ pub mod rocks;
 pub mod runtime;
 pub mod state;
 pub mod stats;
+mod window;
 pub mod workload;
 
 #[cfg(test)]

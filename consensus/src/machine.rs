@@ -1,7 +1,6 @@
 //! The openraft type configuration and the state machine core that every store shares: apply
 //! log entries to [`ClusterState`], and encode or decode the whole of it as a snapshot.
 
-use std::collections::VecDeque;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -9,6 +8,7 @@ use openraft::{AnyError, EntryPayload, LogId, StorageError, StorageIOError, Stor
 use serde::{Deserialize, Serialize};
 
 use crate::state::{Applied, ClusterState, Command, CommandError};
+use crate::window::EntryWindow;
 
 /// What applying a command answers: the result, or why it was refused.
 pub type Response = Result<Applied, CommandError>;
@@ -192,9 +192,7 @@ struct MachineInner {
     /// is further along is the state this node reads.
     followed: Option<MachineData>,
     /// On a server that has been asked for a feed: the latest applied entries, oldest first.
-    recent: Option<VecDeque<Entry>>,
-    /// About how many bytes `recent` holds.
-    recent_bytes: usize,
+    recent: Option<EntryWindow>,
 }
 
 impl MachineInner {
@@ -296,19 +294,17 @@ impl MachineCell {
     pub fn feed(&self, from: u64) -> Feed {
         let mut inner = self.lock();
         let at = index_of(&inner.data);
-        let recent = inner.recent.get_or_insert_with(VecDeque::new);
+        let recent = inner
+            .recent
+            .get_or_insert_with(|| EntryWindow::new(RECENT_ENTRIES, RECENT_BYTES));
         if from >= at {
             return Feed::Nothing;
         }
-        let covered = recent
-            .front()
-            .is_some_and(|first| first.log_id.index <= from + 1);
+        let covered = recent.first_index().is_some_and(|first| first <= from + 1);
         if covered {
-            let skip = recent.partition_point(|e| e.log_id.index <= from);
             let mut bytes = 0;
             let entries = recent
-                .iter()
-                .skip(skip)
+                .after(from)
                 .take(FEED_ENTRIES)
                 .take_while(|e| {
                     let first = bytes == 0;
@@ -412,29 +408,19 @@ impl MachineCell {
             }
         });
         let responses = {
-            let mut inner = self.lock();
-            let r = match inner.recent.is_some() {
-                false => inner.data.apply(entries),
-                true => {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let r = match &mut inner.recent {
+                None => inner.data.apply(entries),
+                Some(recent) => {
                     let entries: Vec<Entry> = entries.collect();
-                    let mut bytes = inner.recent_bytes;
-                    let recent = inner.recent.get_or_insert_with(VecDeque::new);
                     for e in &entries {
-                        bytes += approx_bytes(e);
-                        recent.push_back(e.clone());
+                        recent.push(e.clone(), approx_bytes(e));
                     }
-                    while recent.len() > RECENT_ENTRIES
-                        || (bytes > RECENT_BYTES && recent.len() > 1)
-                    {
-                        if let Some(old) = recent.pop_front() {
-                            bytes -= approx_bytes(&old);
-                        }
-                    }
-                    inner.recent_bytes = bytes;
                     inner.data.apply(entries)
                 }
             };
-            inner.settle();
+            guard.settle();
             r
         };
         self.changed(workload);
@@ -463,7 +449,6 @@ impl MachineCell {
             if let Some(recent) = &mut inner.recent {
                 recent.clear();
             }
-            inner.recent_bytes = 0;
             inner.settle();
         }
         self.changed(true);

@@ -8,7 +8,6 @@
 //! committed log after it, which openraft replays; building a snapshot persists it and lets
 //! the log before it be purged, so neither the log nor the snapshot grows without bound.
 
-use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -31,6 +30,7 @@ use crate::machine::{
     Entry, MachineCell, MachineData, Membership, Node, Response, StoreError, StoredSnapshot,
     TypeConfig, decode, encode,
 };
+use crate::window::EntryWindow;
 
 const CF_LOG: &str = "log";
 const CF_META: &str = "meta";
@@ -85,7 +85,7 @@ pub fn open(path: &Path, id: u64) -> Result<(RocksLogStore, RocksStateMachine), 
     let mut log = RocksLogStore {
         db: db.clone(),
         durability: Durability::new(id, None, None),
-        tail: Arc::default(),
+        tail: Arc::new(Mutex::new(EntryWindow::new(TAIL_ENTRIES, TAIL_BYTES))),
     };
     log.cut_at_gap()?;
     let mut vote = log.get_meta::<Vote<u64>>(KEY_VOTE)?;
@@ -189,105 +189,22 @@ fn prime_wal_files(db: &DB, stop: &AtomicBool) -> Result<(), rocksdb::Error> {
     Ok(())
 }
 
-/// At most this many of the newest entries, and this many bytes of them encoded, stay in
-/// [`Tail`].
+/// At most this many of the newest entries, and this many bytes of them encoded, stay in a
+/// log store's tail (see [`RocksLogStore::tail`]).
 const TAIL_ENTRIES: usize = 1024;
 const TAIL_BYTES: usize = 4 << 20;
-
-/// The newest entries of the log, in memory. Right after an append, openraft reads the same
-/// entries back: once per follower to replicate them, and once more to apply them once they
-/// commit. Served from here, those reads skip a RocksDB iterator and a decode each, on the
-/// path of every write. Holds consecutive indexes, each with its encoded size.
-#[derive(Debug, Default)]
-struct Tail {
-    entries: VecDeque<(Entry, usize)>,
-    bytes: usize,
-}
-
-impl Tail {
-    fn first_index(&self) -> Option<u64> {
-        self.entries.front().map(|(e, _)| e.log_id.index)
-    }
-
-    /// After `entries` (with their encoded sizes) were written to the log.
-    fn appended(&mut self, entries: impl IntoIterator<Item = (Entry, usize)>) {
-        for (entry, size) in entries {
-            let follows = self
-                .entries
-                .back()
-                .is_none_or(|(last, _)| last.log_id.index + 1 == entry.log_id.index);
-            if !follows {
-                self.entries.clear();
-                self.bytes = 0;
-            }
-            self.bytes += size;
-            self.entries.push_back((entry, size));
-        }
-        while self.entries.len() > TAIL_ENTRIES || self.bytes > TAIL_BYTES {
-            let Some((_, size)) = self.entries.pop_front() else {
-                break;
-            };
-            self.bytes -= size;
-        }
-    }
-
-    /// After the log was cut from `index` on.
-    fn truncated(&mut self, index: u64) {
-        while self
-            .entries
-            .back()
-            .is_some_and(|(e, _)| e.log_id.index >= index)
-        {
-            if let Some((_, size)) = self.entries.pop_back() {
-                self.bytes -= size;
-            }
-        }
-    }
-
-    /// After the log was purged up to and including `index`.
-    fn purged(&mut self, index: u64) {
-        while self
-            .entries
-            .front()
-            .is_some_and(|(e, _)| e.log_id.index <= index)
-        {
-            if let Some((_, size)) = self.entries.pop_front() {
-                self.bytes -= size;
-            }
-        }
-    }
-
-    /// The entries in `[start, end)`, if all of them are here. Every write to the log goes
-    /// through [`Tail::appended`], [`Tail::truncated`] or [`Tail::purged`], so what is here is
-    /// what RocksDB holds at those indexes.
-    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
-        let first = self.first_index()?;
-        let next = first + self.entries.len() as u64;
-        if start < first || end > next {
-            return None;
-        }
-        if start >= end {
-            return Some(Vec::new());
-        }
-        let (from, to) = (
-            usize::try_from(start - first).ok()?,
-            usize::try_from(end - first).ok()?,
-        );
-        Some(
-            self.entries
-                .range(from..to)
-                .map(|(e, _)| e.clone())
-                .collect(),
-        )
-    }
-}
 
 /// The Raft log in RocksDB.
 #[derive(Clone)]
 pub struct RocksLogStore {
     db: Arc<Database>,
     durability: Arc<Durability>,
-    tail: Arc<Mutex<Tail>>,
+    /// The newest entries, in memory. Right after an append openraft reads the same entries
+    /// back: once per follower to replicate them, and once more to apply them once they
+    /// commit. Served from here, those reads skip a RocksDB iterator and a decode each, on the
+    /// path of every write. Every write to the log updates it once RocksDB has taken it, so
+    /// what it holds is what RocksDB holds at those indexes.
+    tail: Arc<Mutex<EntryWindow>>,
 }
 
 impl RocksLogStore {
@@ -337,7 +254,7 @@ impl RocksLogStore {
         }
     }
 
-    fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
+    fn tail(&self) -> std::sync::MutexGuard<'_, EntryWindow> {
         self.tail.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -489,7 +406,11 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
             callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
             return Err(StorageIOError::write_logs(io(e)).into());
         }
-        self.tail().appended(entries.into_iter().zip(sizes));
+        let mut tail = self.tail();
+        for (entry, size) in entries.into_iter().zip(sizes) {
+            tail.push(entry, size);
+        }
+        drop(tail);
         if let Some(ticket) = self.durability.wrote(last, !defer) {
             let (db, durability) = (self.db.clone(), self.durability.clone());
             tokio::task::spawn_blocking(move || {
@@ -516,7 +437,7 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         self.db
             .write_opt(batch, &synced())
             .map_err(|e| StorageIOError::write_logs(io(e)))?;
-        self.tail().truncated(log_id.index);
+        self.tail().truncate_from(log_id.index);
         // The synced write put everything before it on disk too.
         self.durability.truncated(self.last_log_id()?);
         Ok(())
@@ -526,7 +447,7 @@ impl RaftLogStorage<TypeConfig> for RocksLogStore {
         // Record the purge point first: a crash between the two writes leaves extra entries,
         // never a gap.
         self.put_meta(KEY_PURGED, &log_id)?;
-        self.tail().purged(log_id.index);
+        self.tail().purge_through(log_id.index);
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
             self.cf(CF_LOG),
@@ -681,60 +602,11 @@ mod tests {
     use openraft::storage::RaftLogStorage;
     use openraft::{CommittedLeaderId, EntryPayload, LogId};
 
-    use super::{
-        CF_LOG, CF_META, KEY_PRIMER, PRIMED_WAL_BYTES, TAIL_BYTES, TAIL_ENTRIES, Tail, open, synced,
-    };
+    use super::{CF_LOG, CF_META, KEY_PRIMER, PRIMED_WAL_BYTES, open, synced};
     use crate::machine::{Entry, encode};
-
-    fn blank(index: u64) -> Entry {
-        Entry {
-            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Blank,
-        }
-    }
 
     fn indexes(entries: &[Entry]) -> Vec<u64> {
         entries.iter().map(|e| e.log_id.index).collect()
-    }
-
-    #[test]
-    fn the_tail_serves_what_was_just_appended_and_nothing_it_lacks() {
-        let mut tail = Tail::default();
-        assert_eq!(tail.get(1, 2), None, "empty");
-        tail.appended((1..=3).map(|i| (blank(i), 10)));
-        tail.appended((4..=5).map(|i| (blank(i), 10)));
-        assert_eq!(tail.get(2, 5).map(|e| indexes(&e)), Some(vec![2, 3, 4]));
-        assert_eq!(tail.get(5, 5), Some(vec![]), "an empty range");
-        assert_eq!(tail.get(0, 3), None, "starts before the tail");
-        assert_eq!(tail.get(4, 7), None, "ends after the log");
-        // A write that does not follow on (a new term's entries after a cut it was not told
-        // of) replaces the tail rather than leaving a gap in it.
-        tail.appended([(blank(9), 10)]);
-        assert_eq!(tail.get(3, 4), None);
-        assert_eq!(tail.get(9, 10).map(|e| indexes(&e)), Some(vec![9]));
-    }
-
-    #[test]
-    fn the_tail_follows_truncation_and_purge_and_stays_bounded() {
-        let mut tail = Tail::default();
-        tail.appended((1..=10).map(|i| (blank(i), 10)));
-        tail.truncated(8);
-        assert_eq!(tail.get(7, 9), None, "8 is gone");
-        tail.appended([(blank(8), 10)]);
-        assert_eq!(tail.get(7, 9).map(|e| indexes(&e)), Some(vec![7, 8]));
-        tail.purged(3);
-        assert_eq!(tail.get(3, 5), None);
-        assert_eq!(tail.get(4, 5).map(|e| indexes(&e)), Some(vec![4]));
-        assert_eq!(tail.bytes, 50);
-
-        let mut long = Tail::default();
-        long.appended((1..=TAIL_ENTRIES as u64 + 5).map(|i| (blank(i), 1)));
-        assert_eq!(long.entries.len(), TAIL_ENTRIES);
-        assert_eq!(long.first_index(), Some(6));
-        let mut big = Tail::default();
-        big.appended((1..=4).map(|i| (blank(i), TAIL_BYTES / 3)));
-        assert_eq!(big.first_index(), Some(2), "at most TAIL_BYTES");
-        assert_eq!(big.bytes, 3 * (TAIL_BYTES / 3));
     }
 
     #[tokio::test]
@@ -753,7 +625,9 @@ mod tests {
                 batch.put_cf(log.cf(CF_LOG), e.log_id.index.to_be_bytes(), encode(e));
             }
             log.db.write_opt(batch, &synced()).expect("write");
-            log.tail().appended(entries.into_iter().zip(sizes));
+            for (entry, size) in entries.into_iter().zip(sizes) {
+                log.tail().push(entry, size);
+            }
         };
         write(&log, (1..=5).map(|i| term(1, i)).collect());
         log.truncate(LogId::new(CommittedLeaderId::new(1, 1), 4))
@@ -765,7 +639,7 @@ mod tests {
         assert_eq!(indexes(&read), [3, 4, 5, 6]);
         assert_eq!(terms, [1, 2, 2, 2]);
         // The same through RocksDB, with the tail emptied.
-        *log.tail() = Tail::default();
+        log.tail().clear();
         let again = log.try_get_log_entries(3..7).await.expect("read");
         assert_eq!(again, read);
     }
