@@ -64,9 +64,12 @@ blx_lua() { # dir: the load, with the first member's local API token
     "$val" "$(cat "$1/blx1/api.token")" >"$work/blx.lua"
 }
 
-# The leader's write-path stages over one row: its histograms scraped before and after, and
-# for each the mean and the bucket the 99th percentile falls in.
-scrape() { curl -s "http://127.0.0.$((net+1)):7947/v1/metrics" >"$1"; }
+# The write path's stages over one row: the leader's and one follower's histograms scraped
+# before and after, and for each the mean and the bucket the 99th percentile falls in.
+scrape() { # file: the leader's metrics in it, a follower's in file.follower
+  curl -s "http://127.0.0.$((net+1)):7947/v1/metrics" >"$1"
+  curl -s "http://127.0.0.$((net+2)):7947/v1/metrics" >"$1.follower"
+}
 stages() { # before after
   python3 - "$1" "$2" <<'PY'
 import re,sys
@@ -81,28 +84,32 @@ def parse(path):
         if kind=="bucket": e["b"][float(re.search(r'le="([^"]+)"',labels).group(1).replace("+Inf","inf"))]=float(v)
         else: e[kind]=float(v)
     return h
-a,b=parse(sys.argv[1]),parse(sys.argv[2])
 rows=[("queued for a slot","blx_raft_proposal_queue_duration_seconds",1e3,"ms"),
       ("writes per entry","blx_raft_entry_writes",1,""),
       ("entry: sync, replicate, commit, apply","blx_raft_entry_duration_seconds",1e3,"ms"),
       ("leader log sync (fsync)","blx_raft_fsync_duration_seconds",1e3,"ms"),
+      ("append to a follower, sent to answered","blx_raft_append_sent_duration_seconds",1e3,"ms"),
       ("apply waits for own log","blx_raft_apply_wait_duration_seconds",1e3,"ms"),
       ("apply","blx_raft_apply_duration_seconds",1e3,"ms"),
       ("write, queue to answer","blx_raft_commit_duration_seconds",1e3,"ms"),
       ("API request, in the agent","blx_api_request_duration_seconds{route=\"/v1/kv/{*key}\",method=\"PUT\"}",1e3,"ms")]
-print("  | leader stage | count | mean | p99 at most |")
+follower=[("follower: append, decoded to answered","blx_raft_append_served_duration_seconds",1e3,"ms"),
+          ("follower: its log sync (fsync)","blx_raft_fsync_duration_seconds",1e3,"ms")]
+print("  | stage | count | mean | p99 at most |")
 print("  |---|---|---|---|")
-for label,name,k,u in rows:
-    if name not in b: continue
-    a.setdefault(name,{"b":{},"count":0.0,"sum":0.0})
-    n=b[name]["count"]-a[name]["count"]
-    if n<=0: continue
-    mean=(b[name]["sum"]-a[name]["sum"])/n
-    p99="-"
-    for le in sorted(b[name]["b"]):
-        if b[name]["b"][le]-a[name]["b"].get(le,0)>=0.99*n: p99=le; break
-    f=lambda v: f"{v*k:.2f} {u}".strip() if v!="-" and v!=float("inf") else str(v)
-    print(f"  | {label} | {n:.0f} | {f(mean)} | {f(p99)} |")
+for files,rows in (((sys.argv[1],sys.argv[2]),rows),((sys.argv[1]+".follower",sys.argv[2]+".follower"),follower)):
+  a,b=parse(files[0]),parse(files[1])
+  for label,name,k,u in rows:
+      if name not in b: continue
+      a.setdefault(name,{"b":{},"count":0.0,"sum":0.0})
+      n=b[name]["count"]-a[name]["count"]
+      if n<=0: continue
+      mean=(b[name]["sum"]-a[name]["sum"])/n
+      p99="-"
+      for le in sorted(b[name]["b"]):
+          if b[name]["b"][le]-a[name]["b"].get(le,0)>=0.99*n: p99=le; break
+      f=lambda v: f"{v*k:.2f} {u}".strip() if v!="-" and v!=float("inf") else str(v)
+      print(f"  | {label} | {n:.0f} | {f(mean)} | {f(p99)} |")
 PY
 }
 
@@ -142,7 +149,7 @@ for threads in default 1; do
     scrape "$work/before.prom"
     read -r r p50 p99 e < <(run_wrk "$c" "http://127.0.0.41:7947/v1/kv/bench" "$work/blx.lua")
     echo "| $threads | blx  | $c | $r | $p50 | $p99 | $e |"
-    scrape "$work/after.prom"; [ "$c" = 64 ] && stages "$work/before.prom" "$work/after.prom" >"$work/stages-$threads.md"
+    scrape "$work/after.prom"; stages "$work/before.prom" "$work/after.prom" >"$work/stages-$threads-$c.md"
     read -r r p50 p99 e < <(run_wrk "$c" "http://$eleader/v3/kv/put" "$work/etcd.lua")
     echo "| $threads | etcd | $c | $r | $p50 | $p99 | $e |"
   done
@@ -150,10 +157,10 @@ for threads in default 1; do
   while pgrep -f -- "$d/" >/dev/null; do sleep 0.1; done
 done
 
-for threads in default 1; do
-  echo; echo "blx leader's write path at 64 connections, $threads threads per member (from its histograms):"; echo
-  cat "$work/stages-$threads.md"
-done
+for threads in default 1; do for c in 1 64; do
+  echo; echo "blx write path at $c connection(s), $threads threads per member (from the leader's and one follower's histograms):"; echo
+  cat "$work/stages-$threads-$c.md"
+done; done
 fi
 
 [ -n "$sink" ] || exit 0

@@ -276,6 +276,16 @@ impl Metrics {
                 &raft.apply,
             ),
             (
+                "raft_append_sent_duration",
+                "On a leader, from sending an append with entries to a follower to reading its answer",
+                &raft.append_sent,
+            ),
+            (
+                "raft_append_served_duration",
+                "On a follower, from decoding a leader's append with entries to having its answer ready",
+                &raft.append_served,
+            ),
+            (
                 "raft_fsync_duration",
                 "Synced writes and WAL flushes of the Raft log",
                 &raft.fsync,

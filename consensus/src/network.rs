@@ -152,7 +152,15 @@ impl<T: RpcTransport> RaftNetwork<TypeConfig> for Peer<T> {
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Node, RaftError<u64>>> {
         // Never tell a follower to apply what this leader could still lose.
         rpc.leader_commit = self.durability.clamp(rpc.leader_commit);
-        match self.exchange(RaftRequest::Append(rpc), &option).await? {
+        let started = (!rpc.entries.is_empty()).then(std::time::Instant::now);
+        let reply = self.exchange(RaftRequest::Append(rpc), &option).await;
+        if let Some(started) = started {
+            self.durability
+                .stats()
+                .append_sent
+                .observe(started.elapsed().as_secs_f64());
+        }
+        match reply? {
             RaftReply::Append(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -206,6 +214,7 @@ pub async fn serve(
     let request = decode_request(payload).and_then(|r| authorize(&r).map(|()| r));
     let reply = match request {
         Ok(RaftRequest::Append(rpc)) => {
+            let started = (!rpc.entries.is_empty()).then(std::time::Instant::now);
             let upto = rpc
                 .entries
                 .last()
@@ -223,7 +232,7 @@ pub async fn serve(
                 Ok(AppendEntriesResponse::PartialSuccess(matching)) => matching.map(|l| l.index),
                 _ => None,
             };
-            match claimed {
+            let answer = match claimed {
                 Some(index) => match durability.wait(index).await {
                     Ok(()) => RaftReply::Append(reply),
                     Err(e) => RaftReply::Append(Err(RaftError::Fatal(Fatal::StorageError(
@@ -231,7 +240,14 @@ pub async fn serve(
                     )))),
                 },
                 None => RaftReply::Append(reply),
+            };
+            if let Some(started) = started {
+                durability
+                    .stats()
+                    .append_served
+                    .observe(started.elapsed().as_secs_f64());
             }
+            answer
         }
         Ok(RaftRequest::Vote(rpc)) => RaftReply::Vote(raft.vote(rpc).await),
         Ok(RaftRequest::Snapshot(rpc)) => RaftReply::Snapshot(raft.install_snapshot(rpc).await),

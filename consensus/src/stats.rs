@@ -36,6 +36,13 @@ pub struct RaftStats {
     pub apply_wait: Histogram,
     /// Seconds the state machine took to apply one group of entries.
     pub apply: Histogram,
+    /// On a leader, seconds from sending an append that carries entries to a follower to
+    /// reading its answer.
+    pub append_sent: Histogram,
+    /// On a follower, seconds from a leader's append with entries being decoded to its answer
+    /// being ready:
+    /// `append_sent` less this is what the network and both transports took.
+    pub append_served: Histogram,
     /// Proposals the leader is working on.
     pub pending: Gauge,
     /// Proposals that ended without being committed (lost leadership, Raft stopping).
@@ -57,6 +64,8 @@ impl Default for RaftStats {
             entry: latency_buckets(),
             apply_wait: latency_buckets(),
             apply: latency_buckets(),
+            append_sent: latency_buckets(),
+            append_served: latency_buckets(),
             pending: Gauge::default(),
             failed: Counter::default(),
             committed: AtomicU64::new(0),

@@ -39,6 +39,8 @@ const EXPECTED: &[(&str, &str)] = &[
     ("blx_raft_entry_duration_seconds", "histogram"),
     ("blx_raft_apply_wait_duration_seconds", "histogram"),
     ("blx_raft_apply_duration_seconds", "histogram"),
+    ("blx_raft_append_sent_duration_seconds", "histogram"),
+    ("blx_raft_append_served_duration_seconds", "histogram"),
     ("blx_raft_proposals_pending", "gauge"),
     ("blx_raft_proposals_failed_total", "counter"),
     ("blx_raft_snapshot_build_duration_seconds", "histogram"),
@@ -193,6 +195,15 @@ fn metrics_parse_and_hold_every_family_an_operator_watches() {
     assert_eq!(leader.get("blx_raft_entry_writes_sum", &[]), commits);
     assert!(leader.get("blx_raft_entry_duration_seconds_count", &[]) > 0.0);
     assert!(leader.get("blx_raft_apply_duration_seconds_count", &[]) > 0.0);
+    // Replication, timed from both ends: the leader's appends with entries, and the
+    // followers' answers to them.
+    assert!(leader.get("blx_raft_append_sent_duration_seconds_count", &[]) > 0.0);
+    let served: f64 = scrapes
+        .iter()
+        .filter(|s| s.get("blx_raft_is_leader", &[]) != 1.0)
+        .map(|s| s.get("blx_raft_append_served_duration_seconds_count", &[]))
+        .sum();
+    assert!(served > 0.0, "a follower timed the appends it answered");
     assert!(leader.get("blx_scheduler_placements_total", &[]) >= 1.0);
     assert_eq!(leader.get("blx_scheduler_pending_vms", &[]), 0.0);
     assert!(leader.get("blx_scheduler_pass_duration_seconds_count", &[]) > 0.0);
