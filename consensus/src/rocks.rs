@@ -220,7 +220,20 @@ pub struct RocksLogStore {
     tail: Arc<Mutex<EntryWindow>>,
 }
 
+impl crate::network::RecentEntries for Mutex<EntryWindow> {
+    fn recent(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        self.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(start, end)
+    }
+}
+
 impl RocksLogStore {
+    /// The newest entries, as the Raft network reads them (see [`crate::network::RecentEntries`]).
+    pub fn recent(&self) -> Arc<dyn crate::network::RecentEntries> {
+        self.tail.clone()
+    }
+
     /// What of this log is on disk; shared with its state machine and the Raft network.
     pub fn durability(&self) -> Arc<Durability> {
         self.durability.clone()
