@@ -224,21 +224,6 @@ impl Durability {
         }
     }
 
-    /// Waits until an entry after `index` has been written to this log, for at most `within`.
-    /// Returns the last index written then, or `None` if nothing came.
-    pub async fn written_after(&self, index: u64, within: std::time::Duration) -> Option<u64> {
-        let mut rx = self.on_disk.subscribe();
-        let seen = tokio::time::timeout(
-            within,
-            rx.wait_for(|d| d.written.is_some_and(|w| w > index)),
-        )
-        .await;
-        match seen {
-            Ok(Ok(d)) => d.written,
-            _ => None,
-        }
-    }
-
     /// Waits until `entries`, about to be applied, are on disk: rule 1 above, for both stores.
     pub async fn before_apply(&self, entries: &[Entry]) -> Result<(), StoreError> {
         match entries.last() {

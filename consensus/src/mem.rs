@@ -97,25 +97,6 @@ impl MemLogStore {
     }
 }
 
-impl crate::network::RecentEntries for Mutex<LogInner> {
-    fn recent(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
-        let inner = self.lock().unwrap_or_else(|e| e.into_inner());
-        let entries: Vec<Entry> = inner
-            .log
-            .range(start..end)
-            .map(|(_, e)| e.clone())
-            .collect();
-        (entries.len() as u64 == end.saturating_sub(start)).then_some(entries)
-    }
-}
-
-impl MemLogStore {
-    /// The newest entries, as the Raft network reads them (see [`crate::network::RecentEntries`]).
-    pub fn recent(&self) -> Arc<dyn crate::network::RecentEntries> {
-        self.inner.clone()
-    }
-}
-
 impl RaftLogReader<TypeConfig> for MemLogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,

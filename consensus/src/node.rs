@@ -354,14 +354,14 @@ impl ConsensusNode {
             Stores::Rocks(log, machine) => {
                 let durability = log.durability();
                 let cell = machine.cell().clone();
-                let network = Network::new(transport, durability.clone(), log.recent());
+                let network = Network::new(transport, durability.clone());
                 let raft = Raft::new(id, config, network, log, machine).await;
                 (raft, cell, durability)
             }
             Stores::Mem(log, machine) => {
                 let durability = log.durability();
                 let cell = machine.cell().clone();
-                let network = Network::new(transport, durability.clone(), log.recent());
+                let network = Network::new(transport, durability.clone());
                 let raft = Raft::new(id, config, network, log, machine).await;
                 (raft, cell, durability)
             }

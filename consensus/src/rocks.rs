@@ -48,15 +48,6 @@ const KEY_PRIMER: &[u8] = b"wal_primer";
 const RECYCLED_WAL_FILES: usize = 2;
 const PRIMED_WAL_BYTES: usize = 16 << 20;
 
-/// Each column family's memtable: half a primed WAL file. RocksDB moves writing to a new WAL
-/// file only when a memtable fills, so with its default of 64 MiB the current file outgrew its
-/// primed size under sustained writes (26 MiB after 10 s of 64 writers), and every sync from
-/// then on also wrote the file's size: now and then one waited tens of milliseconds for an
-/// ext4 journal commit, on every follower at once. With memtables this size, and every family
-/// flushed together (`atomic_flush`, so no family keeps an old file alive), each file is left
-/// before it is full and then recycled.
-const MEMTABLE_BYTES: usize = PRIMED_WAL_BYTES / 2;
-
 fn io(e: impl std::fmt::Display) -> AnyError {
     AnyError::error(e.to_string())
 }
@@ -82,12 +73,8 @@ pub fn open(path: &Path, id: u64) -> Result<(RocksLogStore, RocksStateMachine), 
     opts.create_if_missing(true);
     opts.create_missing_column_families(true);
     opts.set_recycle_log_file_num(RECYCLED_WAL_FILES);
-    opts.set_atomic_flush(true);
-    let cfs = [CF_LOG, CF_META, CF_MACHINE].map(|n| {
-        let mut cf = Options::default();
-        cf.set_write_buffer_size(MEMTABLE_BYTES);
-        ColumnFamilyDescriptor::new(n, cf)
-    });
+    let cfs =
+        [CF_LOG, CF_META, CF_MACHINE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
     let db = Arc::new(
         DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| StorageIOError::write(io(e)))?,
     );
@@ -220,20 +207,7 @@ pub struct RocksLogStore {
     tail: Arc<Mutex<EntryWindow>>,
 }
 
-impl crate::network::RecentEntries for Mutex<EntryWindow> {
-    fn recent(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
-        self.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(start, end)
-    }
-}
-
 impl RocksLogStore {
-    /// The newest entries, as the Raft network reads them (see [`crate::network::RecentEntries`]).
-    pub fn recent(&self) -> Arc<dyn crate::network::RecentEntries> {
-        self.tail.clone()
-    }
-
     /// What of this log is on disk; shared with its state machine and the Raft network.
     pub fn durability(&self) -> Arc<Durability> {
         self.durability.clone()
@@ -679,44 +653,6 @@ mod tests {
             .max()
             .expect("a WAL file");
         std::fs::metadata(newest).expect("metadata").len()
-    }
-
-    /// Sustained synced writes, three primed files' worth, never grow a WAL file: the
-    /// memtables fill and writing moves on before the current file is full.
-    #[test]
-    fn sustained_log_writes_stay_within_the_primed_wal_files() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (log, _) = open(dir.path(), 1).expect("open");
-        log.db.primed();
-        let value = vec![7u8; 2048];
-        let total = (3 * PRIMED_WAL_BYTES / value.len()) as u64;
-        for first in (1..=total).step_by(16) {
-            let mut batch = rocksdb::WriteBatch::default();
-            for index in first..first + 16 {
-                let entry = Entry {
-                    log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-                    payload: EntryPayload::Normal(crate::state::Command::KvPut {
-                        key: "k".into(),
-                        value: value.clone(),
-                        cas: None,
-                    }),
-                };
-                batch.put_cf(log.cf(CF_LOG), index.to_be_bytes(), encode(&entry));
-            }
-            log.db.write_opt(batch, &synced()).expect("write");
-        }
-        let sizes: Vec<u64> = std::fs::read_dir(dir.path())
-            .expect("read dir")
-            .map(|e| e.expect("entry").path())
-            .filter(|p| p.extension().is_some_and(|x| x == "log"))
-            .map(|p| std::fs::metadata(p).expect("metadata").len())
-            .collect();
-        assert!(
-            sizes
-                .iter()
-                .all(|&b| b <= PRIMED_WAL_BYTES as u64 + (64 << 10)),
-            "WAL files of {sizes:?} bytes, primed to {PRIMED_WAL_BYTES}"
-        );
     }
 
     #[test]
