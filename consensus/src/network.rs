@@ -152,7 +152,7 @@ impl<T: RpcTransport> RaftNetwork<TypeConfig> for Peer<T> {
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, Node, RaftError<u64>>> {
         // Never tell a follower to apply what this leader could still lose.
         rpc.leader_commit = self.durability.clamp(rpc.leader_commit);
-        let started = (!rpc.entries.is_empty()).then(std::time::Instant::now);
+        let started = (!rpc.entries.is_empty()).then(tokio::time::Instant::now);
         let reply = self.exchange(RaftRequest::Append(rpc), &option).await;
         if let Some(started) = started {
             self.durability
@@ -214,7 +214,7 @@ pub async fn serve(
     let request = decode_request(payload).and_then(|r| authorize(&r).map(|()| r));
     let reply = match request {
         Ok(RaftRequest::Append(rpc)) => {
-            let started = (!rpc.entries.is_empty()).then(std::time::Instant::now);
+            let started = (!rpc.entries.is_empty()).then(tokio::time::Instant::now);
             let upto = rpc
                 .entries
                 .last()

@@ -40,8 +40,7 @@ pub struct RaftStats {
     /// reading its answer.
     pub append_sent: Histogram,
     /// On a follower, seconds from a leader's append with entries being decoded to its answer
-    /// being ready:
-    /// `append_sent` less this is what the network and both transports took.
+    /// being ready. `append_sent` less this is what the network and both transports took.
     pub append_served: Histogram,
     /// Proposals the leader is working on.
     pub pending: Gauge,
