@@ -1,12 +1,14 @@
 //! Three real openraft nodes on the in-memory store, wired through [`crate::network`] in one
 //! process, check the durability rules of [`crate::durable`] end to end: while the leader's
 //! own copy of a write is not on its disk, no node applies the write and its client hears
-//! nothing, and a power loss of the leader then loses no acknowledged write.
+//! nothing, and a power loss of the leader then loses no acknowledged write. They also check
+//! that a commit-only append never holds up the leader's next entry (see [`crate::network`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +17,7 @@ use openraft::{BasicNode, Raft, RaftLogReader, ServerState};
 use crate::durable::Durability;
 use crate::machine::TypeConfig;
 use crate::mem::{MemLogStore, MemStateMachine};
-use crate::network::{Network, RpcTransport};
+use crate::network::{Network, RaftRequest, RpcTransport, decode_request};
 use crate::state::Command;
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -24,6 +26,66 @@ const PATIENCE: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct Router {
     nodes: Mutex<BTreeMap<u64, (Raft<TypeConfig>, Arc<Durability>)>>,
+    gate: Gate,
+}
+
+/// While closed, holds every append that carries no entries and is the first to bring its
+/// target a new commit index, and counts the held appends their sender gave up on.
+#[derive(Default)]
+struct Gate {
+    closed: AtomicBool,
+    opened: tokio::sync::Notify,
+    /// Per target, the highest commit index any append has brought it.
+    seen: Mutex<BTreeMap<u64, u64>>,
+    held: AtomicUsize,
+    abandoned: Arc<AtomicUsize>,
+}
+
+impl Gate {
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    fn open(&self) {
+        self.closed.store(false, Ordering::SeqCst);
+        self.opened.notify_waiters();
+    }
+
+    /// Whether an append of `payload` to `target` must wait for the gate to open.
+    fn holds(&self, target: u64, payload: &[u8]) -> bool {
+        let Ok(RaftRequest::Append(rpc)) = decode_request(payload) else {
+            return false;
+        };
+        let commit = rpc.leader_commit.map_or(0, |c| c.index + 1);
+        let mut seen = self.seen.lock().unwrap();
+        let before = seen.get(&target).copied().unwrap_or(0);
+        if commit > before {
+            seen.insert(target, commit);
+        }
+        rpc.entries.is_empty() && commit > before && self.closed.load(Ordering::SeqCst)
+    }
+
+    async fn pass(&self) {
+        /// Counts the wait as abandoned if it is dropped before the gate opens.
+        struct Waiting(Arc<AtomicUsize>, bool);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        self.held.fetch_add(1, Ordering::SeqCst);
+        let mut waiting = Waiting(self.abandoned.clone(), false);
+        loop {
+            let opened = self.opened.notified();
+            if !self.closed.load(Ordering::SeqCst) {
+                break;
+            }
+            opened.await;
+        }
+        waiting.1 = true;
+    }
 }
 
 impl RpcTransport for Router {
@@ -35,7 +97,11 @@ impl RpcTransport for Router {
         timeout: Duration,
     ) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
         let node = self.nodes.lock().unwrap().get(&target).cloned();
+        let held = self.gate.holds(target, &payload);
         Box::pin(async move {
+            if held {
+                self.gate.pass().await;
+            }
             let (raft, durability) = node.ok_or_else(|| format!("node {target} is down"))?;
             tokio::time::timeout(
                 timeout,
@@ -119,13 +185,11 @@ async fn leader_of(members: &BTreeMap<u64, Member>) -> u64 {
     leader
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_the_leader_has_not_synced_is_not_applied_or_acknowledged_and_survives_its_power_loss()
- {
-    let router = Arc::new(Router::default());
+/// Three members on the in-memory store, initialized, and the one that leads.
+async fn three_members(router: &Arc<Router>) -> (BTreeMap<u64, Member>, u64) {
     let mut members = BTreeMap::new();
     for id in 1..=3 {
-        members.insert(id, start(&router, id, MemLogStore::new(id)).await);
+        members.insert(id, start(router, id, MemLogStore::new(id)).await);
     }
     let nodes: BTreeMap<u64, BasicNode> = (1..=3)
         .map(|id| (id, BasicNode::new(format!("127.0.0.1:{}", 9000 + id))))
@@ -136,6 +200,37 @@ async fn a_write_the_leader_has_not_synced_is_not_applied_or_acknowledged_and_su
         .await
         .expect("initialize");
     let leader = leader_of(&members).await;
+    (members, leader)
+}
+
+/// Waits until every member has applied `last`, checks they all hold the same state with
+/// every one of `keys` in it, and shuts them down.
+async fn converge_and_stop(members: BTreeMap<u64, Member>, last: u64, keys: &[String]) {
+    for m in members.values() {
+        m.raft
+            .wait(Some(PATIENCE))
+            .applied_index_at_least(Some(last), "last applied")
+            .await
+            .expect("every node applies the last write");
+    }
+    let states: Vec<_> = members.values().map(|m| m.machine.state()).collect();
+    for key in keys {
+        assert!(states[0].kv.contains_key(key), "{key} is missing");
+    }
+    assert!(
+        states.windows(2).all(|w| w[0] == w[1]),
+        "the nodes applied different states: {states:#?}"
+    );
+    for m in members.values() {
+        m.raft.shutdown().await.expect("shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_leader_has_not_synced_is_not_applied_or_acknowledged_and_survives_its_power_loss()
+ {
+    let router = Arc::new(Router::default());
+    let (mut members, leader) = three_members(&router).await;
     let followers: Vec<u64> = members.keys().copied().filter(|&id| id != leader).collect();
     let first = acknowledged(&members[&leader].raft, "k1").await;
 
@@ -216,20 +311,39 @@ async fn a_write_the_leader_has_not_synced_is_not_applied_or_acknowledged_and_su
     members.insert(leader, start(&router, leader, disk).await);
     let new_leader = leader_of(&members).await;
     let last = acknowledged(&members[&new_leader].raft, "k3").await;
+    converge_and_stop(members, last, &["k1".into(), "k3".into()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_only_append_does_not_hold_up_the_next_write() {
+    let router = Arc::new(Router::default());
+    let (members, leader) = three_members(&router).await;
+    acknowledged(&members[&leader].raft, "k0").await;
+
+    // Only client writes move appends now: no heartbeats, no elections. Every empty append
+    // that first brings a follower a commit index hangs until the gate opens.
     for m in members.values() {
-        m.raft
-            .wait(Some(PATIENCE))
-            .applied_index_at_least(Some(last), "k3 applied")
-            .await
-            .expect("every node applies k3");
+        m.raft.runtime_config().heartbeat(false);
+        m.raft.runtime_config().elect(false);
     }
-    let states: Vec<_> = members.values().map(|m| m.machine.state()).collect();
-    assert!(states[0].kv.contains_key("k1") && states[0].kv.contains_key("k3"));
-    assert!(
-        states.windows(2).all(|w| w[0] == w[1]),
-        "the nodes applied different states: {states:#?}"
+    router.gate.close();
+    for i in 1..=20 {
+        acknowledged(&members[&leader].raft, &format!("k{i}")).await;
+    }
+    assert_eq!(
+        router.gate.abandoned.load(Ordering::SeqCst),
+        0,
+        "openraft waited on a commit-only append ({} held) until it gave up",
+        router.gate.held.load(Ordering::SeqCst)
     );
+
+    // Whatever was held goes through; every node applies every write and ends the same.
+    router.gate.open();
     for m in members.values() {
-        m.raft.shutdown().await.expect("shutdown");
+        m.raft.runtime_config().heartbeat(true);
+        m.raft.runtime_config().elect(true);
     }
+    let last = acknowledged(&members[&leader].raft, "last").await;
+    let keys: Vec<String> = (0..=20).map(|i| format!("k{i}")).collect();
+    converge_and_stop(members, last, &keys).await;
 }
