@@ -318,6 +318,9 @@ pub struct Swim {
     active: bool,
     /// Members foca holds suspect: the incarnation suspected and since when.
     suspected: BTreeMap<NodeId, (u16, Instant)>,
+    /// A member was just declared down here: gossip it at once rather than at the next
+    /// periodic round (see [`Swim::drain_runtime`]).
+    spread_down: bool,
     left: bool,
     stats: Arc<SwimStats>,
     /// This node's incarnation when last looked at, to count refutations.
@@ -383,6 +386,7 @@ impl Swim {
             reannounce_armed: false,
             active: false,
             suspected: BTreeMap::new(),
+            spread_down: false,
             left: false,
             stats: Default::default(),
             incarnation: 0,
@@ -596,7 +600,25 @@ impl Swim {
         self.wakeups.insert((at, self.next_seq), wakeup);
     }
 
+    /// Takes what foca produced: packets to the outbox, timers to the wakeups, notifications
+    /// to the member table. When a member was declared down here, by this node's own
+    /// suspicion running out or by news of it, foca is told to gossip at once: each member
+    /// that learns of it passes it on to a few others straight away, so the whole cluster
+    /// knows within a few round trips instead of a periodic round (200 ms) per hop. That
+    /// costs a few packets per member each time one goes down, nothing in steady state.
     fn drain_runtime(&mut self, now: Instant) {
+        loop {
+            self.drain_runtime_once(now);
+            if !std::mem::take(&mut self.spread_down) {
+                break;
+            }
+            if let Err(e) = self.foca.gossip(&mut self.runtime) {
+                tracing::debug!(error = %e, "gossip of a member down");
+            }
+        }
+    }
+
+    fn drain_runtime_once(&mut self, now: Instant) {
         let mut codec = wire::SwimCodec::new(self.foca.identity().addr);
         while let Some((to, packet)) = self.runtime.to_send() {
             match foca::Codec::decode_header(&mut codec, &packet[..]) {
@@ -641,6 +663,7 @@ impl Swim {
                 self.set_state(id, MemberState::Alive, None);
             }
             OwnedNotification::MemberDown(id) => {
+                self.spread_down = true;
                 let leaving = self.meta_of(&id.id).is_some_and(|m| m.leaving);
                 self.set_state(
                     id,

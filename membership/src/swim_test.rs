@@ -60,6 +60,43 @@ impl Net {
 
     /// Delivers every queued packet, then advances to the next deadline.
     fn step(&mut self) {
+        self.deliver();
+        let next = self
+            .nodes
+            .iter()
+            .filter(|(id, _)| !self.dead.contains(id))
+            .filter_map(|(_, s)| s.poll_deadline())
+            .min();
+        if let Some(at) = next {
+            self.now = self.now.max(at);
+            let now = self.now;
+            for (id, swim) in &mut self.nodes {
+                if !self.dead.contains(id) {
+                    swim.handle_deadline(now);
+                }
+            }
+        }
+    }
+
+    /// Runs every timer due in the next `d`, then moves the clock to its end.
+    fn advance(&mut self, d: Duration) {
+        let until = self.now + d;
+        while self
+            .nodes
+            .iter()
+            .filter(|(id, _)| !self.dead.contains(id))
+            .filter_map(|(_, s)| s.poll_deadline())
+            .min()
+            .is_some_and(|at| at <= until)
+        {
+            self.step();
+        }
+        self.deliver();
+        self.now = until;
+    }
+
+    /// Delivers every queued packet, with no time passing.
+    fn deliver(&mut self) {
         let mut packets = Vec::new();
         for (id, swim) in &mut self.nodes {
             while let Some((to, bytes)) = swim.poll_transmit() {
@@ -84,21 +121,6 @@ impl Net {
                 .get_mut(&dst)
                 .unwrap()
                 .handle_packet(from, &bytes, now);
-        }
-        let next = self
-            .nodes
-            .iter()
-            .filter(|(id, _)| !self.dead.contains(id))
-            .filter_map(|(_, s)| s.poll_deadline())
-            .min();
-        if let Some(at) = next {
-            self.now = self.now.max(at);
-            let now = self.now;
-            for (id, swim) in &mut self.nodes {
-                if !self.dead.contains(id) {
-                    swim.handle_deadline(now);
-                }
-            }
         }
     }
 
@@ -217,6 +239,42 @@ fn a_silent_node_is_declared_down_by_all() {
         n.all_see(victim, MemberState::Down)
     });
     assert!(took < Duration::from_secs(5), "detection took {took:?}");
+}
+
+#[test]
+fn a_member_declared_down_is_known_down_by_all_within_a_few_round_trips() {
+    let mut net = Net::new(10);
+    // Joined 37 ms apart, so that no two members' timers fall at the same instant, as on a
+    // real network: news passed on by a timer would then not count.
+    let first = *net.nodes.values().next().unwrap().identity();
+    let joiners: Vec<NodeId> = net.nodes.keys().copied().skip(1).collect();
+    for id in joiners {
+        net.advance(Duration::from_millis(37));
+        let now = net.now;
+        net.nodes.get_mut(&id).unwrap().join([first.addr], now);
+    }
+    net.run_until(Duration::from_secs(10), Net::converged);
+    let victim = NodeId([10; 8]);
+    net.dead.insert(victim);
+    net.run_until(Duration::from_secs(10), |n| {
+        n.nodes
+            .iter()
+            .any(|(id, s)| *id != victim && s.members()[&victim].state == MemberState::Down)
+    });
+    // No timer runs from here on: only what the news itself sets off.
+    for _ in 0..4 {
+        net.deliver();
+    }
+    let unaware: Vec<String> = net
+        .nodes
+        .iter()
+        .filter(|(id, s)| **id != victim && s.members()[&victim].state != MemberState::Down)
+        .map(|(_, s)| s.identity().addr.to_string())
+        .collect();
+    assert!(
+        unaware.is_empty(),
+        "still unaware after 4 hops: {unaware:?}"
+    );
 }
 
 #[test]
