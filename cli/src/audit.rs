@@ -229,10 +229,10 @@ impl AuditLog {
         line.push('\n');
         if inner.file.is_some() && inner.size + line.len() as u64 > MAX_BYTES {
             inner.file = None;
-            // The older file goes first, so the rename replaces nothing: ext4 writes a file
-            // out at once when a rename replaces another (`auto_da_alloc`), and that 8 MiB
-            // flush then held up every fsync on the disk, the Raft log's included, for 10 to
-            // 50 ms at each rotation under load.
+            // The older file goes first, so the rename replaces nothing: on a rename that
+            // replaces a file ext4 starts writing the renamed one out at once
+            // (`auto_da_alloc`), and under load those 8 MiB went ahead of the fsyncs on the
+            // same disk, the Raft log's included: the slowest writes fell at rotations.
             match std::fs::remove_file(self.dir.join(OLDER)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
                 _ => {}
