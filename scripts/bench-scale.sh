@@ -9,8 +9,9 @@
 #   client_rest_s     (control streams: watch, forwards), from its own counters
 #   seen_p50/p99/max  200 writes through the leader's API, one after another: from sending
 #                     each to a client's local copy (`?stale`) answering with it, in ms
-#   vm_client/standby median of 5 process-driver VMs each, pinned (node.name=) alternately to
-#                     a client and to a standby learner: from the create request to the
+#   vm_client/standby median of 5 process-driver VMs each (BENCH_SCALE_VMS sets how many),
+#                     pinned (node.name=) alternately to a client and to a standby
+#                     learner: from the create request to the
 #                     leader reporting the VM running, in ms
 # and the growth of the leader's CPU and bytes from the first size to the last.
 #
@@ -20,18 +21,21 @@ set -euo pipefail
 blx=${1:?usage: $0 BLX_BIN [SIZES] [SECONDS]}
 sizes=${2:-10 30}
 secs=${3:-20}
+vms=${BENCH_SCALE_VMS:-5}
+case $vms in '' | *[!0-9]* | 0) echo "BENCH_SCALE_VMS must be a positive whole number, not '$vms'" >&2; exit 2 ;; esac
 work=$(mktemp -d)
 tbl="blxscale$$"
 cleanup() { exec 2>/dev/null; pkill -9 -f -- "$work" || true; nft delete table inet "$tbl" || true; rm -rf "$work"; }
 trap cleanup EXIT
 command -v python3 >/dev/null || { echo "python3 is needed" >&2; exit 2; }
 
-BLX="$blx" WORK="$work" TBL="$tbl" SIZES="$sizes" SECS="$secs" python3 - <<'PY'
+BLX="$blx" WORK="$work" TBL="$tbl" SIZES="$sizes" SECS="$secs" VMS="$vms" python3 - <<'PY'
 import http.client, json, os, re, subprocess, sys, time
 
 BLX, WORK, TBL = os.environ["BLX"], os.environ["WORK"], os.environ["TBL"]
 SIZES = [int(s) for s in os.environ["SIZES"].split()]
 SECS = float(os.environ["SECS"])
+VMS = int(os.environ["VMS"])
 GOSSIP, API = 21000, 21500
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -184,7 +188,7 @@ def run(n):
         leader.get(f"/v1/vms/{name}", "DELETE")
         return took
     on_client, on_standby = [], []
-    for k in range(5):
+    for k in range(VMS):
         on_client.append(boot(client, k))
         on_standby.append(boot(standby, k))
     for a in agents:
