@@ -38,7 +38,7 @@ struct Gate {
     /// Per target, the highest commit index any append has brought it.
     seen: Mutex<BTreeMap<u64, u64>>,
     held: AtomicUsize,
-    abandoned: Arc<AtomicUsize>,
+    abandoned: AtomicUsize,
 }
 
 impl Gate {
@@ -67,8 +67,8 @@ impl Gate {
 
     async fn pass(&self) {
         /// Counts the wait as abandoned if it is dropped before the gate opens.
-        struct Waiting(Arc<AtomicUsize>, bool);
-        impl Drop for Waiting {
+        struct Waiting<'a>(&'a AtomicUsize, bool);
+        impl Drop for Waiting<'_> {
             fn drop(&mut self) {
                 if !self.1 {
                     self.0.fetch_add(1, Ordering::SeqCst);
@@ -76,7 +76,7 @@ impl Gate {
             }
         }
         self.held.fetch_add(1, Ordering::SeqCst);
-        let mut waiting = Waiting(self.abandoned.clone(), false);
+        let mut waiting = Waiting(&self.abandoned, false);
         loop {
             let opened = self.opened.notified();
             if !self.closed.load(Ordering::SeqCst) {

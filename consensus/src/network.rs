@@ -8,15 +8,15 @@
 //! in flight per follower; a write that arrives meanwhile waits for that round trip before its
 //! entry goes out (at one connection, about half of all writes did). When the follower has
 //! already answered that it holds the append's `prev_log_id` under the same vote, the answer
-//! to such a commit-only append is known: a [`Peer`] sends it without holding up openraft and
-//! answers at once (see [`Peer::append_entries`]). Heartbeats that carry no new commit index,
+//! to such a commit-only append is known: a [`Peer`] answers openraft at once and sends it
+//! [`COALESCE`] later from a task of its own, unless the next entry carried its commit index
+//! first (see [`Peer::append_entries`]). Heartbeats that carry no new commit index,
 //! and the appends openraft sends to confirm its leadership for a linearizable read, always
 //! wait for the follower.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -103,21 +103,24 @@ pub struct Peer<T> {
     durability: Arc<Durability>,
     /// The commit index carried by the last append sent, once one has been.
     sent_commit: Option<Option<LogId<u64>>>,
+    /// What this peer and the commit-only appends it sent without waiting share.
+    shared: Arc<Mutex<Shared>>,
+}
+
+/// What a [`Peer`] knows of its target, shared with its commit-only appends waiting to go.
+#[derive(Default)]
+struct Shared {
     /// The target's last answer that its log matches this leader's through a log id, with the
     /// vote it answered under. A commit-only append sent without waiting clears it if its
     /// answer turns out to be anything else.
-    confirmed: Arc<Mutex<Option<Confirmed>>>,
-    /// One more than the highest commit index an append has carried to the target (0 for
-    /// none yet), shared with the commit-only appends waiting to go.
-    carried: Arc<AtomicU64>,
+    confirmed: Option<(Vote<u64>, Option<LogId<u64>>)>,
+    /// The highest commit index an append has carried to the target.
+    carried: Option<LogId<u64>>,
 }
 
 /// How long a commit-only append whose answer is known waits before it goes: if the leader's
 /// next entry goes out meanwhile, it carries the commit index and this append is not needed.
-pub const COALESCE: Duration = Duration::from_millis(1);
-
-/// A follower's answer that it holds `matching` under `vote`.
-type Confirmed = (Vote<u64>, Option<LogId<u64>>);
+const COALESCE: Duration = Duration::from_millis(1);
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -133,8 +136,7 @@ impl<T: RpcTransport> RaftNetworkFactory<TypeConfig> for Network<T> {
             transport: self.transport.clone(),
             durability: self.durability.clone(),
             sent_commit: None,
-            confirmed: Arc::new(Mutex::new(None)),
-            carried: Arc::new(AtomicU64::new(0)),
+            shared: Arc::default(),
         }
     }
 }
@@ -188,9 +190,11 @@ impl<T: RpcTransport> Peer<T> {
             "reply of the wrong kind".into(),
         )))
     }
-}
 
-impl<T: RpcTransport> Peer<T> {
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Whether `rpc` only brings the target a new commit index for a log it has already
     /// answered that it holds, under the same vote. Such an append's answer is known before it
     /// is sent: a leader's log only grows within its term, and a follower holds what it
@@ -201,11 +205,9 @@ impl<T: RpcTransport> Peer<T> {
                 .sent_commit
                 .is_some_and(|sent| sent < rpc.leader_commit)
             && self
+                .shared()
                 .confirmed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .is_some_and(|(vote, matching)| *vote == rpc.vote && *matching == rpc.prev_log_id)
+                .is_some_and(|(vote, matching)| vote == rpc.vote && matching == rpc.prev_log_id)
     }
 
     /// Sends a commit-only append whose answer is known, without holding up openraft. It waits
@@ -215,13 +217,15 @@ impl<T: RpcTransport> Peer<T> {
     fn send_detached(&self, rpc: AppendEntriesRequest<TypeConfig>, timeout: Duration) {
         let transport = self.transport.clone();
         let (target, addr) = (self.target, self.addr);
-        let confirmed = self.confirmed.clone();
-        let carried = self.carried.clone();
+        let shared = self.shared.clone();
         tokio::spawn(async move {
             tokio::time::sleep(COALESCE).await;
-            let commit = carried_mark(rpc.leader_commit);
-            if carried.fetch_max(commit, Ordering::AcqRel) >= commit {
-                return;
+            {
+                let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+                if shared.carried >= rpc.leader_commit {
+                    return;
+                }
+                shared.carried = rpc.leader_commit;
             }
             let request = RaftRequest::Append(rpc);
             let reply =
@@ -231,22 +235,17 @@ impl<T: RpcTransport> Peer<T> {
                 Ok(RaftReply::Append(Ok(AppendEntriesResponse::Success)))
             ) {
                 tracing::debug!(target, "a commit-only append was not answered with success");
-                *confirmed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                shared.lock().unwrap_or_else(|e| e.into_inner()).confirmed = None;
             }
         });
     }
 }
 
-/// A commit index as [`Peer::carried`] keeps it.
-fn carried_mark(commit: Option<LogId<u64>>) -> u64 {
-    commit.map_or(0, |c| c.index.saturating_add(1))
-}
-
 impl<T: RpcTransport> RaftNetwork<TypeConfig> for Peer<T> {
     /// Sends one append and returns the target's answer. A commit-only append whose answer is
     /// known (see [`Peer::answer_is_known`]) is sent without waiting, so the leader's next
-    /// entry does not queue behind its round trip; the follower still hears the commit index
-    /// as soon as it would have.
+    /// entry does not queue behind its round trip; the follower hears the commit index with
+    /// the next entry or [`COALESCE`] later.
     async fn append_entries(
         &mut self,
         mut rpc: AppendEntriesRequest<TypeConfig>,
@@ -260,8 +259,10 @@ impl<T: RpcTransport> RaftNetwork<TypeConfig> for Peer<T> {
             self.send_detached(rpc, option.hard_ttl());
             return Ok(AppendEntriesResponse::Success);
         }
-        self.carried
-            .fetch_max(carried_mark(rpc.leader_commit), Ordering::AcqRel);
+        {
+            let mut shared = self.shared();
+            shared.carried = shared.carried.max(rpc.leader_commit);
+        }
         let vote = rpc.vote;
         let upto = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
         let started = (!rpc.entries.is_empty()).then(tokio::time::Instant::now);
@@ -279,7 +280,7 @@ impl<T: RpcTransport> RaftNetwork<TypeConfig> for Peer<T> {
             }
             _ => None,
         };
-        *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) = confirmed;
+        self.shared().confirmed = confirmed;
         match reply? {
             RaftReply::Append(r) => {
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -378,8 +379,6 @@ pub async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use openraft::{CommittedLeaderId, EntryPayload};
 
     use super::*;

@@ -318,8 +318,8 @@ pub struct Swim {
     active: bool,
     /// Members foca holds suspect: the incarnation suspected and since when.
     suspected: BTreeMap<NodeId, (u16, Instant)>,
-    /// A member was just declared down here: gossip it at once rather than at the next
-    /// periodic round (see [`Swim::drain_runtime`]).
+    /// A member was just declared down (or left) here: gossip it at once rather than at the
+    /// next periodic round (see [`Swim::drain_runtime`]).
     spread_down: bool,
     left: bool,
     stats: Arc<SwimStats>,
