@@ -58,6 +58,25 @@ pub struct BootSpec {
     pub boot_timeout_ms: u64,
 }
 
+impl BootSpec {
+    /// A plain process running `command` with one vCPU and 64 MiB, ready as soon as it is
+    /// started, with 10 s to start.
+    pub fn process(command: Vec<String>) -> Self {
+        BootSpec {
+            driver: DriverKind::Process,
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: None,
+            initrd: None,
+            disk: None,
+            cmdline: None,
+            command,
+            ready_marker: None,
+            boot_timeout_ms: 10_000,
+        }
+    }
+}
+
 /// When a workload that exited is started again.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RestartPolicy {

@@ -120,16 +120,8 @@ mod tests {
 
     fn spec() -> BootSpec {
         BootSpec {
-            driver: DriverKind::Process,
-            vcpus: 1,
-            memory_mib: 64,
-            kernel: None,
-            initrd: None,
-            disk: None,
-            cmdline: None,
-            command: vec!["true".into()],
-            ready_marker: None,
             boot_timeout_ms: 1000,
+            ..BootSpec::process(vec!["true".into()])
         }
     }
 

@@ -10,16 +10,8 @@ use driver_suite::{Clock, Scratch, assert_gone, desired, processes_in, run_dir, 
 
 fn sh(script: &str, marker: Option<&str>) -> BootSpec {
     BootSpec {
-        driver: DriverKind::Process,
-        vcpus: 1,
-        memory_mib: 64,
-        kernel: None,
-        initrd: None,
-        disk: None,
-        cmdline: None,
-        command: vec!["sh".into(), "-c".into(), script.into()],
         ready_marker: marker.map(str::to_owned),
-        boot_timeout_ms: 10_000,
+        ..BootSpec::process(vec!["sh".into(), "-c".into(), script.into()])
     }
 }
 

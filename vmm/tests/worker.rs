@@ -15,16 +15,8 @@ use driver_suite::{Clock, Scratch, assert_gone, desired};
 
 fn sh(script: &str) -> BootSpec {
     BootSpec {
-        driver: DriverKind::Process,
-        vcpus: 1,
-        memory_mib: 64,
-        kernel: None,
-        initrd: None,
-        disk: None,
-        cmdline: None,
-        command: vec!["sh".into(), "-c".into(), script.into()],
         ready_marker: Some("READY".into()),
-        boot_timeout_ms: 10_000,
+        ..BootSpec::process(vec!["sh".into(), "-c".into(), script.into()])
     }
 }
 
