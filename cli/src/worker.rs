@@ -4,7 +4,7 @@
 //! thread of its own; with drivers that never block it runs as a task.
 //!
 //! ```text
-//!  applied state ──desired()──▶ [Worker::tick every 20 ms] ──changed reports──▶ reporter ──▶ leader
+//!  applied state ──desired()──▶ [Worker::tick on change, every 5 or 20 ms] ──changed reports──▶ reporter ──▶ leader
 //! ```
 //!
 //! After a restart the thread adopts what the previous agent left running, but acts only once
@@ -26,8 +26,13 @@ use tokio::time::Instant;
 
 use crate::raft::Cluster;
 
-/// How often the worker polls its workloads (readiness lines, exits).
+/// How often the worker polls its workloads (exits, restarts) when none is starting. A change
+/// of the desired set wakes it at once.
 const TICK: Duration = Duration::from_millis(20);
+
+/// How often it polls while a workload is starting, so its readiness line is seen soon after
+/// it is written. The poll reads only what was added to the console log since the last one.
+const STARTING_TICK: Duration = Duration::from_millis(5);
 
 /// Where this node's VMs and images live.
 #[derive(Clone, Debug)]
@@ -56,9 +61,10 @@ pub(crate) fn spawn(
     let boots = cluster.metrics.boot.clone();
     if let Some(reconciler) = Reconciler::new(&config, drivers, report_tx, boots) {
         if blocks {
+            let runtime = tokio::runtime::Handle::current();
             std::thread::Builder::new()
                 .name("vmm-worker".into())
-                .spawn(move || reconciler.run_on_thread(desired_rx))
+                .spawn(move || reconciler.run_on_thread(desired_rx, &runtime))
                 .ok();
         } else {
             tasks.push(tokio::spawn(reconciler.run_as_task(desired_rx)));
@@ -353,10 +359,15 @@ impl Reconciler {
         })
     }
 
-    fn run_on_thread(mut self, mut desired: watch::Receiver<DesiredSet>) {
+    /// Runs the worker on this thread; `runtime` only times the waits between steps.
+    fn run_on_thread(
+        mut self,
+        mut desired: watch::Receiver<DesiredSet>,
+        runtime: &tokio::runtime::Handle,
+    ) {
         loop {
-            std::thread::sleep(TICK);
-            if !self.step(&mut desired) {
+            let wake = runtime.block_on(next_wake(&mut desired, self.pace()));
+            if !self.step(&desired, wake) {
                 return;
             }
         }
@@ -364,19 +375,25 @@ impl Reconciler {
 
     async fn run_as_task(mut self, mut desired: watch::Receiver<DesiredSet>) {
         loop {
-            tokio::time::sleep(TICK).await;
-            if !self.step(&mut desired) {
+            let wake = next_wake(&mut desired, self.pace()).await;
+            if !self.step(&desired, wake) {
                 return;
             }
         }
     }
 
-    /// Takes the newest desired set, ticks the worker, and sends what changed. False once
-    /// the agent is gone.
-    fn step(&mut self, desired: &mut watch::Receiver<DesiredSet>) -> bool {
-        match desired.has_changed() {
-            Ok(true) => {
-                self.desired = desired.borrow_and_update().clone();
+    /// How long to wait for a change before polling the workloads again.
+    fn pace(&self) -> Duration {
+        let starting = self.reported.values().any(|r| r.phase == VmPhase::Starting);
+        if starting { STARTING_TICK } else { TICK }
+    }
+
+    /// Takes the newest desired set if it changed, ticks the worker, and sends what changed.
+    /// False once the agent is gone.
+    fn step(&mut self, desired: &watch::Receiver<DesiredSet>, wake: Wake) -> bool {
+        match wake {
+            Wake::Changed => {
+                self.desired = desired.borrow().clone();
                 self.runnable = self
                     .desired
                     .iter()
@@ -387,8 +404,8 @@ impl Reconciler {
                     })
                     .collect();
             }
-            Ok(false) => {}
-            Err(_) => return false,
+            Wake::Poll => {}
+            Wake::Gone => return false,
         }
         // Until caught up, only watch.
         let Some(want) = &self.desired else {
@@ -429,6 +446,26 @@ impl Reconciler {
         }
         self.reported.retain(|name, _| want.contains_key(name));
         true
+    }
+}
+
+/// Why the worker steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    /// The desired set changed (and is marked seen).
+    Changed,
+    /// Time to poll the workloads.
+    Poll,
+    /// The agent is gone.
+    Gone,
+}
+
+/// Waits for the desired set to change, or `pace` at most.
+async fn next_wake(desired: &mut watch::Receiver<DesiredSet>, pace: Duration) -> Wake {
+    match tokio::time::timeout(pace, desired.changed()).await {
+        Ok(Ok(())) => Wake::Changed,
+        Ok(Err(_)) => Wake::Gone,
+        Err(_) => Wake::Poll,
     }
 }
 
@@ -519,7 +556,124 @@ async fn report(cluster: Cluster, self_id: String, mut rx: mpsc::UnboundedReceiv
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use blx_vmm::{DriverError, DriverKind};
+
     use super::*;
+
+    /// A driver whose workloads print their readiness line `READY_AFTER` after they start.
+    #[derive(Default)]
+    struct ReadyAfter {
+        started: BTreeMap<String, (u64, u64)>,
+    }
+
+    const READY_AFTER: u64 = 3;
+
+    impl Driver for ReadyAfter {
+        fn kind(&self) -> DriverKind {
+            DriverKind::Process
+        }
+        fn blocks(&self) -> bool {
+            false
+        }
+        fn validate(&self, _spec: &BootSpec) -> Result<(), DriverError> {
+            Ok(())
+        }
+        fn start(&mut self, vm: &Desired, _dir: &Path, now_ms: u64) -> Result<(), DriverError> {
+            self.started
+                .insert(vm.name.clone(), (vm.incarnation, now_ms));
+            Ok(())
+        }
+        fn stop(&mut self, name: &str) -> Result<(), DriverError> {
+            self.started.remove(name);
+            Ok(())
+        }
+        fn pause(&mut self, _name: &str) -> Result<(), DriverError> {
+            Ok(())
+        }
+        fn resume(&mut self, _name: &str) -> Result<(), DriverError> {
+            Ok(())
+        }
+        fn adopt(&mut self, _dir: &Path) -> Result<Option<Observed>, DriverError> {
+            Ok(None)
+        }
+        fn poll(&mut self, now_ms: u64) -> BTreeMap<String, Observed> {
+            let observed = |(name, &(incarnation, at)): (&String, &(u64, u64))| {
+                let ready = now_ms >= at + READY_AFTER;
+                let o = Observed {
+                    name: name.clone(),
+                    incarnation,
+                    driver: DriverKind::Process,
+                    phase: if ready {
+                        Phase::Running
+                    } else {
+                        Phase::Starting
+                    },
+                    boot_ms: ready.then_some(now_ms - at),
+                    started_at_ms: at,
+                    restarts: 0,
+                    pid: None,
+                };
+                (name.clone(), o)
+            };
+            self.started.iter().map(observed).collect()
+        }
+    }
+
+    fn wanted(name: &str) -> Wanted {
+        let spec = BootSpec {
+            ready_marker: Some("READY".into()),
+            ..BootSpec::process(vec!["true".into()])
+        };
+        let desired = Desired {
+            name: name.into(),
+            incarnation: 1,
+            spec,
+            state: DesiredState::Running,
+            restart: blx_vmm::RestartPolicy::Always,
+        };
+        Wanted::Run(desired, None)
+    }
+
+    /// The worker starts a VM as soon as the desired set names it, and sees it ready within
+    /// [`STARTING_TICK`] of its readiness line, not on its slower idle poll.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_vm_starts_at_once_and_its_readiness_is_seen_on_the_fast_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = WorkerConfig {
+            run_root: dir.path().join("run"),
+            images: dir.path().join("images"),
+        };
+        let (desired_tx, desired_rx) = watch::channel::<DesiredSet>(None);
+        let (report_tx, mut reports) = mpsc::unbounded_channel();
+        let boots = Histogram::new([1.0].into_iter());
+        let drivers: Vec<Box<dyn Driver>> = vec![Box::new(ReadyAfter::default())];
+        let reconciler = Reconciler::new(&config, drivers, report_tx, boots).unwrap();
+        let worker = tokio::spawn(reconciler.run_as_task(desired_rx));
+        // Caught up, with nothing to run; then a VM is placed here, off the idle poll's beat.
+        desired_tx.send_replace(Some(BTreeMap::new()));
+        tokio::time::sleep(TICK + TICK / 2).await;
+        let placed = Instant::now();
+        desired_tx.send_replace(Some(BTreeMap::from([("web".to_string(), wanted("web"))])));
+
+        let starting = reports.recv().await.unwrap();
+        assert_eq!(starting.phase, VmPhase::Starting);
+        assert_eq!(
+            placed.elapsed(),
+            Duration::ZERO,
+            "started without waiting for a poll"
+        );
+        let running = reports.recv().await.unwrap();
+        assert_eq!(running.phase, VmPhase::Running);
+        let seen = placed.elapsed();
+        assert!(
+            seen >= Duration::from_millis(READY_AFTER) && seen < TICK,
+            "readiness seen {seen:?} after the placement: not before the idle poll"
+        );
+        drop(desired_tx);
+        worker.await.unwrap();
+    }
 
     fn report(incarnation: u64, restarts: u32, boot_ms: Option<u64>) -> VmReport {
         VmReport {
