@@ -133,6 +133,13 @@ pub(crate) fn no_delay(stream: &TcpStream) {
     }
 }
 
+/// The listener of an API that is served on loopback only, in plain HTTP.
+pub(crate) fn plain(
+    listener: TcpListener,
+) -> impl axum::serve::Listener<Io = TcpStream, Addr = SocketAddr> {
+    axum::serve::ListenerExt::tap_io(listener, |s: &mut TcpStream| no_delay(s))
+}
+
 /// TLS if the client starts a TLS handshake; plain HTTP only from loopback.
 async fn open(
     mut stream: TcpStream,
@@ -209,6 +216,15 @@ mod tests {
         let ApiStream::Plain(stream) = stream else {
             panic!("a plain request from loopback was not served as plain HTTP");
         };
+        assert!(stream.nodelay().unwrap());
+    }
+
+    #[tokio::test]
+    async fn connections_to_a_loopback_only_api_send_without_waiting_either() {
+        let mut api = plain(TcpListener::bind("127.0.0.1:0").await.unwrap());
+        let addr = axum::serve::Listener::local_addr(&api).unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = axum::serve::Listener::accept(&mut api).await;
         assert!(stream.nodelay().unwrap());
     }
 }

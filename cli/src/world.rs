@@ -261,9 +261,7 @@ impl Net for OsNet {
         Box::pin(async move {
             let listener = tokio::net::TcpListener::bind(addr).await?;
             let Some(tls) = tls else {
-                let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
-                    crate::api_tls::no_delay(s);
-                });
+                let listener = crate::api_tls::plain(listener);
                 return Ok(tokio::spawn(async move {
                     if let Err(e) = axum::serve(listener, router).await {
                         tracing::error!(error = %e, "the HTTP API stopped");
