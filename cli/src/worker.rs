@@ -61,13 +61,15 @@ pub(crate) fn spawn(
     let boots = cluster.metrics.boot.clone();
     if let Some(reconciler) = Reconciler::new(&config, drivers, report_tx, boots) {
         if blocks {
+            // The same loop, polled on a thread of its own so that a blocking driver call
+            // holds up only that thread; the runtime only times its waits.
             let runtime = tokio::runtime::Handle::current();
             std::thread::Builder::new()
                 .name("vmm-worker".into())
-                .spawn(move || reconciler.run_on_thread(desired_rx, &runtime))
+                .spawn(move || runtime.block_on(reconciler.run(desired_rx)))
                 .ok();
         } else {
-            tasks.push(tokio::spawn(reconciler.run_as_task(desired_rx)));
+            tasks.push(tokio::spawn(reconciler.run(desired_rx)));
         }
     }
     tasks.push(tokio::spawn(feed_desired(
@@ -359,21 +361,9 @@ impl Reconciler {
         })
     }
 
-    /// Runs the worker on this thread; `runtime` only times the waits between steps.
-    fn run_on_thread(
-        mut self,
-        mut desired: watch::Receiver<DesiredSet>,
-        runtime: &tokio::runtime::Handle,
-    ) {
-        loop {
-            let wake = runtime.block_on(next_wake(&mut desired, self.pace()));
-            if !self.step(&desired, wake) {
-                return;
-            }
-        }
-    }
-
-    async fn run_as_task(mut self, mut desired: watch::Receiver<DesiredSet>) {
+    /// Steps whenever the desired set changes, and at the latest every [`Self::pace`], until
+    /// the agent is gone.
+    async fn run(mut self, mut desired: watch::Receiver<DesiredSet>) {
         loop {
             let wake = next_wake(&mut desired, self.pace()).await;
             if !self.step(&desired, wake) {
@@ -650,7 +640,7 @@ mod tests {
         let boots = Histogram::new([1.0].into_iter());
         let drivers: Vec<Box<dyn Driver>> = vec![Box::new(ReadyAfter::default())];
         let reconciler = Reconciler::new(&config, drivers, report_tx, boots).unwrap();
-        let worker = tokio::spawn(reconciler.run_as_task(desired_rx));
+        let worker = tokio::spawn(reconciler.run(desired_rx));
         // Caught up, with nothing to run; then a VM is placed here, off the idle poll's beat.
         desired_tx.send_replace(Some(BTreeMap::new()));
         tokio::time::sleep(TICK + TICK / 2).await;
