@@ -118,6 +118,13 @@ struct Shared {
     carried: Option<LogId<u64>>,
 }
 
+impl Shared {
+    /// Locks `shared`, even after a panic elsewhere: every field is valid on its own.
+    fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+        shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// How long a commit-only append whose answer is known waits before it goes: if the leader's
 /// next entry goes out meanwhile, it carries the commit index and this append is not needed.
 const COALESCE: Duration = Duration::from_millis(1);
@@ -192,7 +199,7 @@ impl<T: RpcTransport> Peer<T> {
     }
 
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+        Shared::lock(&self.shared)
     }
 
     /// Whether `rpc` only brings the target a new commit index for a log it has already
@@ -221,7 +228,7 @@ impl<T: RpcTransport> Peer<T> {
         tokio::spawn(async move {
             tokio::time::sleep(COALESCE).await;
             {
-                let mut shared = shared.lock().unwrap_or_else(|e| e.into_inner());
+                let mut shared = Shared::lock(&shared);
                 if shared.carried >= rpc.leader_commit {
                     return;
                 }
@@ -235,7 +242,7 @@ impl<T: RpcTransport> Peer<T> {
                 Ok(RaftReply::Append(Ok(AppendEntriesResponse::Success)))
             ) {
                 tracing::debug!(target, "a commit-only append was not answered with success");
-                shared.lock().unwrap_or_else(|e| e.into_inner()).confirmed = None;
+                Shared::lock(&shared).confirmed = None;
             }
         });
     }
