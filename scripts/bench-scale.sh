@@ -9,7 +9,7 @@
 #   client_rest_s     (control streams: watch, forwards), from its own counters
 #   seen_p50/p99/max  200 writes through the leader's API, one after another: from sending
 #                     each to a client's local copy (`?stale`) answering with it, in ms
-#   vm_client/standby median of 5 process-driver VMs each (BENCH_SCALE_VMS sets how many),
+#   vm_client/standby median of 20 process-driver VMs each (BENCH_SCALE_VMS sets how many),
 #                     pinned (node.name=) alternately to a client and to a standby
 #                     learner: from the create request to the
 #                     leader reporting the VM running, in ms
@@ -21,7 +21,7 @@ set -euo pipefail
 blx=${1:?usage: $0 BLX_BIN [SIZES] [SECONDS]}
 sizes=${2:-10 30}
 secs=${3:-20}
-vms=${BENCH_SCALE_VMS:-5}
+vms=${BENCH_SCALE_VMS:-20}
 case $vms in '' | *[!0-9]* | 0) echo "BENCH_SCALE_VMS must be a positive whole number, not '$vms'" >&2; exit 2 ;; esac
 work=$(mktemp -d)
 tbl="blxscale$$"
